@@ -1,0 +1,36 @@
+# The two commands of the README. Both create or reuse .venv; the install re-runs only when the
+# pinned requirements change (the stamp name is a hash of them).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+REQ_HASH := $(shell cat pyproject.toml requirements-nodeps.txt | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+# onnx2tf shells out to the `onnxsim` command: the environment's bin/ must be on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install test test-fast demo profile clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-nodeps.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.installed-*
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# Step 1: the pinned stack (torch==2.13.0 resolves to the local CPU wheel).
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# Step 2: onnx2tf and tf-keras without their impossible pins.
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	@touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/toolchain run recipes/verifier.yaml --out artifacts/demo
+
+clean:
+	rm -rf $(VENV) artifacts/demo .pytest_cache

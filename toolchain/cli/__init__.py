@@ -1,0 +1,87 @@
+"""The `toolchain` console script.
+
+Thin by design: each sub-module parses one command family and calls the library. Errors are
+mapped to the exit-code contract here: 2 for bad input, 1 for a failed check, with a one-line
+reason on stderr (the traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from toolchain import __version__
+from toolchain.errors import ToolchainError
+
+# (module, attribute) of every command; each module owns one command family.
+_COMMANDS = [
+    ("toolchain.cli.profile", "profile"),
+    ("toolchain.cli.profile", "check"),
+    ("toolchain.cli.data", "data"),
+    ("toolchain.cli.train", "train"),
+    ("toolchain.cli.train", "enroll"),
+    ("toolchain.cli.train", "evaluate"),
+    ("toolchain.cli.export", "export"),
+    ("toolchain.cli.export", "parity"),
+    ("toolchain.cli.export", "bench"),
+    ("toolchain.cli.run", "run"),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="toolchain")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Train, enroll, quantize, export and check tiny face-verification models."""
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+def _register() -> None:
+    for module_name, attr in _COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # command family not built yet
+                continue
+            raise
+        command = getattr(module, attr, None)
+        if command is not None:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        # Non-standalone click returns the exit code of ctx.exit() (e.g. after --help).
+        result = cli.main(args=args, prog_name="toolchain", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:  # usage errors: exit 2
+        exc.show()
+        return exc.exit_code
+    except ToolchainError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the contract is one line, not a traceback
+        if debug:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+        return 3
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

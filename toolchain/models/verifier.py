@@ -1,0 +1,66 @@
+"""The per-user verifier f(x; theta): one logit, "is this the enrolled user?".
+
+SPEC section 1 leaves the layers to the project. Decisions:
+- Input is the standard 112x112 RGB crop; f halves it with an average pool inside the graph,
+  so the resize counts against its budget (about 1.8M multiply-adds, 21k parameters).
+- int8-first: only conv, depthwise conv, ReLU, average pooling and linear layers, which XNNPACK
+  runs in int8. No BatchNorm, no PReLU, no L2-normalise.
+- Two parts. `features` is a MobileNet-style trunk shared by all users (its weights are the
+  hypernetwork's learned base). `head` is a two-layer MLP whose weights the hypernetwork
+  generates per user from the enrollment embedding. The enrolled model is a plain state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from toolchain.models.registry import register_model
+
+# Parameter-name prefix of the per-user part; everything else is the shared trunk.
+HEAD_PREFIX = "head."
+
+
+def _dw_separable(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in),
+        nn.ReLU(inplace=False),
+        nn.Conv2d(c_in, c_out, 1),
+        nn.ReLU(inplace=False),
+    ]
+
+
+class Verifier(nn.Module):
+    def __init__(self, width: int = 16, feature_dim: int = 128, hidden_dim: int = 64) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.AvgPool2d(2),  # 112 -> 56: the in-graph resize
+            nn.Conv2d(3, w, 3, 2, 1),  # 56 -> 28
+            nn.ReLU(inplace=False),
+            *_dw_separable(w, 2 * w, 1),  # 28
+            *_dw_separable(2 * w, 4 * w, 2),  # 14
+            *_dw_separable(4 * w, feature_dim, 2),  # 7
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(1),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(feature_dim, hidden_dim),
+            nn.ReLU(inplace=False),
+            nn.Linear(hidden_dim, 1),
+        )
+        self.feature_dim = feature_dim
+        self.hidden_dim = hidden_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model(
+    "verifier",
+    output="logit",
+    output_dim=1,
+    description="per-user verifier f: shared trunk + generated 2-layer head, one logit",
+)
+def build_verifier(**kw) -> Verifier:
+    return Verifier(**kw)
