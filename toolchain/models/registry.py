@@ -6,7 +6,7 @@ and attaches its `ModelSpec` as `model.spec`, so exporters and runners never gue
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from torch import nn
@@ -61,5 +61,9 @@ def build_model(name: str, **kw) -> nn.Module:
     spec = get_spec(name)
     _, builder = _REGISTRY[name]
     model = builder(**kw)
+    # A builder argument such as embedding_size may change the output width: the spec follows.
+    output_dim = getattr(model, "output_dim", None)
+    if isinstance(output_dim, int) and output_dim != spec.output_dim:
+        spec = replace(spec, output_dim=output_dim)
     model.spec = spec
     return model
