@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from toolchain.data.pairs import VerificationPairs
+from toolchain.errors import CheckFailed, ToolchainError
+from toolchain.evaluate.parity import (ParityBounds, ProbeSet, check_parity, load_eval_set, load_probe_set,
+                                       run_parity, write_probe_set)
+from toolchain.models.registry import ModelSpec
+
+
+def _imgs(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
+
+
+class TinyEmbedder(nn.Module):
+    """A small backbone stand-in (ReLU only, fully int8-capable), 16-d embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 16))
+        self.spec = ModelSpec(name="tiny-embedder", output="embedding", output_dim=16)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_probe_set_round_trip(tmp_path):
+    imgs, same = _imgs(4), np.array([1, 0, 1, 0], bool)
+    path = write_probe_set(tmp_path / "p.npz", imgs, same, user="alice")
+    probe = load_probe_set(path)
+    assert np.array_equal(probe.images, imgs) and np.array_equal(probe.issame, same)
+    assert isinstance(load_eval_set(path), ProbeSet)
+    with pytest.raises(ToolchainError, match="labels"):
+        write_probe_set(tmp_path / "q.npz", imgs, same[:3])
+    with pytest.raises(ToolchainError, match=".npz"):
+        write_probe_set(tmp_path / "q.bin", imgs, same)
+    np.savez(tmp_path / "bad.npz", pictures=imgs)
+    with pytest.raises(ToolchainError, match="'images' and 'issame'"):
+        load_probe_set(tmp_path / "bad.npz")
+
+
+def test_bounds_from_recipe_dict():
+    b = ParityBounds.from_any({"max_accuracy_drop": 0.5, "min_decision_agreement": 98})
+    assert b.max_accuracy_drop == 0.5 and b.min_agreement == 98
+    assert ParityBounds.from_any(None) == ParityBounds(0.3, 99.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory):
+    from toolchain.export import export_model
+
+    out = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = TinyEmbedder().eval()
+    recs = export_model(model, out, formats="executorch", precisions=("int8", "fp32"), calibration_images=_imgs(8),
+                        progress=False)
+    rng = np.random.default_rng(3)
+    n = 40
+    a = _imgs(n, 1)
+    b = a.copy()
+    same = np.arange(n) % 2 == 0
+    # matched pairs: the same image with mild noise; mismatched: another random image
+    noise = rng.integers(-8, 9, b[same].shape)
+    b[same] = np.clip(b[same].astype(int) + noise, 0, 255).astype(np.uint8)
+    b[~same] = _imgs(int((~same).sum()), 2)
+    return model, {r.precision: r.path for r in recs}, VerificationPairs(a, b, same, name="tiny")
+
+
+@pytest.mark.slow
+def test_backbone_parity_rows(tiny_exports):
+    model, paths, pairs = tiny_exports
+    rows = run_parity([paths["fp32"], paths["int8"]], pairs, reference=model, bounds=ParityBounds(100, 0),
+                      repeats=3)
+    fp, i8 = rows
+    assert fp["kind"] == "backbone" and fp["runtime"] == "executorch"
+    assert fp["decision_agreement"] == 100.0 and fp["accuracy_drop"] == pytest.approx(0, abs=1e-9)
+    assert fp["embedding_cosine_min"] > 0.9999 and fp["max_abs_gap"] < 1e-4
+    assert i8["embedding_cosine_mean"] > 0.95 and i8["max_abs_gap"] >= i8["mean_abs_gap"]
+    for r in rows:
+        assert len(r["scores"]) == len(r["float_scores"]) == len(r["issame"]) == 40
+        assert r["latency_ms"] > 0 and r["float_latency_ms"] > 0 and r["passed"]
+        assert set(r["tar_at_far"]) == {"1e-3", "1e-4"}
+
+
+@pytest.mark.slow
+def test_failed_bound_raises(tiny_exports):
+    model, paths, pairs = tiny_exports
+    rows = run_parity([paths["int8"]], pairs, reference=model, bounds={"max_accuracy_drop": -1}, repeats=2)
+    assert not rows[0]["passed"] and "accuracy drop" in rows[0]["reason"]
+    with pytest.raises(CheckFailed, match="parity failed"):
+        check_parity(rows)
+
+
+@pytest.mark.slow
+def test_wrong_kind_of_set_and_missing_reference(tiny_exports, tmp_path):
+    model, paths, pairs = tiny_exports
+    probe = ProbeSet(_imgs(4), np.array([1, 0, 1, 0], bool))
+    with pytest.raises(ToolchainError, match="verification pairs"):
+        run_parity([paths["fp32"]], probe, reference=model, repeats=1)
+    # A custom module has no reloadable float reference: the manifest records none.
+    with pytest.raises(ToolchainError, match="--reference"):
+        run_parity([paths["fp32"]], pairs, repeats=1)

@@ -1,0 +1,142 @@
+"""End to end for the verifier: CLI export of an enrolled user folder to both formats, int8 and
+fp32; then checks on the files, the runtimes and the parity command. One export, shared."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from toolchain.cli import main
+from toolchain.export import read_embedded_metadata
+from toolchain.export.manifest import MANIFEST_NAME, sha256_file
+from toolchain.export.tflite_check import inspect_tflite
+from toolchain.evaluate.parity import write_probe_set
+from toolchain.models import build_model
+from toolchain.models.io import save_enrollment
+from toolchain.runtime import load_runner
+
+pytestmark = pytest.mark.slow
+THRESHOLD = 0.0
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verifier_export")
+    torch.manual_seed(0)
+    model = build_model("verifier").eval()
+    user = save_enrollment(root / "user", model, {}, threshold=THRESHOLD)
+    rng = np.random.default_rng(0)
+    np.save(root / "calib.npy", rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8))
+    out = root / "out"
+    rc = main(["export", str(user), "--out", str(out), "--calibration", str(root / "calib.npy"),
+               "--calibration-size", "8", "--json"])
+    assert rc == 0
+    images = rng.integers(0, 256, (6, 112, 112, 3), dtype=np.uint8)
+    return {"root": root, "out": out, "user": user, "model": model, "images": images,
+            "manifest": json.loads((out / MANIFEST_NAME).read_text())}
+
+
+def _files(out):
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_files_and_manifest(exported):
+    out, man = exported["out"], exported["manifest"]
+    assert _files(out) == sorted(["export_manifest.json", "verifier_fp32.pte", "verifier_fp32.tflite",
+                                  "verifier_int8.pte", "verifier_int8.tflite"])
+    assert man["source"]["kind"] == "user_dir" and man["reference"] == str(exported["user"].resolve())
+    assert man["threshold"] == THRESHOLD and man["calibration"]["images"] == 8
+    assert len(man["artifacts"]) == 4
+    for a in man["artifacts"]:
+        p = out / a["file"]
+        assert a["sha256"] == sha256_file(p) and a["bytes"] == p.stat().st_size
+        assert a["format"] in ("executorch", "tflite") and a["precision"] in ("int8", "fp32")
+        assert a["backend"] == ("xnnpack" if a["format"] == "executorch" else "onnx2tf")
+
+
+def test_pte_fully_delegated(exported):
+    for a in exported["manifest"]["artifacts"]:
+        if a["format"] == "executorch":
+            d = a["checks"]["delegation"]
+            assert d["partitions"] == 1 and d["ops_outside"] == {} and d["fully_delegated"], d
+            assert d["float_ops"] == {}, d  # no float island inside the int8 graph
+
+
+def test_int8_tflite_flatbuffer_check(exported):
+    out = exported["out"]
+    rep = inspect_tflite((out / "verifier_int8.tflite").read_bytes())
+    assert rep.is_int8, rep.problems
+    assert rep.input_type == "INT8" and rep.output_type == "INT8"
+    assert rep.ops["CONV_2D"] >= 4 and rep.ops["FULLY_CONNECTED"] == 2 and not rep.xnnpack_unsupported
+    fp = inspect_tflite((out / "verifier_fp32.tflite").read_bytes())
+    assert not fp.is_int8 and any("FLOAT32" in p for p in fp.problems)
+
+
+def test_int8_file_sizes(exported):
+    # The verifier's int8 budget: at most 40 KB (KiB) per file, metadata included.
+    for name in ("verifier_int8.pte", "verifier_int8.tflite"):
+        assert (exported["out"] / name).stat().st_size <= 40 * 1024, name
+
+
+def test_embedded_metadata_round_trip(exported):
+    out = exported["out"]
+    for a in exported["manifest"]["artifacts"]:
+        meta = read_embedded_metadata(out / a["file"])
+        assert meta["model"] == "verifier" and meta["output"] == "logit" and meta["threshold"] == THRESHOLD
+        assert meta["precision"] == a["precision"] and meta["format"] == a["format"]
+        assert meta["input"]["mean"] == [0.5] * 3 and meta["input"]["std"] == [0.5] * 3
+        assert meta["input"]["shape"] == a["input_shape"]
+        assert "torch" in meta["tool_versions"]
+    m8 = read_embedded_metadata(out / "verifier_int8.tflite")
+    rep = inspect_tflite((out / "verifier_int8.tflite").read_bytes())
+    assert m8["input"]["layout"] == "NHWC" and m8["input"]["dtype"] == "int8"
+    assert m8["input"]["quantization"] == rep.input_quant and m8["output_tensor"]["quantization"] == rep.output_quant
+    pte = read_embedded_metadata(out / "verifier_int8.pte")
+    assert pte["input"]["layout"] == "NCHW" and pte["internal_quantization"]["output"]["dtype"] == "int8"
+    # The typed constant methods agree with the JSON.
+    from executorch.runtime import Runtime
+
+    prog = Runtime.get().load_program(str(out / "verifier_int8.pte"))
+    assert len(prog.load_method("quant_params").execute([])) == 4
+    assert list(prog.load_method("forward").metadata.input_tensor_meta(0).sizes()) == [1, 3, 112, 112]
+    assert prog.load_method("threshold").execute([])[0] == pytest.approx(THRESHOLD)
+
+
+def test_runners_match_eager(exported):
+    images = exported["images"]
+    ref = load_runner(exported["user"]).run(images)
+    assert ref.shape == (6, 1)
+    spread = float(np.ptp(ref)) + 1e-6
+    for a in exported["manifest"]["artifacts"]:
+        runner = load_runner(exported["out"] / a["file"])
+        y = runner.run(images)
+        assert y.shape == ref.shape and y.dtype == np.float32
+        gap = float(np.abs(y - ref).max())
+        if a["precision"] == "fp32":
+            assert gap < 1e-4, (a["file"], gap)
+        else:
+            assert gap < max(0.05, 0.5 * spread), (a["file"], gap, spread)
+        assert runner.latency_ms(repeats=5, warmup=1) > 0
+
+
+def test_parity_cli_bounds(exported, capsys):
+    out, root = exported["out"], exported["root"]
+    rng = np.random.default_rng(1)
+    probe = write_probe_set(root / "probe.npz", rng.integers(0, 256, (20, 112, 112, 3), dtype=np.uint8),
+                            np.arange(20) % 2 == 0)
+    arts = [str(out / "verifier_int8.pte"), str(out / "verifier_int8.tflite")]
+    capsys.readouterr()
+    rc = main(["parity", *arts, "--pairs", str(probe), "--json", "--repeats", "3",
+               "--max-accuracy-drop", "100", "--min-agreement", "0"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(rows) == 2
+    for r in rows:
+        for k in ("artifact", "accuracy", "float_accuracy", "decision_agreement", "latency_ms", "max_abs_gap",
+                  "mean_abs_gap", "passed", "scores", "float_scores"):
+            assert k in r
+        assert r["kind"] == "verifier" and r["threshold"] == THRESHOLD and len(r["scores"]) == 20
+        assert 0 <= r["decision_agreement"] <= 100 and r["max_abs_gap"] >= r["mean_abs_gap"] >= 0
+    # An impossible bound fails the check: exit 1.
+    assert main(["parity", arts[0], "--pairs", str(probe), "--repeats", "2", "--max-accuracy-drop", "-1"]) == 1

@@ -1,0 +1,133 @@
+"""`toolchain export`, `toolchain parity` and `toolchain bench`.
+
+Thin: parses, calls toolchain.export / toolchain.evaluate.parity, prints. Heavy imports (torch,
+executorch, tensorflow) happen inside the commands so that `toolchain --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _console():
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+@click.command("export")
+@click.argument("source", metavar="MODEL_OR_CHECKPOINT_OR_USER_DIR")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--formats", default="executorch,tflite", show_default=True, help="Comma list: executorch, tflite.")
+@click.option("--precisions", default="int8,fp32", show_default=True, help="Comma list: int8, fp32.")
+@click.option("--calibration", type=click.Path(), help="Calibration images: .npy/.npz (uint8 NHWC), an image "
+              "folder or a pairs file. Required for int8.")
+@click.option("--calibration-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="At most this many calibration images.")
+@click.option("--tflite-backend", type=click.Choice(["onnx2tf", "litert-torch"]), default="onnx2tf",
+              show_default=True, help="TFLite converter (litert-torch is optional, not installed by default).")
+@click.option("--threshold", type=float, help="Decision threshold of a verifier (default: enrollment.json's).")
+@click.option("--require-full-delegation/--allow-partial-delegation", default=None,
+              help="Fail unless everything runs in XNNPACK (default: only for the verifier).")
+@click.option("--json", "as_json", is_flag=True, help="Print the artifact records as JSON.")
+def export(source, out_dir, formats, precisions, calibration, calibration_size, tflite_backend, threshold,
+           require_full_delegation, as_json) -> None:
+    """Export a float model to ExecuTorch (.pte) and TFLite, int8 and fp32, with checks.
+
+    Writes DIR/<model>_<precision>.pte|.tflite and DIR/export_manifest.json (sha256, bytes,
+    format, precision, backend, source). int8 files are checked: the .pte for XNNPACK
+    delegation, the .tflite flatbuffer for int8 tensors end to end.
+    """
+    from toolchain.export import export_model
+
+    records = export_model(source, out_dir, formats, precisions, calibration, calibration_size=calibration_size,
+                           tflite_backend=tflite_backend, threshold=threshold,
+                           require_full_delegation=require_full_delegation, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in records], indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"exported to {out_dir}")
+    for col in ("file", "format", "precision", "backend", "bytes", "checks"):
+        t.add_column(col)
+    for r in records:
+        d = r.checks.get("delegation")
+        if d:
+            note = f"{d['partitions']} XNNPACK partition(s); outside: " + (
+                ", ".join(f"{k} x{v}" for k, v in d["ops_outside"].items()) or "nothing")
+            if d.get("float_ops"):
+                note += "; left in float: " + ", ".join(f"{k} x{v}" for k, v in d["float_ops"].items())
+        else:
+            c = r.checks.get("tflite", {})
+            note = ("int8 end to end" if c.get("is_int8") else "float") + (
+                "; XNNPACK int8 refuses " + ", ".join(c["xnnpack_unsupported"]) if c.get("xnnpack_unsupported") else "")
+        t.add_row(r.file, r.format, r.precision, r.backend, str(r.bytes), note)
+    _console().print(t)
+
+
+@click.command("parity")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--pairs", "eval_set", required=True, type=click.Path(exists=True),
+              help="Verification pairs (backbones) or a probe set .npz (verifiers).")
+@click.option("--reference", type=click.Path(exists=True), help="Float model (checkpoint or user folder); "
+              "default: the source recorded in export_manifest.json.")
+@click.option("--max-accuracy-drop", type=float, default=0.3, show_default=True, help="Points.")
+@click.option("--min-agreement", type=float, default=99.5, show_default=True,
+              help="Percent of decisions equal to the float model's.")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Latency repeats.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (scores included).")
+def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, repeats, as_json) -> None:
+    """Run each artifact in its own runtime against the float model; exit 1 if a bound fails."""
+    from toolchain.evaluate.parity import ParityBounds, check_parity, run_parity
+
+    rows = run_parity(artifacts, eval_set, reference, ParityBounds(max_accuracy_drop, min_agreement),
+                      repeats=repeats)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        from rich.table import Table
+
+        t = Table(title="parity against the float model (torch eager)")
+        for col in ("artifact", "runtime", "accuracy", "float", "drop", "agree %", "max gap", "mean gap",
+                    "cos mean/min", "ms", "passed"):
+            t.add_column(col)
+        for r in rows:
+            cos = (f"{r['embedding_cosine_mean']:.4f}/{r['embedding_cosine_min']:.4f}"
+                   if "embedding_cosine_mean" in r else "-")
+            t.add_row(r["file"], r["runtime"], f"{r['accuracy']:.2f}", f"{r['float_accuracy']:.2f}",
+                      f"{r['accuracy_drop']:+.2f}", f"{r['decision_agreement']:.2f}", f"{r['max_abs_gap']:.4g}",
+                      f"{r['mean_abs_gap']:.4g}", cos, f"{r['latency_ms']:.3f}",
+                      "yes" if r["passed"] else f"NO: {r['reason']}")
+        _console().print(t)
+    check_parity(rows)
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1)
+@click.option("--out", "out_dir", default="artifacts/bench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--formats", default="executorch,tflite", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--pairs", type=click.IntRange(min=20), default=100, show_default=True,
+              help="Synthetic verification pairs for the parity columns.")
+@click.option("--calibration-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(models, out_dir, formats, repeats, pairs, calibration_size, as_json) -> None:
+    """Export MODELS (default: verifier and the zoo backbones) int8+fp32 to both runtimes and
+    measure sizes, single-thread latency ratios and int8 parity in one run."""
+    from toolchain.export.api import FORMATS, _parse_list
+    from toolchain.export.bench import DEFAULT_MODELS, render_table, run_bench
+
+    def partial(row):  # long runs: each model's result as soon as it is measured
+        click.echo(json.dumps(row), err=True)
+
+    rows = run_bench(models or DEFAULT_MODELS, out_dir, _parse_list(formats, FORMATS, "format"), repeats=repeats,
+                     pairs=pairs, calibration_size=calibration_size, progress=not as_json, on_row=partial)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        _console().print(render_table(rows))

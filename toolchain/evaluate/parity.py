@@ -1,0 +1,246 @@
+"""Parity: every exported artifact, run in its own runtime, against the float model in torch.
+
+Two kinds of evaluation set:
+- a backbone (embedding model) takes verification pairs (`toolchain.data.load_pairs`): each
+  image is embedded together with its horizontal flip (the two embeddings summed, then
+  L2-normalised, as in the insightface protocol) and a pair is scored by cosine similarity;
+  accuracy is the 10-fold protocol of `verification_metrics`; decisions use the float model's
+  best threshold for both models.
+- a verifier (one enrolled user) takes a *probe set*: images with `issame` saying whether each
+  shows the enrolled user. The score is the logit; the decision is logit >= the enrollment
+  threshold (what the app runs), and accuracy is the accuracy of that decision.
+  On disk: `.npz` with `images` (N, H, W, 3) uint8 and `issame` (N,) bool (write_probe_set).
+
+All accuracies and the decision agreement are in percent; the accuracy drop is in points.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from toolchain.errors import CheckFailed, ToolchainError
+
+PROBE_SCHEMA = "toolchain.probe_set/1"
+
+
+@dataclass
+class ParityBounds:
+    max_accuracy_drop: float = 0.3  # points
+    min_agreement: float = 99.5  # percent of decisions equal to the float model's
+
+    @classmethod
+    def from_any(cls, bounds) -> "ParityBounds":
+        if bounds is None:
+            return cls()
+        if isinstance(bounds, cls):
+            return bounds
+        if isinstance(bounds, dict):
+            d = dict(bounds)
+            if "min_decision_agreement" in d:  # the recipe's spelling
+                d["min_agreement"] = d.pop("min_decision_agreement")
+            return cls(**{k: float(v) for k, v in d.items() if k in ("max_accuracy_drop", "min_agreement")})
+        raise ToolchainError(f"parity bounds must be a dict or ParityBounds, got {type(bounds).__name__}")
+
+
+@dataclass
+class ProbeSet:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    issame: np.ndarray  # (N,) bool: the image shows the enrolled user
+    name: str = "probe"
+
+
+def write_probe_set(path: str | Path, images: np.ndarray, issame, **info: Any) -> Path:
+    from toolchain.models.io import atomic_write_bytes
+    from toolchain.runtime.preprocess import check_images
+
+    images = check_images(images, what="probe images")
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    if len(issame) != len(images):
+        raise ToolchainError(f"probe set: {len(images)} images but {len(issame)} labels")
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ToolchainError(f"{path}: a probe set is written as .npz")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=images, issame=issame,
+                                info=np.array(json.dumps({"schema": PROBE_SCHEMA, **info})))
+
+    atomic_write_bytes(path, write)
+    return path
+
+
+def load_probe_set(path: str | Path) -> ProbeSet:
+    from toolchain.runtime.preprocess import check_images
+
+    path = Path(path)
+    if not path.is_file():
+        raise ToolchainError(f"{path}: no such probe set")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files or "issame" not in z.files:
+                raise ToolchainError(f"{path}: a probe set needs arrays 'images' and 'issame'")
+            images, issame = z["images"], z["issame"]
+    except ToolchainError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ToolchainError(f"{path}: not a readable .npz ({exc})") from exc
+    images = check_images(images, what=f"probe set {path}")
+    issame = np.asarray(issame).astype(bool).reshape(-1)
+    if len(issame) != len(images):
+        raise ToolchainError(f"{path}: {len(images)} images but {len(issame)} labels")
+    return ProbeSet(images, issame, name=path.stem)
+
+
+def load_eval_set(eval_set):
+    """A ProbeSet or VerificationPairs from an object or a path (.npz probe set, else pairs)."""
+    if isinstance(eval_set, ProbeSet) or hasattr(eval_set, "images_a"):
+        return eval_set
+    path = Path(eval_set)
+    if path.suffix == ".npz":
+        return load_probe_set(path)
+    from toolchain.data import load_pairs
+
+    return load_pairs(path)
+
+
+def _flip(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images[:, :, ::-1])
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def embed(runner, images: np.ndarray) -> np.ndarray:
+    """Embedding of each image plus its horizontal flip, summed (not normalised)."""
+    return runner.run(images) + runner.run(_flip(images))
+
+
+def _scores(runner, data) -> dict:
+    if isinstance(data, ProbeSet):
+        logits = runner.run(data.images)
+        return {"scores": logits[:, 0].astype(np.float64)}
+    ea, eb = embed(runner, data.images_a), embed(runner, data.images_b)
+    scores = np.sum(_l2(ea) * _l2(eb), axis=1)
+    return {"scores": scores.astype(np.float64), "embeddings": np.concatenate([ea, eb], axis=0)}
+
+
+def _metrics(scores: np.ndarray, issame: np.ndarray) -> dict | None:
+    from toolchain.evaluate.metrics import verification_metrics
+
+    try:
+        return verification_metrics(scores, issame, higher_is_same=True)
+    except ToolchainError:  # one class only, or fewer pairs than folds
+        return None
+
+
+def _reference_source(artifact: Path, reference):
+    """What the float reference is: given explicitly, else the source recorded by the export."""
+    from toolchain.export.manifest import find_manifest_for
+    from toolchain.runtime.metadata import read_embedded_metadata
+
+    if reference is not None:
+        return reference
+    found = find_manifest_for(artifact)
+    if found and found[0].get("reference"):
+        ref = Path(found[0]["reference"])
+        return ref if ref.is_absolute() else artifact.parent / ref
+    src = (read_embedded_metadata(artifact).get("source") or {}).get("path")
+    if src and Path(src).exists():
+        return Path(src)
+    raise ToolchainError(f"{artifact}: no float reference recorded (no export_manifest.json beside it); "
+                         "pass --reference FLOAT_MODEL")
+
+
+def run_parity(artifacts: Sequence, eval_set, reference=None, bounds=None, *, repeats: int = 50,
+               raise_on_fail: bool = False) -> list[dict]:
+    """One row per artifact; see the module docstring. `reference`: a float model (path,
+    nn.Module or Runner) used for every artifact, else each artifact's recorded source."""
+    from toolchain.runtime import load_runner
+
+    bounds = ParityBounds.from_any(bounds)
+    data = load_eval_set(eval_set)
+    if len(data.issame) == 0:
+        raise ToolchainError("parity: the evaluation set is empty")
+    is_probe = isinstance(data, ProbeSet)
+    ref_cache: dict = {}
+    rows = []
+    for art in artifacts:
+        art = Path(art)
+        runner = load_runner(art)
+        src = _reference_source(art, reference)
+        key = str(Path(src).resolve()) if isinstance(src, (str, Path)) else id(src)
+        if key not in ref_cache:
+            ref = src if hasattr(src, "run") else load_runner(src)
+            ref_cache[key] = (ref, _scores(ref, data), ref.latency_ms(repeats))
+        ref, fs, f_lat = ref_cache[key]
+        kind = "verifier" if runner.output == "logit" else "backbone"
+        if is_probe != (kind == "verifier"):
+            raise ToolchainError(f"{art.name}: a {kind} needs "
+                                 + ("a probe set (.npz)" if kind == "verifier" else "verification pairs"))
+        s = _scores(runner, data)
+        y = data.issame
+        row: dict[str, Any] = {"artifact": str(art), "file": art.name, "kind": kind,
+                               "format": runner.metadata.get("format"), "precision": runner.metadata.get("precision"),
+                               "backend": runner.metadata.get("backend"), "runtime": runner.kind,
+                               "reference": getattr(ref, "name", "float"), "num": int(len(y))}
+        a, f = s["scores"], fs["scores"]
+        m, fm = _metrics(a, y), _metrics(f, y)
+        if kind == "verifier":
+            thr = runner.threshold if runner.threshold is not None else ref.threshold
+            if thr is None:
+                raise ToolchainError(f"{art.name}: no decision threshold in its metadata or the reference")
+            dec, fdec = a >= thr, f >= thr
+            row["threshold"] = float(thr)
+            row["accuracy"] = float(np.mean(dec == y) * 100)
+            row["float_accuracy"] = float(np.mean(fdec == y) * 100)
+        else:
+            if fm is None:
+                raise ToolchainError("parity: backbone pairs need matched and mismatched pairs (>= 10)")
+            thr = fm["threshold"]
+            dec, fdec = a > thr, f > thr
+            row["threshold"] = float(thr)
+            row["accuracy"] = float(m["accuracy"] * 100)
+            row["float_accuracy"] = float(fm["accuracy"] * 100)
+            cos = np.sum(_l2(s["embeddings"]) * _l2(fs["embeddings"]), axis=1)
+            row["embedding_cosine_mean"] = float(cos.mean())
+            row["embedding_cosine_min"] = float(cos.min())
+        row["accuracy_drop"] = row["float_accuracy"] - row["accuracy"]
+        row["tar_at_far"] = m["tar_at_far"] if m else None
+        row["float_tar_at_far"] = fm["tar_at_far"] if fm else None
+        row["auc"] = m["auc"] if m else None
+        row["float_auc"] = fm["auc"] if fm else None
+        row["decision_agreement"] = float(np.mean(dec == fdec) * 100)
+        gap = np.abs(a - f)
+        row["max_abs_gap"] = float(gap.max())
+        row["mean_abs_gap"] = float(gap.mean())
+        row["gap_of"] = "logit" if kind == "verifier" else "cosine score"
+        row["latency_ms"] = runner.latency_ms(repeats)
+        row["float_latency_ms"] = float(f_lat)
+        reasons = []
+        if row["accuracy_drop"] > bounds.max_accuracy_drop + 1e-9:
+            reasons.append(f"accuracy drop {row['accuracy_drop']:.3f} > {bounds.max_accuracy_drop} points")
+        if row["decision_agreement"] < bounds.min_agreement - 1e-9:
+            reasons.append(f"decision agreement {row['decision_agreement']:.2f}% < {bounds.min_agreement}%")
+        row["passed"] = not reasons
+        row["reason"] = "; ".join(reasons) or None
+        row["bounds"] = {"max_accuracy_drop": bounds.max_accuracy_drop, "min_agreement": bounds.min_agreement}
+        row["scores"] = [float(v) for v in a]
+        row["float_scores"] = [float(v) for v in f]
+        row["issame"] = [bool(v) for v in y]
+        rows.append(row)
+    if raise_on_fail:
+        check_parity(rows)
+    return rows
+
+
+def check_parity(rows: list[dict]) -> None:
+    failed = [r for r in rows if not r["passed"]]
+    if failed:
+        raise CheckFailed("parity failed: " + "; ".join(f"{r['file']}: {r['reason']}" for r in failed))

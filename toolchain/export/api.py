@@ -1,0 +1,291 @@
+"""`export_model`: one float model in, checked artifacts plus `export_manifest.json` out.
+
+Every artifact is built into a staging folder inside the output folder and moved into place
+only when all of them passed their checks; on any failure the staging folder is removed, so
+the output folder never holds a partial or unchecked file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.errors import CheckFailed, ToolchainError
+from toolchain.export.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
+from toolchain.export.metadata import build_metadata, tool_versions, write_json_atomic
+
+FORMATS = ("executorch", "tflite")
+PRECISIONS = ("int8", "fp32")
+TFLITE_BACKENDS = ("onnx2tf", "litert-torch")
+_EXT = {"executorch": ".pte", "tflite": ".tflite"}
+FLOAT_REFERENCE_NAME = "float_model.pt"
+
+
+def _parse_list(value, allowed: Sequence[str], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    items = [v for v in items if v]
+    if not items:
+        raise ToolchainError(f"no {what} given (choose from {', '.join(allowed)})")
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise ToolchainError(f"unknown {what} {', '.join(bad)} (choose from {', '.join(allowed)})")
+    return list(dict.fromkeys(items))
+
+
+def resolve_source(source: Any, model_kwargs: dict | None = None, seed: int = 0) -> tuple[nn.Module, dict, dict]:
+    """(float model in eval mode, loader meta, source record) from a module, name or path."""
+    from toolchain.models import build_model, list_models
+    from toolchain.models.io import load_model
+
+    if isinstance(source, nn.Module):
+        if getattr(source, "spec", None) is None:
+            raise ToolchainError("model has no .spec (build it with toolchain.models.build_model)")
+        return source.eval(), {"model": source.spec.name, "model_kwargs": dict(model_kwargs or {})}, \
+            {"kind": "module", "model": source.spec.name}
+    path = Path(str(source))
+    if path.exists():
+        model, meta = load_model(path)
+        rec = {"kind": "user_dir" if path.is_dir() else "checkpoint", "path": str(path.resolve())}
+        if path.is_file():
+            rec["sha256"] = sha256_file(path)
+        return model, meta, rec
+    if str(source) in list_models():
+        torch.manual_seed(seed)
+        model = build_model(str(source), **(model_kwargs or {})).eval()
+        return model, {"model": str(source), "model_kwargs": dict(model_kwargs or {})}, \
+            {"kind": "registry", "model": str(source), "random_init": True, "seed": seed}
+    raise ToolchainError(f"{source}: neither a file, an enrolled user folder nor a registered model "
+                         f"({', '.join(list_models())})")
+
+
+def _save_float_reference(model: nn.Module, meta: dict, out: Path) -> str | None:
+    """Store the float model beside the artifacts (for parity) when it is a registry model."""
+    from toolchain.models import build_model
+    from toolchain.models.io import save_checkpoint
+
+    try:
+        probe = build_model(meta["model"], **meta.get("model_kwargs", {}))
+        probe.load_state_dict(model.state_dict())
+    except Exception:  # noqa: BLE001 - a custom module: no reloadable reference
+        return None
+    save_checkpoint(out / FLOAT_REFERENCE_NAME, meta["model"], meta.get("model_kwargs", {}), model.state_dict())
+    return FLOAT_REFERENCE_NAME
+
+
+def _check_model_input(model: nn.Module, spec) -> torch.Tensor:
+    c, h, w = spec.input_size
+    example = torch.zeros(1, c, h, w)
+    try:
+        with torch.no_grad():
+            y = model(example)
+    except Exception as exc:  # noqa: BLE001 - wrong input size, broken model
+        raise ToolchainError(f"model {spec.name!r} does not run on its declared input (1, {c}, {h}, {w}): "
+                             f"{str(exc).splitlines()[0]}") from exc
+    if y.reshape(1, -1).shape[1] != spec.output_dim:
+        raise ToolchainError(f"model {spec.name!r} returns {tuple(y.shape)}, its spec says output_dim "
+                             f"{spec.output_dim}")
+    return torch.randn(1, c, h, w)
+
+
+def _prepare_calibration(calibration_images, spec, size: int, seed: int) -> np.ndarray:
+    from toolchain.quantize.calibration import load_images
+    from toolchain.runtime.preprocess import check_images
+
+    if calibration_images is None:
+        raise ToolchainError("int8 export needs calibration images (--calibration PATH); none given")
+    hw = spec.input_size[1:]
+    if isinstance(calibration_images, (str, Path)):
+        images = load_images(calibration_images, hw)
+    else:
+        images = check_images(calibration_images, hw, what="calibration images")
+    if size and len(images) > size:
+        rng = np.random.default_rng(seed)
+        images = images[np.sort(rng.choice(len(images), size, replace=False))]
+    return np.ascontiguousarray(images)
+
+
+def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str = FORMATS,
+                 precisions: Sequence[str] | str = PRECISIONS, calibration_images=None, *,
+                 calibration_size: int = 128, tflite_backend: str = "onnx2tf",
+                 threshold: float | None = None, require_full_delegation: bool | None = None,
+                 model_kwargs: dict | None = None, seed: int = 0, progress: bool = True,
+                 name: str | None = None) -> list[ArtifactRecord]:
+    """Export `source` (nn.Module with .spec, checkpoint, user folder or registry name) to
+    `out_dir`, one file per format x precision, and write `export_manifest.json` there.
+
+    require_full_delegation: None means True for the `verifier` (one XNNPACK partition, nothing
+    outside, and no op LiteRT's XNNPACK refuses in int8) and False for zoo models, whose
+    report then lists what stays outside.
+    """
+    formats = _parse_list(formats, FORMATS, "format")
+    precisions = _parse_list(precisions, PRECISIONS, "precision")
+    if tflite_backend not in TFLITE_BACKENDS:
+        raise ToolchainError(f"unknown TFLite backend {tflite_backend!r} ({', '.join(TFLITE_BACKENDS)})")
+    model, meta, source_rec = resolve_source(source, model_kwargs, seed)
+    spec = model.spec
+    model_name = name or spec.name
+    if threshold is None:
+        threshold = meta.get("threshold")
+    if spec.output == "logit" and threshold is None:
+        raise ToolchainError(f"{model_name}: a verifier needs a decision threshold (enrollment.json or --threshold)")
+    if require_full_delegation is None:
+        require_full_delegation = spec.name == "verifier"
+    example = _check_model_input(model, spec)
+    calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
+    versions = tool_versions()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=out))
+    records: list[ArtifactRecord] = []
+    try:
+        jobs = [(f, p) for f in formats for p in precisions]
+        with _progress(progress, len(jobs)) as advance:
+            if "executorch" in formats:
+                for p in precisions:
+                    records.append(_export_pte(model, spec, model_name, example, p, calib, threshold, source_rec,
+                                               versions, require_full_delegation, staging))
+                    advance(f"executorch {p}")
+            if "tflite" in formats:
+                records += _export_tflite(model, spec, model_name, example, precisions, calib, threshold,
+                                          source_rec, versions, require_full_delegation, staging,
+                                          tflite_backend)
+                advance("tflite " + ",".join(precisions))
+        reference = _save_float_reference(model, meta, staging) if source_rec["kind"] in ("module", "registry") \
+            else source_rec.get("path")
+        # All artifacts passed: move them into place, then record them.
+        for f in staging.iterdir():
+            if not f.name.startswith("."):
+                f.replace(out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for r in records:
+        r.path = str((out / r.file).resolve())
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "model": model_name,
+        "spec": spec.to_dict(),
+        "model_kwargs": meta.get("model_kwargs", {}),
+        "source": source_rec,
+        "reference": reference,
+        "threshold": threshold,
+        "calibration": None if calib is None else {
+            "images": int(len(calib)), "sha256": hashlib.sha256(calib.tobytes()).hexdigest()},
+        "tool_versions": versions,
+        "artifacts": _merge_previous(out, source_rec, [r.to_dict() for r in records]),
+    }
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return records
+
+
+def _merge_previous(out: Path, source_rec: dict, new: list[dict]) -> list[dict]:
+    """Keep earlier artifacts of the same source that this call did not rewrite."""
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        return new
+    try:
+        import json
+
+        old = json.loads(path.read_text())
+    except Exception:  # noqa: BLE001 - a broken old manifest is replaced
+        return new
+    if old.get("source") != source_rec:
+        return new
+    names = {r["file"] for r in new}
+    kept = [a for a in old.get("artifacts", []) if a.get("file") not in names and (out / a.get("file", "")).is_file()
+            and sha256_file(out / a["file"]) == a.get("sha256")]
+    return kept + new
+
+
+class _progress:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda what: None
+        from rich.progress import Progress
+
+        self._p = Progress(transient=True)
+        self._p.__enter__()
+        task = self._p.add_task("exporting", total=self.total)
+        return lambda what: self._p.update(task, advance=1, description=f"exported {what}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._p.__exit__(*exc)
+        return False
+
+
+def _record(staging: Path, fname: str, data: bytes, meta: dict, fmt: str, precision: str, backend: str,
+            checks: dict, seconds: float) -> ArtifactRecord:
+    from toolchain.models.io import atomic_write_bytes
+
+    path = staging / fname
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(data))
+    return ArtifactRecord(file=fname, path=str(path), format=fmt, precision=precision, backend=backend,
+                          bytes=path.stat().st_size, sha256=sha256_file(path), model=meta["model"],
+                          output=meta["output"], input_shape=meta["input"]["shape"],
+                          input_layout=meta["input"]["layout"], input_dtype=meta["input"]["dtype"],
+                          threshold=meta.get("threshold"), checks=checks, export_seconds=round(seconds, 2))
+
+
+def _export_pte(model, spec, model_name, example, precision, calib, threshold, source_rec, versions,
+                require_full, staging) -> ArtifactRecord:
+    from toolchain.export.executorch import export_executorch
+
+    t0 = time.perf_counter()
+
+    def metadata_fn(internal):
+        return build_metadata(model_name=model_name, spec=spec, fmt="executorch", precision=precision,
+                              backend="xnnpack", input_shape=list(example.shape), layout="NCHW",
+                              input_dtype="float32", input_quant=None, output_quant=None, output_dtype="float32",
+                              threshold=threshold, source=source_rec, versions=versions, internal_quant=internal)
+
+    data, meta, report = export_executorch(model, example, precision, calib, spec.mean, spec.std,
+                                           require_full, metadata_fn)
+    return _record(staging, f"{model_name}_{precision}.pte", data, meta, "executorch", precision, "xnnpack",
+                   {"delegation": report.to_dict()}, time.perf_counter() - t0)
+
+
+def _export_tflite(model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
+                   require_full, staging, backend) -> list[ArtifactRecord]:
+    from toolchain.export.metadata import embed_tflite_metadata
+    from toolchain.export.tflite import export_tflite_litert_torch, export_tflite_onnx2tf
+    from toolchain.export.tflite_check import inspect_tflite
+
+    t0 = time.perf_counter()
+    if backend == "onnx2tf":
+        blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std)
+    else:
+        blobs = {p: export_tflite_litert_torch(model, example, p, calib, spec.mean, spec.std) for p in precisions}
+    seconds = (time.perf_counter() - t0) / max(1, len(blobs))
+    records = []
+    for precision in precisions:
+        report = inspect_tflite(blobs[precision])
+        if precision == "int8":
+            # A file is named int8 only when the flatbuffer says so.
+            if not report.is_int8:
+                raise CheckFailed(f"refusing to name the {backend} TFLite file int8: "
+                                  + "; ".join(report.problems[:4]))
+            if require_full and report.xnnpack_unsupported:
+                raise CheckFailed(f"{model_name} int8 .tflite has ops LiteRT's XNNPACK does not run in int8: "
+                                  + ", ".join(f"{k} x{v}" for k, v in report.xnnpack_unsupported.items()))
+        layout = "NHWC" if report.input_shape[-1] == spec.input_size[0] else "NCHW"
+        meta = build_metadata(model_name=model_name, spec=spec, fmt="tflite", precision=precision, backend=backend,
+                              input_shape=report.input_shape, layout=layout,
+                              input_dtype=report.input_type.lower(), input_quant=report.input_quant,
+                              output_quant=report.output_quant, output_dtype=report.output_type.lower(),
+                              threshold=threshold, source=source_rec, versions=versions)
+        data = embed_tflite_metadata(blobs[precision], meta)
+        records.append(_record(staging, f"{model_name}_{precision}.tflite", data, meta, "tflite", precision,
+                               backend, {"tflite": report.to_dict()}, seconds))
+    return records

@@ -1,0 +1,122 @@
+"""ExecuTorch `.pte` export, lowered to XNNPACK, with a delegation check after lowering.
+
+fp32: torch.export -> to_edge_transform_and_lower(XnnpackPartitioner).
+int8: PT2E static int8 (toolchain.quantize.pt2e) -> torch.export -> the same lowering.
+The `.pte` keeps float input and output; the int8 model quantises inside the XNNPACK graph
+(its scale/zero-point are recorded in the metadata as `internal_quantization`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.errors import CheckFailed, ToolchainError
+
+# Nodes that exist outside any partition by construction (the delegate call's output tuple).
+_STRUCTURAL_OPS = {"getitem"}
+
+
+@dataclass
+class DelegationReport:
+    partitions: int
+    delegated_nodes: int
+    non_delegated_nodes: int
+    ops_outside: dict[str, int] = field(default_factory=dict)  # op -> occurrences left outside
+    float_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float islands inside int8
+    float_prefix_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float ops on the input
+
+    @property
+    def fully_delegated(self) -> bool:
+        return self.partitions == 1 and not self.ops_outside
+
+    @property
+    def int8_end_to_end(self) -> bool:
+        """No float island between int8 ops (a float prefix on the float input is allowed)."""
+        return not self.float_ops
+
+    def to_dict(self) -> dict:
+        return {"backend": "XnnpackBackend", "partitions": self.partitions,
+                "delegated_nodes": self.delegated_nodes, "non_delegated_nodes": self.non_delegated_nodes,
+                "ops_outside": dict(self.ops_outside), "float_ops": dict(self.float_ops),
+                "float_prefix_ops": dict(self.float_prefix_ops), "fully_delegated": self.fully_delegated}
+
+
+def delegation_report(edge_manager) -> DelegationReport:
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(edge_manager.exported_program().graph_module)
+    outside = {op: b.non_delegated for op, b in info.delegation_by_operator.items()
+               if b.non_delegated > 0 and op not in _STRUCTURAL_OPS}
+    return DelegationReport(partitions=info.num_delegated_subgraphs, delegated_nodes=info.num_delegated_nodes,
+                            non_delegated_nodes=info.num_non_delegated_nodes, ops_outside=outside)
+
+
+def _first_quant_params(graph_module: nn.Module) -> tuple[dict | None, dict | None]:
+    """(first quantise, last dequantise) of a converted PT2E graph: where int8 begins and ends.
+
+    Ops the quantizer leaves unannotated before the first quantise (e.g. the verifier's input
+    avg-pool) run in float; `after` names the op feeding the first quantise.
+    """
+    q_in = q_out = None
+    nodes = list(graph_module.graph.nodes)
+    for n in nodes:
+        t = str(n.target)
+        if n.op == "call_function" and t.endswith("quantize_per_tensor.default") and "dequantize" not in t:
+            src = n.args[0]
+            q_in = {"scale": float(n.args[1]), "zero_point": int(n.args[2]), "dtype": "int8",
+                    "after": "input" if getattr(src, "op", "") == "placeholder" else str(getattr(src, "name", src))}
+            break
+    out_node = next(n for n in reversed(nodes) if n.op == "output")
+    src = out_node.args[0]
+    src = src[0] if isinstance(src, (list, tuple)) else src
+    if src is not None and str(getattr(src, "target", "")).endswith("dequantize_per_tensor.default"):
+        q_out = {"scale": float(src.args[1]), "zero_point": int(src.args[2]), "dtype": "int8"}
+    return q_in, q_out
+
+
+def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
+                      calibration: np.ndarray | None, mean, std,
+                      require_full_delegation: bool, metadata_fn) -> tuple[bytes, dict, DelegationReport]:
+    """Return (pte bytes, metadata, delegation report). `metadata_fn(internal_quant)` builds the
+    metadata dict. Raises CheckFailed if full delegation is required and not reached."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    from toolchain.export.metadata import pte_constant_methods
+
+    internal = None
+    qreport: dict = {}
+    if precision == "int8":
+        from toolchain.quantize.pt2e import quantize_xnnpack_int8
+
+        converted = quantize_xnnpack_int8(model, example, calibration, mean, std, report=qreport)
+        q_in, q_out = _first_quant_params(converted)
+        internal = {"input": q_in, "output": q_out}
+        program = torch.export.export(converted, (example,), strict=False)
+    else:
+        program = torch.export.export(model.eval(), (example,), strict=False)
+    meta = metadata_fn(internal)
+    try:
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                           constant_methods=pte_constant_methods(meta))
+    except Exception as exc:  # noqa: BLE001 - a lowering bug or unsupported pattern: name it
+        cause = exc.__cause__ or exc
+        raise ToolchainError(f"ExecuTorch/XNNPACK lowering of {meta['model']} {precision} failed: "
+                             f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
+                             f"({str(exc).splitlines()[0]})") from exc
+    report = delegation_report(edge)  # kept in the manifest, not inside the file
+    report.float_ops = qreport.get("float_ops", {})
+    report.float_prefix_ops = qreport.get("float_prefix_ops", {})
+    if require_full_delegation and not report.fully_delegated:
+        outside = ", ".join(f"{op} x{n}" for op, n in sorted(report.ops_outside.items())) or "none"
+        raise CheckFailed(f"{meta['model']} {precision} .pte is not fully delegated to XNNPACK: "
+                          f"{report.partitions} partition(s); ops left outside: {outside}")
+    if require_full_delegation and not report.int8_end_to_end:
+        islands = ", ".join(f"{op} x{n}" for op, n in sorted(report.float_ops.items()))
+        raise CheckFailed(f"{meta['model']} int8 .pte leaves ops in float between int8 ops: {islands}")
+    # 16-byte segment alignment (default 128) trims about 1 KB of padding from tiny models.
+    return bytes(edge.to_executorch(ExecutorchBackendConfig(segment_alignment=16)).buffer), meta, report

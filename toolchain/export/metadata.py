@@ -1,0 +1,122 @@
+"""Build the artifact metadata and write it into the file (readers: toolchain.runtime.metadata)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+from toolchain.runtime.metadata import PTE_METADATA_METHOD, SCHEMA, TFLITE_METADATA_NAME
+
+_TOOLS = ("torch", "executorch", "torchao", "tensorflow-cpu", "ai-edge-litert", "onnx", "onnx2tf",
+          "onnxsim", "litert-torch", "numpy")
+# The tools that made (and check) each kind of artifact; the metadata inside a file lists only
+# these, so a tiny model does not grow by a list of unrelated versions.
+_TOOLS_BY_BACKEND = {
+    "xnnpack": ("torch", "executorch", "torchao"),
+    "onnx2tf": ("torch", "onnx", "onnx2tf", "tensorflow-cpu", "ai-edge-litert"),
+    "litert-torch": ("torch", "litert-torch", "torchao", "ai-edge-litert"),
+}
+
+
+def tool_versions(backend: str | None = None) -> dict:
+    from toolchain import __version__
+
+    out = {"toolchain": __version__, "python": platform.python_version()}
+    for name in (_TOOLS_BY_BACKEND.get(backend, _TOOLS) if backend else _TOOLS):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_metadata(*, model_name: str, spec, fmt: str, precision: str, backend: str,
+                   input_shape: list[int], layout: str, input_dtype: str,
+                   input_quant: dict | None, output_quant: dict | None, output_dtype: str,
+                   threshold: float | None, source: dict, versions: dict | None = None,
+                   internal_quant: dict | None = None) -> dict:
+    meta = {
+        "schema": SCHEMA,
+        "model": model_name,
+        "format": fmt,
+        "precision": precision,
+        "backend": backend,
+        "output": spec.output,
+        "output_dim": int(spec.output_dim),
+        "input": {
+            "layout": layout,
+            "shape": [int(s) for s in input_shape],
+            "dtype": input_dtype,
+            "mean": [float(m) for m in spec.mean],
+            "std": [float(s) for s in spec.std],
+            "quantization": input_quant,
+        },
+        "output_tensor": {"dtype": output_dtype, "quantization": output_quant},
+        "threshold": None if threshold is None else float(threshold),
+        # Provenance in brief (the manifest holds full paths and digests): the verifier's int8
+        # file has a 40 KB budget and every byte of metadata counts against it.
+        "source": {k: (Path(v).name if k == "path" else v) for k, v in source.items() if k != "sha256"},
+        "tool_versions": {k: v for k, v in (versions or tool_versions()).items()
+                          if k == "toolchain" or k in _TOOLS_BY_BACKEND.get(backend, _TOOLS)},
+    }
+    if internal_quant:
+        # ExecuTorch int8 keeps float I/O; these are the quantise/dequantise steps inside the graph.
+        meta["internal_quantization"] = internal_quant
+    return meta
+
+
+def compact_json(meta: dict) -> str:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+
+
+def pte_constant_methods(meta: dict) -> dict:
+    """ExecuTorch constant methods: the whole JSON plus typed copies of the essentials.
+
+    Every method costs 250-900 bytes in the program and the verifier's int8 file has a 40 KB
+    budget, so the typed copies are few: `quant_params` (floats: input scale, input zero-point,
+    output scale, output zero-point of the int8 region; zeros when float) and, for a verifier,
+    `threshold`. The input shape and dtype need no copy: ExecuTorch's own MethodMeta of
+    `forward` carries them. Mean/std and the rest are in `metadata_json`.
+    """
+    inp = meta["input"]
+    q_in = inp.get("quantization") or (meta.get("internal_quantization") or {}).get("input") or {}
+    q_out = (meta.get("output_tensor") or {}).get("quantization") or \
+        (meta.get("internal_quantization") or {}).get("output") or {}
+    methods = {
+        PTE_METADATA_METHOD: compact_json(meta),
+        "quant_params": [float(q_in.get("scale", 0.0)), float(q_in.get("zero_point", 0)),
+                         float(q_out.get("scale", 0.0)), float(q_out.get("zero_point", 0))],
+    }
+    if meta.get("threshold") is not None:
+        methods["threshold"] = float(meta["threshold"])
+    return methods
+
+
+def embed_tflite_metadata(buf: bytes, meta: dict) -> bytes:
+    """Return the flatbuffer with a `toolchain_metadata` Model.metadata entry (JSON bytes)."""
+    import flatbuffers
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(buf, 0)
+    payload = compact_json(meta).encode("utf-8")
+    model.metadata = [m for m in (model.metadata or []) if m.name not in (TFLITE_METADATA_NAME.encode(),
+                                                                          TFLITE_METADATA_NAME)]
+    entry_buf = schema.BufferT()
+    entry_buf.data = np.frombuffer(payload, dtype=np.uint8)
+    model.buffers.append(entry_buf)
+    md = schema.MetadataT()
+    md.name = TFLITE_METADATA_NAME
+    md.buffer = len(model.buffers) - 1
+    model.metadata.append(md)
+    builder = flatbuffers.Builder(len(buf) + len(payload) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    from toolchain.models.io import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True)))

@@ -1,0 +1,152 @@
+"""TFLite export: torch -> ONNX -> onnx2tf (default), or litert-torch (optional backend).
+
+onnx2tf runs fully offline here because of three precautions (shared/STACK.md):
+- it runs in a temporary working folder that already holds the calibration sample it would
+  otherwise download (`calibration_image_sample_data_20x128x128x3_float32.npy`);
+- the environment's bin/ is put first on PATH so its `onnxsim` command is found;
+- mean/std are given explicitly with NHWC calibration data in [0, 1] (its defaults are ImageNet's).
+Only the two final files come out of the temporary folder; nothing else is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.errors import ToolchainError
+
+_SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
+LITERT_TORCH_VERSION = "0.10.0"
+
+
+@contextlib.contextmanager
+def _in_dir(path: Path):
+    prev = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(prev)
+
+
+@contextlib.contextmanager
+def _env_bin_on_path():
+    prev = os.environ.get("PATH", "")
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + prev
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = prev
+
+
+def _resize_nearest(images: np.ndarray, size: int) -> np.ndarray:
+    h, w = images.shape[1:3]
+    rows = (np.arange(size) * h // size).clip(0, h - 1)
+    cols = (np.arange(size) * w // size).clip(0, w - 1)
+    return images[:, rows][:, :, cols]
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    try:
+        torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["output"],
+                          opset_version=17, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - the TorchScript exporter is deprecated: try dynamo
+        try:
+            torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"],
+                              output_names=["output"], dynamo=True)
+        except Exception as exc2:  # noqa: BLE001
+            raise ToolchainError(f"ONNX export failed: {exc} / {exc2}".splitlines()[0]) from exc2
+
+
+def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: list[str],
+                          calibration: np.ndarray | None, mean, std, verbose: bool = False) -> dict[str, bytes]:
+    """Return {"fp32": bytes, "int8": bytes} for the precisions asked (int8 = full integer, int8 I/O)."""
+    import onnx2tf
+
+    want_int8 = "int8" in precisions
+    with tempfile.TemporaryDirectory(prefix="toolchain-onnx2tf-") as tmp:
+        work = Path(tmp)
+        onnx_path = work / "model.onnx"
+        export_onnx(model, example, onnx_path)
+        sample = np.zeros((20, 128, 128, 3), np.float32)
+        kwargs = {}
+        if want_int8:
+            calib = calibration.astype(np.float32) / 255.0  # NHWC in [0, 1]; onnx2tf applies (x-mean)/std
+            np.save(work / "calibration.npy", calib)
+            sample[: min(20, len(calib))] = _resize_nearest(calib[:20], 128)
+            m = np.asarray(mean, np.float32).reshape(1, 1, 1, -1)
+            s = np.asarray(std, np.float32).reshape(1, 1, 1, -1)
+            kwargs = dict(output_integer_quantized_tflite=True, quant_type="per-channel",
+                          input_quant_dtype="int8", output_quant_dtype="int8",
+                          custom_input_op_name_np_data_path=[["input", str(work / "calibration.npy"), m, s]],
+                          quant_norm_mean=str(m.tolist()), quant_norm_std=str(s.tolist()))
+        # Present in the working folder, so onnx2tf never tries to download it.
+        np.save(work / _SAMPLE_NAME, sample)
+        out = work / "out"
+        sink = io.StringIO()
+        try:
+            with _in_dir(work), _env_bin_on_path(), contextlib.redirect_stdout(sys.stdout if verbose else sink):
+                onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(out),
+                                non_verbose=not verbose, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - onnx2tf may sys.exit on errors
+            tail = " | ".join(sink.getvalue().strip().splitlines()[-3:])
+            raise ToolchainError(f"onnx2tf conversion failed: {type(exc).__name__}: {exc} {tail}".strip()) from exc
+        files = {"fp32": out / "model_float32.tflite", "int8": out / "model_full_integer_quant.tflite"}
+        result = {}
+        for p in precisions:
+            if not files[p].is_file():
+                raise ToolchainError(f"onnx2tf did not write {files[p].name}")
+            result[p] = files[p].read_bytes()
+        return result
+
+
+def export_tflite_litert_torch(model: nn.Module, example: torch.Tensor, precision: str,
+                               calibration: np.ndarray | None, mean, std) -> bytes:
+    """litert-torch: direct torch -> TFLite; int8 through its own PT2E quantizer (int8 I/O).
+
+    Optional: litert-torch pins typing-extensions==4.12.2, which clashes with this stack's
+    pydantic, so it is not installed here; this path is written against its public API and is
+    not exercised by the test suite.
+    """
+    try:
+        import litert_torch
+    except ImportError as exc:
+        raise ToolchainError(
+            f"litert-torch is not installed; pip install litert-torch=={LITERT_TORCH_VERSION} in a separate "
+            "environment (its pins clash with this stack's pydantic), or use backend onnx2tf") from exc
+    from toolchain.quantize.pt2e import calibration_batches
+
+    model = model.eval()
+    with tempfile.TemporaryDirectory(prefix="toolchain-litert-") as tmp:
+        path = Path(tmp) / "model.tflite"
+        try:
+            if precision == "int8":
+                from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+                from litert_torch.quantize.quant_config import QuantConfig
+                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+                quantizer = PT2EQuantizer().set_global(
+                    get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+                graph = torch.export.export(model, (example,)).module()
+                prepared = prepare_pt2e(graph, quantizer)
+                with torch.no_grad():
+                    for x in calibration_batches(calibration, mean, std, batch=1):
+                        prepared(x)
+                converted = convert_pt2e(prepared, fold_quantize=False)
+                edge = litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+            else:
+                edge = litert_torch.convert(model, (example,))
+            edge.export(str(path))
+        except ToolchainError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ToolchainError(f"litert-torch conversion failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        return path.read_bytes()

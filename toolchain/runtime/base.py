@@ -1,0 +1,85 @@
+"""One interface over every runtime: uint8 NHWC images in, float32 (N, out_dim) out.
+
+A runner hides the artifact's layout (NCHW or NHWC) and its quantisation (the input is
+quantised with the input tensor's scale/zero-point, the output dequantised), so a caller
+never handles either. `latency_ms` is the median wall time of one single-image inference,
+single-threaded, after warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from toolchain.runtime.preprocess import check_images
+
+
+@dataclass
+class InputInfo:
+    """What the app must feed: the image size, normalisation and the artifact's own layout."""
+
+    height: int = 112
+    width: int = 112
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    layout: str = "NCHW"  # the artifact's tensor layout, hidden from callers of run()
+    batch: int | None = 1  # None: any batch size
+    extra: dict = field(default_factory=dict)
+
+
+class Runner(ABC):
+    kind: str = "?"  # "torch", "executorch", "litert"
+
+    def __init__(self, name: str, info: InputInfo, output: str, metadata: dict | None = None):
+        self.name = name
+        self.info = info
+        self.output = output  # "embedding" or "logit"
+        self.metadata = metadata or {}
+
+    @property
+    def threshold(self) -> float | None:
+        t = self.metadata.get("threshold")
+        return None if t is None else float(t)
+
+    def run(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        images = check_images(images, (self.info.height, self.info.width), what=f"input of {self.name}")
+        step = self.info.batch or batch_size
+        outs = [self._run_batch(images[i:i + step]) for i in range(0, len(images), step)]
+        out = np.concatenate(outs, axis=0).astype(np.float32)
+        return out.reshape(len(images), -1)
+
+    @abstractmethod
+    def _run_batch(self, images: np.ndarray) -> np.ndarray:
+        """Run at most `info.batch` checked images; return float32 (n, ...)."""
+
+    def _single_thread(self):
+        """Context manager forcing one thread while timing (runners override)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def latency_ms(self, repeats: int = 50, warmup: int = 5, seed: int = 0) -> float:
+        """Median milliseconds of one single-image inference, one thread."""
+        rng = np.random.default_rng(seed)
+        img = rng.integers(0, 256, (1, self.info.height, self.info.width, 3), dtype=np.uint8)
+        with self._single_thread():
+            call = self._timed_call(img)
+            for _ in range(warmup):
+                call()
+            times = []
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times) * 1e3)
+
+    def _timed_call(self, image: np.ndarray):
+        """A zero-argument callable doing one inference; by default the full run() path."""
+        return lambda: self._run_batch(image)
+
+    def describe(self) -> dict:
+        return {"runner": self.kind, "name": self.name, "layout": self.info.layout,
+                "input_hw": [self.info.height, self.info.width], "output": self.output}
