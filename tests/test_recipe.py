@@ -1,0 +1,143 @@
+"""Recipe schema: shipped recipes validate; typos and bad values fail with the dotted path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from toolchain.cli import main
+from toolchain.errors import ToolchainError
+from toolchain.recipe import apply_overrides, load_recipe, parse_overrides, validate_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    overrides = ["data.root=/nonexistent/faces_emore"] if "insightface" in path.name else []
+    r = load_recipe(path, overrides)
+    assert r.name == path.stem
+    assert len(r.hash()) == 64
+
+
+def test_shipped_recipe_set():
+    names = {p.stem for p in RECIPES.glob("*.yaml")}
+    assert {"verifier", "verifier-insightface", "mobilefacenet", "seesawfacenet", "vargfacenet"} <= names
+
+
+def test_default_recipe_budgets():
+    r = load_recipe(RECIPES / "verifier.yaml")
+    assert r.kind == "verifier"
+    b = r.budgets
+    assert (b.max_params, b.max_macs, b.max_flops, b.max_int8_bytes) == (23000, 2.5e6, 5.0e6, 40000)
+    assert r.parity.max_accuracy_drop == 0.3 and r.parity.min_decision_agreement == 99.5
+    assert set(r.export.formats) == {"executorch", "tflite"} and set(r.export.precisions) == {"int8", "fp32"}
+
+
+def _write(tmp_path, raw) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _base() -> dict:
+    return yaml.safe_load((RECIPES / "verifier.yaml").read_text())
+
+
+def test_unknown_nested_key_names_dotted_path(tmp_path):
+    raw = _base()
+    raw["train"]["hypernet"]["norm_penallty"] = 0.1
+    with pytest.raises(ToolchainError, match=r"train\.hypernet\.norm_penallty: unknown key") as info:
+        load_recipe(_write(tmp_path, raw))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "norm_penalty" in msg  # the allowed keys are listed
+
+
+def test_unknown_top_level_key(tmp_path):
+    raw = _base()
+    raw["exprot"] = {}
+    with pytest.raises(ToolchainError, match=r"exprot: unknown key \(allowed: .*export"):
+        load_recipe(_write(tmp_path, raw))
+
+
+def test_bad_value_type(tmp_path):
+    raw = _base()
+    raw["train"]["hypernet"]["norm_penalty"] = "lots"
+    with pytest.raises(ToolchainError, match=r"train\.hypernet\.norm_penalty: .*number.*'lots'"):
+        load_recipe(_write(tmp_path, raw))
+
+
+def test_bad_enum_value(tmp_path):
+    raw = _base()
+    raw["export"]["formats"] = ["tflite", "coreml"]
+    with pytest.raises(ToolchainError, match=r"export\.formats\.1: .*'coreml'"):
+        load_recipe(_write(tmp_path, raw))
+
+
+def test_insightface_needs_root():
+    with pytest.raises(ToolchainError, match="data.root"):
+        load_recipe(RECIPES / "verifier-insightface.yaml")
+
+
+def test_overrides_parse_yaml_scalars():
+    parsed = dict((".".join(k), v) for k, v in parse_overrides(
+        ["a.b=3", "c=0.5", "d=true", "e=[tflite]", "f=hello", "g=null"]))
+    assert parsed == {"a.b": 3, "c": 0.5, "d": True, "e": ["tflite"], "f": "hello", "g": None}
+    with pytest.raises(ToolchainError, match="key=value"):
+        parse_overrides(["novalue"])
+    with pytest.raises(ToolchainError, match="key=value"):
+        parse_overrides(["a..b=1"])
+
+
+def test_overrides_apply_and_validate():
+    r = load_recipe(RECIPES / "verifier.yaml", ["train.hypernet.steps=7", "export.formats=[tflite]",
+                                                "enroll.users=1"])
+    assert r.train.hypernet.steps == 7 and r.export.formats == ["tflite"] and r.enroll.users == 1
+    with pytest.raises(ToolchainError, match=r"train\.hypernet\.stepz: unknown key"):
+        load_recipe(RECIPES / "verifier.yaml", ["train.hypernet.stepz=7"])
+    with pytest.raises(ToolchainError, match=r"enroll\.users: .*'many'"):
+        load_recipe(RECIPES / "verifier.yaml", ["enroll.users=many"])
+    with pytest.raises(ToolchainError, match="not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_hash_is_stable_and_sensitive():
+    a = load_recipe(RECIPES / "verifier.yaml")
+    b = load_recipe(RECIPES / "verifier.yaml")
+    c = load_recipe(RECIPES / "verifier.yaml", ["seed=1"])
+    assert a.hash() == b.hash() != c.hash()
+
+
+def test_not_a_mapping(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ToolchainError, match="mapping"):
+        load_recipe(p)
+    p.write_text("a: [unclosed\n")
+    with pytest.raises(ToolchainError, match="not valid YAML"):
+        load_recipe(p)
+    with pytest.raises(ToolchainError, match="no such recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_cli_run_bad_recipe_exits_2(tmp_path, capsys):
+    raw = _base()
+    raw["train"]["hypernet"]["norm_penallty"] = 0.1
+    rc = main(["run", str(_write(tmp_path, raw)), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "train.hypernet.norm_penallty" in err and len(err.strip().splitlines()) == 1
+    rc = main(["run", str(RECIPES / "verifier.yaml"), "--out", str(tmp_path / "out"), "budgets.max_params=abc"])
+    assert rc == 2
+    assert "budgets.max_params" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # failed fast, before any stage
+
+
+def test_embedding_recipe_route():
+    r = validate_recipe({"name": "x", "kind": "embedding", "export": {"model": "mobilefacenet"}})
+    assert r.train.hypernet is None
+    with pytest.raises(ToolchainError, match="kind 'verifier' needs"):
+        validate_recipe({"name": "x"})

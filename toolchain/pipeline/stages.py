@@ -1,0 +1,466 @@
+"""The recipe's stages, wired to the stage libraries (data, train, export, profile, parity).
+
+Each function here is glue: it reads the recipe section and earlier stages' records, calls the
+library that owns the work, and returns the files it wrote plus a JSON record. No stage holds
+the logic of another package (training, export, metrics, parity live in their own modules).
+
+Verifier route:  data -> train_backbone -> train_hypernet -> enroll -> evaluate -> export
+                 -> profile -> parity          (report is appended by the runner)
+Embedding route: data -> [train_backbone] -> evaluate -> export -> profile -> parity
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain.errors import ToolchainError
+from toolchain.pipeline.core import RunContext, Stage, StageOutput
+from toolchain.recipe import Recipe
+
+# Config fields that change how a stage runs, not what it produces: excluded from cache keys.
+_RUNTIME_FIELDS = {"progress", "num_workers", "checkpoint_every"}
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def _data_files(ctx: RunContext) -> tuple[Path, Path]:
+    """(identity data set path, verification pairs path) of this run."""
+    rec = ctx.results["data"]
+    train, pairs = Path(rec["train"]), Path(rec["pairs"])
+    if not train.is_absolute():
+        train, pairs = ctx.path(train), ctx.path(pairs)
+    return train, pairs
+
+
+def _external_data(ctx: RunContext) -> list[Path]:
+    """Real data lives outside the run folder: its files are inputs by fingerprint."""
+    if ctx.recipe.data.source != "insightface":
+        return []
+    return [Path(p) for p in ctx.results["data"]["inputs"]]
+
+
+def _stage_data(ctx: RunContext) -> StageOutput:
+    d = ctx.recipe.data
+    train_name, pairs_name = d.files()
+    if d.source == "synthetic":
+        import os
+
+        from toolchain.data import write_synthetic
+
+        out = ctx.path("data")
+        # The insightface layout (train.rec + a verification .bin): the same readers as real data.
+        info = write_synthetic(out, fmt="insightface", overwrite=True, workers=max(1, min(4, os.cpu_count() or 1)),
+                               **d.synthetic.generator_kwargs())
+        train, pairs = out / train_name, out / pairs_name
+        for p in (train, pairs):
+            if not p.exists():
+                raise ToolchainError(f"synthetic data: {p.name} was not written (data.train / data.pairs name "
+                                     f"a file the generator does not write)")
+        return StageOutput(files=[out], data={"source": "synthetic", "train": ctx.rel(train),
+                                              "pairs": ctx.rel(pairs), "generator": _jsonable(info)})
+    root = Path(d.root).expanduser()
+    if not root.is_dir():
+        raise ToolchainError(f"data.root: {root} is not a folder")
+    train, pairs = root / train_name, root / pairs_name
+    for p, key in ((train, "data.train"), (pairs, "data.pairs")):
+        if not p.exists():
+            raise ToolchainError(f"{key}: {p} does not exist")
+    inputs = [train, pairs]
+    if train.suffix == ".rec":
+        inputs += [p for p in (train.with_suffix(".idx"), root / "property") if p.exists()]
+    return StageOutput(data={"source": "insightface", "root": str(root.resolve()), "train": str(train.resolve()),
+                             "pairs": str(pairs.resolve()), "inputs": [str(p.resolve()) for p in inputs]})
+
+
+def _jsonable(obj: Any) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "to_dict"):
+        return _jsonable(obj.to_dict())
+    return str(obj)
+
+
+def _identity_dataset(ctx: RunContext):
+    from toolchain.data import load_identity_dataset
+
+    return load_identity_dataset(_data_files(ctx)[0])
+
+
+def _pairs(ctx: RunContext, max_pairs: int | None):
+    from toolchain.data import load_pairs
+
+    pairs = load_pairs(_data_files(ctx)[1])
+    if max_pairs is not None and max_pairs < len(pairs):
+        pairs = pairs.subset(max_pairs)
+    return pairs
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def _stage_train_backbone(ctx: RunContext) -> StageOutput:
+    from toolchain.train import train_backbone
+
+    cfg = ctx.recipe.train.backbone
+    ckpt = train_backbone(cfg, _identity_dataset(ctx), ctx.path("train/backbone"), resume=True)
+    return StageOutput(files=[ckpt], data={"checkpoint": ctx.rel(ckpt), "model": cfg.model,
+                                           "embedding_size": cfg.embedding_size})
+
+
+def _stage_train_hypernet(ctx: RunContext) -> StageOutput:
+    from toolchain.models.io import load_state
+    from toolchain.train import train_hypernet
+
+    backbone = ctx.path(ctx.results["train_backbone"]["checkpoint"])
+    ckpt = train_hypernet(ctx.recipe.train.hypernet, backbone, _identity_dataset(ctx),
+                          ctx.path("train/hypernet"), resume=True)
+    payload = load_state(ckpt)
+    return StageOutput(files=[ckpt], data={
+        "checkpoint": ctx.rel(ckpt), "threshold": float(payload["threshold"]),
+        "calibration": _jsonable(payload.get("calibration", {})),
+        "held_out_identities": [int(i) for i in payload.get("val_identities", [])]})
+
+
+# ------------------------------------------------------------------------------------ enrollment
+
+
+def _stage_enroll(ctx: RunContext) -> StageOutput:
+    """Enroll users held out from h_gen's training; keep each user's probes for later stages.
+
+    Users are the first `enroll.users` identities h_gen never trained on (the hypernet's held-out
+    split). Per user: `enroll_images` images enroll, the rest of their images are positive probes;
+    negatives are images of the verification pairs (identities disjoint from training).
+    """
+    from toolchain.models.io import atomic_write_bytes
+    from toolchain.runtime import load_runner
+    from toolchain.train import enroll_images
+
+    cfg = ctx.recipe.enroll
+    held_out = ctx.results["train_hypernet"]["held_out_identities"]
+    if len(held_out) < cfg.users:
+        raise ToolchainError(f"enroll.users={cfg.users}: only {len(held_out)} identities are held out from "
+                             f"hypernet training (raise train.hypernet.val_identities or lower enroll.users)")
+    dataset = _identity_dataset(ctx)
+    labels = np.asarray(dataset.labels)
+    hypernet = ctx.path(ctx.results["train_hypernet"]["checkpoint"])
+    negatives = _negative_images(ctx)
+    users_dir = ctx.path("users")
+    users, files = [], []
+    for ident in held_out[:cfg.users]:
+        items = np.flatnonzero(labels == ident)
+        if len(items) <= cfg.enroll_images:
+            raise ToolchainError(f"identity {ident} has {len(items)} images; enrolling {cfg.enroll_images} "
+                                 "leaves no probe")
+        images = np.stack([dataset.get_uint8(int(i)) for i in items])
+        enroll, positives = images[:cfg.enroll_images], images[cfg.enroll_images:]
+        name = f"user_{int(ident):05d}"
+        user_dir = enroll_images(hypernet, enroll, users_dir / name, user=name)
+        atomic_write_bytes(user_dir / "probes.npz",
+                           lambda tmp: _savez(tmp, enroll=enroll, positives=positives))
+        # The user's own view of the float verifier at the shipped threshold.
+        runner = load_runner(user_dir)
+        threshold = float(runner.threshold)
+        pos = runner.run(positives)[:, 0]
+        neg = runner.run(negatives)[:, 0]
+        tar, far = float((pos >= threshold).mean()), float((neg >= threshold).mean())
+        n = len(pos) + len(neg)
+        users.append({"user": name, "identity": int(ident), "dir": ctx.rel(user_dir), "threshold": threshold,
+                      "tar": tar, "far": far, "accuracy": float(((pos >= threshold).sum() + (neg < threshold).sum()) / n),
+                      "positives": int(len(pos)), "negatives": int(len(neg)), "probes": int(n)})
+        files.append(user_dir)
+    return StageOutput(files=files, data={"users": users, "negatives": int(len(negatives)),
+                                          "note": "users are identities held out from hypernet training; "
+                                                  "negatives are verification-pair images"})
+
+
+def _savez(path: str, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+        np.savez_compressed(f, **arrays)
+
+
+def _negative_images(ctx: RunContext) -> np.ndarray:
+    """Up to `parity.max_negatives` distinct images of the verification pairs: the shared
+    negative probes of every user (pair identities are disjoint from the enrolled ones)."""
+    import hashlib
+
+    pairs = _pairs(ctx, None)
+    seen, keep = set(), []
+    for img in (im for k in range(len(pairs)) for im in (pairs.images_a[k], pairs.images_b[k])):
+        digest = hashlib.sha1(img.tobytes()).digest()  # pairs reuse images: count each once
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(img)
+            if len(keep) == ctx.recipe.parity.max_negatives:
+                break
+    return np.stack(keep)
+
+
+def _user_probes(ctx: RunContext, user: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(enrollment images, probe images, probe labels 1 = the user) of one enrolled user."""
+    with np.load(ctx.path(user["dir"]) / "probes.npz") as z:
+        enroll, positives = z["enroll"], z["positives"]
+    negatives = _negative_images(ctx)
+    images = np.concatenate([positives, negatives])
+    labels = np.concatenate([np.ones(len(positives), bool), np.zeros(len(negatives), bool)])
+    return enroll, images, labels
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def _stage_evaluate(ctx: RunContext) -> StageOutput:
+    cfg = ctx.recipe.evaluate
+    pairs = _pairs(ctx, cfg.max_pairs)
+    if ctx.recipe.kind == "verifier":
+        from toolchain.evaluate.per_user import evaluate_pairs
+
+        hypernet = ctx.path(ctx.results["train_hypernet"]["checkpoint"])
+        result = evaluate_pairs(hypernet, pairs)
+        route = "symmetric" if cfg.symmetric else "per_user"
+        data = {"per_user": _metrics_summary(result[route]), "per_user_route": route,
+                "per_user_at_threshold": _jsonable(result["per_user_at_threshold"]),
+                "backbone": _metrics_summary(result["backbone_cosine"]),
+                "backbone_model": ctx.recipe.train.backbone.model, "pairs": int(result["num_pairs"])}
+    else:
+        from toolchain.evaluate.metrics import verification_metrics
+        from toolchain.evaluate.parity import embed
+        from toolchain.runtime import load_runner
+
+        # The insightface protocol, as parity scores it: image + mirror embeddings, cosine.
+        runner = load_runner(_embedding_source(ctx))
+        ea, eb = _normalised(embed(runner, pairs.images_a)), _normalised(embed(runner, pairs.images_b))
+        data = {"backbone": _metrics_summary(verification_metrics((ea * eb).sum(1), pairs.issame)),
+                "backbone_model": ctx.recipe.export.model or ctx.recipe.train.backbone.model,
+                "pairs": int(len(pairs)), "note": "cosine of the float embeddings (image + mirror)"}
+    data["pairs_file"] = ctx.rel(_data_files(ctx)[1])
+    return StageOutput(data=data)
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _metrics_summary(m: dict) -> dict:
+    keys = ("accuracy", "accuracy_std", "threshold", "auc", "eer", "tar_at_far", "num_pairs")
+    out = {k: _jsonable(m[k]) for k in keys if k in m}
+    out["pairs"] = out.pop("num_pairs", None)
+    return out
+
+
+def _embedding_source(ctx: RunContext) -> Path | str:
+    """The float embedding model of the embedding route: the trained checkpoint or a registry name."""
+    if "train_backbone" in ctx.results:
+        return ctx.path(ctx.results["train_backbone"]["checkpoint"])
+    return ctx.recipe.export.model
+
+
+# ---------------------------------------------------------------------------------------- export
+
+
+def _stage_export(ctx: RunContext) -> StageOutput:
+    from toolchain.export import export_model
+    from toolchain.quantize.calibration import build_calibration_set
+
+    cfg = ctx.recipe.export
+    out_root = ctx.path("export")
+    artifacts, files = [], []
+    jobs: list[tuple[str | None, Any, Path, Any]] = []
+    if ctx.recipe.kind == "verifier":
+        users = ctx.results["enroll"]["users"]
+        for user in users[:cfg.users] if cfg.users else users:
+            enroll, images, labels = _user_probes(ctx, user)
+            calib = None
+            if "int8" in cfg.precisions:
+                calib = build_calibration_set("verifier", enrollment=enroll, negatives=images[~labels],
+                                              size=cfg.calibration_images, seed=ctx.recipe.seed)
+            jobs.append((user["user"], ctx.path(user["dir"]), out_root / user["user"], calib))
+    else:
+        calib = None
+        if "int8" in cfg.precisions:
+            ds = _identity_dataset(ctx)
+            rng = np.random.default_rng(ctx.recipe.seed)
+            pick = rng.choice(len(ds), min(len(ds), cfg.calibration_images), replace=False)
+            calib = build_calibration_set("backbone", images=np.stack([ds.get_uint8(int(i)) for i in np.sort(pick)]),
+                                          size=cfg.calibration_images, seed=ctx.recipe.seed)
+        jobs.append((None, _embedding_source(ctx), out_root, calib))
+    for user, source, out_dir, calib in jobs:
+        records = export_model(source, out_dir, cfg.formats, cfg.precisions, calib,
+                               calibration_size=cfg.calibration_images, seed=ctx.recipe.seed)
+        for r in records:
+            entry = {"path": ctx.rel(r.path), "format": r.format, "precision": r.precision, "bytes": int(r.bytes),
+                     "sha256": r.sha256, "backend": r.backend, "model": r.model, "source": ctx.rel(source)
+                     if isinstance(source, Path) else str(source)}
+            if user is not None:
+                entry["user"] = user
+            artifacts.append(entry)
+            files.append(Path(r.path))
+        files += [p for p in out_dir.iterdir() if p.is_file() and p.suffix in (".json", ".pt")]
+    return StageOutput(files=files, data={"artifacts": artifacts})
+
+
+# ----------------------------------------------------------------------------------- profile/budgets
+
+
+def _float_model(ctx: RunContext):
+    from toolchain.models.io import load_model
+
+    if ctx.recipe.kind == "verifier":
+        return load_model(ctx.path(ctx.results["enroll"]["users"][0]["dir"]))[0]
+    source = _embedding_source(ctx)
+    if isinstance(source, Path):
+        return load_model(source)[0]
+    from toolchain.models import build_model
+
+    return build_model(source).eval()
+
+
+def _stage_profile(ctx: RunContext) -> StageOutput:
+    from toolchain.profile import evaluate_budgets, load_budgets, profile_model
+
+    model = _float_model(ctx)
+    prof = profile_model(model)
+    subject = prof["model"]
+    b = ctx.recipe.budgets
+    budgets: dict[str, dict] = {}
+    measured: dict[str, dict] = {subject: prof}
+    counts = {k: v for k, v in (("max_params", b.max_params), ("max_macs", b.max_macs),
+                                ("max_flops", b.max_flops)) if v is not None}
+    if counts:
+        budgets[subject] = counts
+    file_subjects: dict[str, str] = {}
+    for a in ctx.results["export"]["artifacts"]:
+        limit = {"int8": b.max_int8_bytes, "fp32": b.max_fp32_bytes}.get(a["precision"])
+        if limit is not None:
+            budgets[a["path"]] = {"file": str(ctx.path(a["path"]).resolve()), "max_bytes": limit}
+            measured[a["path"]] = {"bytes": ctx.path(a["path"]).stat().st_size}
+            file_subjects[a["path"]] = a["path"]
+    rows = []
+    if budgets:
+        for r in evaluate_budgets(load_budgets(budgets), measured):
+            row = r.to_dict()
+            subject_name = r.name.rsplit(".", 1)[0]
+            if subject_name in file_subjects:
+                row["artifact"] = file_subjects[subject_name]
+            rows.append(row)
+    zoo = {}
+    for name in ctx.recipe.report.compare_backbones:
+        p = profile_model(name)
+        zoo[name] = {"params": p["params"], "macs": p["macs"], "flops": p["flops"]}
+    if ctx.recipe.kind == "verifier":  # h_bb as trained (its embedding size changes the count)
+        from toolchain.models.io import load_model
+
+        bb, meta = load_model(ctx.path(ctx.results["train_backbone"]["checkpoint"]))
+        p = profile_model(bb)
+        zoo[f"{meta['model']} (h_bb as trained)"] = {"params": p["params"], "macs": p["macs"],
+                                                       "flops": p["flops"], "model_kwargs": meta.get("model_kwargs", {})}
+    summary = {k: prof[k] for k in ("model", "input_shape", "params", "macs", "flops", "elementwise_ops",
+                                    "unsupported_ops", "convention") if k in prof}
+    summary["files"] = {a["path"]: a["bytes"] for a in ctx.results["export"]["artifacts"]}
+    return StageOutput(data={"profile": summary, "budgets": rows, "zoo": zoo})
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+def _stage_parity(ctx: RunContext) -> StageOutput:
+    """Each artifact in its runtime against its float model (toolchain.evaluate.parity).
+
+    Verifier: the user's probe set (their own images + verification-pair negatives), decisions at
+    the enrollment threshold. Embedding model: the verification pairs, cosine of embeddings.
+    """
+    from toolchain.evaluate.parity import ProbeSet, run_parity
+
+    p = ctx.recipe.parity
+    bounds = {"max_accuracy_drop": p.max_accuracy_drop, "min_decision_agreement": p.min_decision_agreement}
+    rows, scores = [], {}
+    groups: dict[str, list[dict]] = {}
+    for a in ctx.results["export"]["artifacts"]:
+        groups.setdefault(a.get("user") or "", []).append(a)
+    for user, group in groups.items():
+        if ctx.recipe.kind == "verifier":
+            u = next(x for x in ctx.results["enroll"]["users"] if x["user"] == user)
+            _, images, labels = _user_probes(ctx, u)
+            eval_set = ProbeSet(images, labels, name=user)
+            reference = ctx.path(u["dir"])
+        else:
+            eval_set = _pairs(ctx, p.max_pairs)
+            reference = _embedding_source(ctx)
+        results = run_parity([ctx.path(a["path"]) for a in group], eval_set, reference, bounds,
+                             repeats=p.latency_runs)
+        for a, res in zip(group, results):
+            row = {k: _jsonable(v) for k, v in res.items() if k not in ("scores", "float_scores", "issame")}
+            row["artifact"] = a["path"]
+            row["format"], row["precision"] = a["format"], a["precision"]
+            if a.get("user"):
+                row["user"] = a["user"]
+            rows.append(row)
+            scores[a["path"]] = {"labels": res["issame"], "float": res["float_scores"], "artifact": res["scores"],
+                                 "source": user or "float"}
+    files = []
+    data: dict[str, Any] = {"rows": rows, "units": "accuracy, float_accuracy, decision_agreement in percent; "
+                                                   "accuracy_drop in points"}
+    if scores:
+        out = ctx.path("parity/scores.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(scores))
+        files.append(out)
+        data["scores"] = ctx.rel(out)
+    return StageOutput(files=files, data=data)
+
+
+# -------------------------------------------------------------------------------------- the list
+
+
+def _train_config(section) -> dict:
+    return section.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
+
+
+def default_stages(recipe: Recipe) -> list[Stage]:
+    """The stages of a recipe's route, in order."""
+    data = Stage("data", _stage_data, title="data", workdir="data",
+                 config=lambda ctx: ctx.recipe.data.model_dump(mode="json"))
+    stages = [data]
+    if recipe.train.backbone is not None:
+        stages.append(Stage("train_backbone", _stage_train_backbone, title="train backbone (h_bb)",
+                            after=("data",), external=_external_data, workdir="train/backbone",
+                            config=lambda ctx: _train_config(ctx.recipe.train.backbone)))
+    if recipe.kind == "verifier":
+        stages += [
+            Stage("train_hypernet", _stage_train_hypernet, title="train hypernetwork (h_gen)",
+                  after=("data", "train_backbone"), external=_external_data, workdir="train/hypernet",
+                  config=lambda ctx: _train_config(ctx.recipe.train.hypernet)),
+            Stage("enroll", _stage_enroll, title="enroll users", after=("data", "train_hypernet"),
+                  external=_external_data, workdir="users",
+                  config=lambda ctx: {"enroll": ctx.recipe.enroll.model_dump(mode="json"),
+                                      "negatives": ctx.recipe.parity.max_negatives}),
+        ]
+    trained = tuple(s.name for s in stages[1:])
+    stages += [
+        Stage("evaluate", _stage_evaluate, title="evaluate on the pairs", after=("data", *trained),
+              external=_external_data, config=lambda ctx: ctx.recipe.evaluate.model_dump(mode="json")),
+        Stage("export", _stage_export, title="quantize + export", after=("data", *trained),
+              external=_external_data, workdir="export",
+              config=lambda ctx: {"export": ctx.recipe.export.model_dump(mode="json"), "seed": ctx.recipe.seed}),
+        Stage("profile", _stage_profile, title="profile + budgets", after=("export", *trained),
+              config=lambda ctx: {"budgets": ctx.recipe.budgets.model_dump(mode="json"),
+                                  "zoo": ctx.recipe.report.compare_backbones}),
+        Stage("parity", _stage_parity, title="parity in the runtimes", after=("data", "export", *trained),
+              external=_external_data, workdir="parity",
+              config=lambda ctx: ctx.recipe.parity.model_dump(mode="json")),
+    ]
+    return stages

@@ -1,0 +1,278 @@
+"""report.md and report.html of a run, from the manifest's content and the saved parity scores.
+
+Markdown is the source; the HTML is the same text through the Markdown package. Plots are PNG
+files in `report_files/` next to the report, linked by relative path, so the folder can be moved
+or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import markdown as md_lib
+import numpy as np
+
+from toolchain.report import plots
+
+PLOTS_DIR = "report_files"
+NOT_EXPORTED = "not exported"
+
+
+# ----------------------------------------------------------------------------------- formatting
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if abs(v) >= 1e5:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def _count(v: Any) -> str:
+    """Large counts as M/k, so MACs and params read at a glance."""
+    if v is None:
+        return "n/a"
+    v = float(v)
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e4:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:,.0f}"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.2f}%"
+
+
+def _verdict(passed: Any) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _accuracy_percent(v: Any) -> Optional[float]:
+    """Accuracies are fractions in the manifest; shown as percent."""
+    return None if v is None else 100.0 * float(v)
+
+
+# ------------------------------------------------------------------------------------- sections
+
+
+def _budget_section(core: Mapping, plot: Optional[str]) -> list[str]:
+    budgets = core.get("budgets", [])
+    out = ["## Budgets", ""]
+    if not budgets:
+        return out + ["No budgets in this recipe.", ""]
+    rows = [[b["name"], _num(b["value"]), _num(b["limit"]), _verdict(b["passed"])] for b in budgets]
+    out += [_table(["budget", "value", "limit", "verdict"], rows), ""]
+    if plot:
+        out += [f"![budget bars: value / limit]({plot})", ""]
+    return out
+
+
+def _evaluation_section(core: Mapping) -> list[str]:
+    ev = core.get("evaluation") or {}
+    if not ev:
+        return []
+    out = ["## Evaluation on the verification pairs", ""]
+    rows = []
+    for key, label in (("per_user", "per-user route (hypernetwork + f)"),
+                       ("backbone", "backbone baseline (cosine of embeddings)")):
+        e = ev.get(key)
+        if isinstance(e, Mapping):
+            tar = (e.get("tar_at_far") or {}).get("1e-3")
+            rows.append([label, _pct(_accuracy_percent(e.get("accuracy"))),
+                         _num(_accuracy_percent(e.get("accuracy_std")), 2), _pct(_accuracy_percent(tar)),
+                         _num(e.get("auc"), 4), _num(e.get("pairs"))])
+    if rows:
+        out += [_table(["scorer", "accuracy", "std (10 folds, points)", "TAR@FAR=1e-3", "AUC", "pairs"], rows), "",
+                "Accuracy: 10-fold protocol (threshold chosen on the other nine folds).", ""]
+    if ev.get("pairs_file"):
+        out += [f"Pairs: `{ev['pairs_file']}`.", ""]
+    return out
+
+
+def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -> list[str]:
+    parity = core.get("parity", [])
+    out = ["## Parity (each artifact in its runtime)", ""]
+    if not parity:
+        return out + ["No parity rows (nothing exported).", ""]
+    # Parity rows are in percent already (toolchain.evaluate.parity's convention).
+    rows = [[p["artifact"], _pct(p.get("float_accuracy")), _pct(p.get("accuracy")), _num(p.get("accuracy_drop")),
+             _pct(p.get("decision_agreement")), _num(p.get("latency_ms")), _num(p.get("float_latency_ms")),
+             _verdict(p.get("passed", True))]
+            for p in parity]
+    out += [_table(["artifact", "float accuracy", "artifact accuracy", "drop (points)",
+                    "decision agreement", "latency (ms)", "float torch latency (ms)", "verdict"], rows), ""]
+    bounds = core.get("recipe", {}).get("parity", {})
+    if bounds:
+        out += [f"Bounds: accuracy drop <= {bounds.get('max_accuracy_drop')} points, decision agreement >= "
+                f"{bounds.get('min_decision_agreement')}%. Latency: median of one single-image inference, "
+                "one thread, on the machine that ran this report.", ""]
+        probes = {p.get("num") for p in parity if p.get("num")}
+        if probes:
+            out += [f"Evaluated on {', '.join(str(n) for n in sorted(probes))} inputs per artifact.", ""]
+    if scatter:
+        out += [f"![parity scatter: float score vs artifact score]({scatter})", ""]
+    if roc:
+        out += [f"![ROC curves: float and each artifact]({roc})", ""]
+    return out
+
+
+def _users_section(core: Mapping) -> list[str]:
+    users = core.get("users", [])
+    if core.get("kind") != "verifier" or not users:
+        return []
+    by_user: dict[str, list[str]] = {}
+    for a in core.get("artifacts", []):
+        if a.get("user") is not None:
+            by_user.setdefault(str(a["user"]), []).append(Path(a["path"]).name)
+    rows = [[u["user"], _num(u.get("threshold"), 4), _pct(_accuracy_percent(u.get("accuracy"))),
+             _pct(_accuracy_percent(u.get("tar"))), _pct(_accuracy_percent(u.get("far"))),
+             _num(u.get("probes")), ", ".join(by_user.get(str(u["user"]), [])) or NOT_EXPORTED]
+            for u in users]
+    return ["## Enrolled users", "",
+            _table(["user", "threshold (logit)", "accuracy", "TAR", "FAR", "probes", "artifacts"], rows), ""]
+
+
+def _comparison_section(core: Mapping) -> list[str]:
+    comp = core.get("comparison", [])
+    if not comp:
+        return []
+    rows = [[c["model"], _count(c.get("params")), _count(c.get("macs")),
+             NOT_EXPORTED if c.get("int8_bytes") is None else _count(c["int8_bytes"]) + " B",
+             _latency(c.get("latency_ms")),
+             "not evaluated" if c.get("accuracy") is None else _pct(_accuracy_percent(c["accuracy"]))]
+            for c in comp]
+    title = ("## Per-user route against the backbones" if core.get("kind") == "verifier"
+             else "## This model against the zoo")
+    return [title, "",
+            "Counts from profiling each float graph (multiply-adds; FLOPs = 2 x MACs). Size, latency and "
+            "accuracy only where this run exported and evaluated the model.", "",
+            _table(["model", "params", "multiply-adds", "int8 size", "int8 latency (ms)", "accuracy"], rows), ""]
+
+
+def _latency(v: Any) -> str:
+    if v is None or v == {}:
+        return NOT_EXPORTED
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k} {_num(x)}" for k, x in v.items())
+    return _num(v)
+
+
+def _artifacts_section(core: Mapping) -> list[str]:
+    arts = core.get("artifacts", [])
+    if not arts:
+        return []
+    rows = [[f"`{a['path']}`", a.get("format"), a.get("precision"), _num(a.get("bytes")), a["sha256"][:16]]
+            for a in arts]
+    return ["## Artifacts", "", _table(["path", "format", "precision", "bytes", "sha256 (first 16)"], rows), ""]
+
+
+def _run_section(core: Mapping) -> list[str]:
+    timings = core.get("timings", {})
+    out = ["## Run", "", f"Recipe `{core.get('name')}`, hash `{str(core.get('recipe_hash'))[:16]}`.", ""]
+    cpu = core.get("cpu_timings", {})
+    if timings:
+        out += [_table(["stage", "wall seconds (when it ran)", "CPU seconds"],
+                       [[k, f"{v:.1f}", f"{cpu[k]:.1f}" if k in cpu else "n/a"] for k, v in timings.items()]), "",
+                f"Total: {sum(timings.values()):.1f} s wall. CPU seconds count every thread and finished child "
+                "process; on a shared machine they are the steadier measure.", ""]
+    versions = core.get("versions", {})
+    if versions:
+        out += [_table(["tool", "version"], [[k, v or "not installed"] for k, v in versions.items()]), ""]
+    return out
+
+
+# --------------------------------------------------------------------------------------- public
+
+
+def roc_from_scores(labels: Sequence, scores: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(np.asarray(labels).astype(int), np.asarray(scores, dtype=float))
+    return fpr, tpr
+
+
+def write_report(core: Mapping, out_dir: Path, scores: Optional[Mapping[str, Mapping]] = None,
+                 roc_fn: Callable = roc_from_scores) -> list[Path]:
+    """Write report.md, report.html and the PNG plots; returns every path written.
+
+    `scores`: per artifact {"labels", "float", "artifact"} on the same inputs (parity scatter, ROC).
+    """
+    out_dir = Path(out_dir)
+    plot_dir = out_dir / PLOTS_DIR
+    written: list[Path] = []
+
+    def rel(p: Path) -> str:
+        return Path(os.path.relpath(p, out_dir)).as_posix()
+
+    budget_png = scatter_png = roc_png = None
+    if core.get("budgets"):
+        written.append(plots.budget_bars(core["budgets"], plot_dir / "budgets.png"))
+        budget_png = rel(written[-1])
+    if scores:
+        written.append(plots.parity_scatter(scores, plot_dir / "parity_scatter.png"))
+        scatter_png = rel(written[-1])
+        curves: dict[str, tuple] = {}
+        for name, s in scores.items():
+            # float curves of artifacts built from the same model on the same inputs coincide;
+            # keep one per distinct input set (the artifact's source).
+            src = s.get("source", "float")
+            curves.setdefault(f"float ({src})" if src != "float" else "float", roc_fn(s["labels"], s["float"]))
+            curves[name] = roc_fn(s["labels"], s["artifact"])
+        written.append(plots.roc_curves(curves, plot_dir / "roc.png"))
+        roc_png = rel(written[-1])
+
+    title = (core.get("recipe", {}).get("report", {}) or {}).get("title") or f"Run report: {core.get('name')}"
+    verdict = "PASSED" if core.get("passed") else "FAILED"
+    lines = [f"# {title}", "", f"**Verdict: {verdict}** ({core.get('kind')} recipe)", ""]
+    for f in core.get("failures", []):
+        lines.append(f"- {f}")
+    if core.get("failures"):
+        lines.append("")
+    lines += _budget_section(core, budget_png)
+    lines += _evaluation_section(core)
+    lines += _parity_section(core, scatter_png, roc_png)
+    lines += _users_section(core)
+    lines += _comparison_section(core)
+    lines += _artifacts_section(core)
+    lines += _run_section(core)
+    text = "\n".join(lines).rstrip() + "\n"
+
+    md_path = out_dir / "report.md"
+    _write_text(md_path, text)
+    body = md_lib.markdown(text, extensions=["tables", "fenced_code"])
+    page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+    html_path = out_dir / "report.html"
+    _write_text(html_path, page)
+    return [md_path, html_path, *written]
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left}th{background:#f3f3f3}img{max-width:100%}code{font-size:90%}")
