@@ -40,7 +40,7 @@ def test_check_fails_exit_1_naming_the_budget(tmp_path, capsys):
     report = json.loads(captured.out)
     assert report["passed"] is False
     rows = {r["name"]: r for r in report["results"]}
-    assert rows["verifier.max_params"]["passed"] is False and rows["verifier.max_params"]["value"] == 20865
+    assert rows["verifier.max_params"]["passed"] is False and rows["verifier.max_params"]["value"] == 17073
     assert rows["verifier.max_macs"]["passed"] is True
     assert "verifier.max_params" in captured.err
 

@@ -88,7 +88,7 @@ def test_profile_input_size(capsys):
 def test_profile_markdown_has_per_layer_rows(capsys):
     assert main(["profile", "verifier", "--markdown"]) == 0
     out = capsys.readouterr().out
-    assert "### Per layer" in out and "`features.0` | AvgPool2d" in out and "| `head` |" in out
+    assert "### Per layer" in out and "`features.0` | Conv2d" in out and "| `head` |" in out
 
 
 def test_profile_all(monkeypatch, capsys):
@@ -98,9 +98,9 @@ def test_profile_all(monkeypatch, capsys):
     assert main(["profile", "--all", "--json"]) == 0
     profiles = json.loads(capsys.readouterr().out)
     assert [p["model"] for p in profiles] == ["verifier"]
-    assert profiles[0]["params"] == 20865
+    assert profiles[0]["params"] == 17073
     assert main(["profile", "--all", "--markdown"]) == 0
-    assert "| verifier | 3x112x112 | 20,865 |" in capsys.readouterr().out
+    assert "| verifier | 3x112x112 | 17,073 |" in capsys.readouterr().out
 
 
 def test_profile_file(tmp_path, capsys):

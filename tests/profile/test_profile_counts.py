@@ -69,13 +69,14 @@ def test_seesaw_share_counts_like_shuffle(profiles):
 
 def test_verifier_within_budget():
     """SPEC section 1: at most 23,000 params and 2.5M multiply-adds (5.0M FLOPs) on the
-    112x112x3 crop, counting the in-graph avg-pool."""
+    112x112x3 crop, counting the in-graph resize (the 4x4 stride-4 stem)."""
     p = profile_model("verifier")
     assert p["input_shape"] == [1, 3, 112, 112]
     assert p["unsupported_ops"] == {}
     assert p["params"] <= 23_000
     assert p["macs"] <= 2_500_000 and p["flops"] <= 5_000_000
-    assert p["macs_by_op"]["avg_pool2d"] == 3 * 56 * 56 * 4  # the 2x2 resize is counted
+    # The resize is the first conv: 28x28 outputs x 16 channels x (3x4x4) taps, counted as conv.
+    assert p["macs_by_op"]["conv"] >= 28 * 28 * 16 * 3 * 4 * 4
 
 
 def test_profile_module_restores_training_mode():
