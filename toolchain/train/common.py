@@ -1,0 +1,93 @@
+"""Helpers the trainers share: progress bars, LR schedules, seeding, image batches."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+MEAN = STD = 0.5  # insightface normalisation, the zoo's ModelSpec default
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, completed: int = 0, enabled: bool = True):
+    """A rich progress bar; yields `advance(n, **fields)` (a no-op when disabled)."""
+    if not enabled:
+        yield lambda n=1, **kw: None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(description, total=total, completed=completed, info="")
+
+        def advance(n: int = 1, **fields) -> None:
+            info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+            progress.update(task, advance=n, info=info)
+
+        yield advance
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR factor: linear warm-up, then cosine decay to zero at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_rng(*keys: int) -> np.random.Generator:
+    """A generator that is a pure function of its keys (seed, step, rank...): resumable sampling."""
+    return np.random.default_rng([int(k) for k in keys])
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Normalised float (N,3,H,W) -> uint8 (N,3,H,W); lossless for images that came from uint8."""
+    return (images * STD + MEAN).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N,3,H,W) -> normalised float32, the models' input."""
+    x = (images.float() / 255.0 - MEAN) / STD
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def nhwc_uint8_to_input(images: np.ndarray, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N,H,W,3) numpy -> normalised float32 NCHW tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return from_uint8(t, channels_last)
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128, flip: bool = True,
+          channels_last: bool = True, device: torch.device | None = None) -> torch.Tensor:
+    """L2-normalised embeddings of normalised images (N,3,H,W), optionally of image + its mirror
+    summed (the insightface protocol). Returns float32 (N, D) on the CPU."""
+    from torch.nn import functional as F
+
+    model.eval()
+    device = device or torch.device("cpu")
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        x = (from_uint8(x) if x.dtype == torch.uint8 else x.float()).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        e = model(x)
+        if flip:
+            e = e + model(torch.flip(x, dims=[3]))
+        out.append(F.normalize(e.float(), dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
