@@ -43,7 +43,7 @@ def test_generated_verifier_matches_batched_scoring():
         pairs = HyperNetwork.score_pairs({k: v[:3] for k, v in theta.items()}, hn.features(x[:3]))
         assert torch.allclose(pairs, matrix.diagonal(), atol=1e-5)
     n_head = sum(v[0].numel() for v in theta.values())
-    assert n_head == 64 * 128 + 64 + 64 + 1
+    assert n_head == 64 * 96 + 64 + 64 + 1  # head: Linear(96, 64), Linear(64, 1)
     gen_params = sum(p.numel() for n, p in hn.named_parameters() if n.startswith("gen_"))
     assert gen_params < 16 * n_head  # far below a (embedding x theta) matrix
 
