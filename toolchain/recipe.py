@@ -5,8 +5,8 @@ that names its dotted path (`train.hypernet.norm_penalty: unknown key ...`) inst
 silently ignored. Command-line overrides (`key=value`, dotted path, value parsed as a YAML scalar)
 are applied to the raw mapping before validation, so they are checked the same way.
 
-The training sections embed the train engineer's own config models (BackboneConfig,
-HypernetConfig), so the recipe and `toolchain train` accept exactly the same keys.
+The training sections embed the training config models (BackboneConfig, HypernetConfig), so
+the recipe and `toolchain train` accept exactly the same keys.
 """
 
 from __future__ import annotations
@@ -22,23 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolchain.errors import ToolchainError
-
-try:  # the train engineer's config models: the recipe embeds them as they are
-    from toolchain.train.config import BackboneConfig, HypernetConfig
-except ImportError:  # pragma: no cover - only while toolchain.train is being written
-    try:
-        from toolchain.train import BackboneConfig, HypernetConfig  # type: ignore[attr-defined]
-    except ImportError:
-
-        class BackboneConfig(BaseModel):  # type: ignore[no-redef]
-            """Placeholder until toolchain.train lands; keeps keys as given."""
-
-            model_config = ConfigDict(extra="allow")
-
-        class HypernetConfig(BaseModel):  # type: ignore[no-redef]
-            """Placeholder until toolchain.train lands; keeps keys as given."""
-
-            model_config = ConfigDict(extra="allow")
+from toolchain.train.config import BackboneConfig, HypernetConfig
 
 
 class _Strict(BaseModel):

@@ -112,6 +112,17 @@ def test_first_run_writes_manifest_and_report(tmp_path):
     assert all(s["status"] == "ran" for s in m["stages"])
 
 
+def test_relative_out_dir(tmp_path, monkeypatch):
+    """`--out artifacts/demo` (relative, as `make demo` passes it) must not nest the folder twice."""
+    monkeypatch.chdir(tmp_path)
+    res = _run(_recipe(), Path("artifacts") / "demo")
+    assert res.passed and (tmp_path / "artifacts" / "demo" / "manifest.json").is_file()
+    assert not (tmp_path / "artifacts" / "demo" / "artifacts").exists()
+    CALLS.clear()
+    _run(_recipe(), Path("artifacts") / "demo")
+    assert CALLS == []
+
+
 def test_second_run_skips_everything(tmp_path):
     out = tmp_path / "run"
     _run(_recipe(), out)

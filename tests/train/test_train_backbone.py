@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -131,9 +132,17 @@ def test_ddp_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out")))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=480, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A session of its own, so a timeout kills torchrun's workers too instead of orphaning them.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     r0 = (tmp_path / "out" / "rank0.txt").read_text().split()
     r1 = (tmp_path / "out" / "rank1.txt").read_text().split()
     assert r0[0] == r1[0] == "4"

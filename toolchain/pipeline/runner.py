@@ -49,7 +49,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, stages: Optional[list[Stage]
     `stages` replaces the recipe's default stages (tests use stand-ins); the report stage is
     always appended. Returns a RunResult; the caller decides the exit code from `.passed`.
     """
-    out_dir = Path(out_dir)
+    # Absolute, so stage outputs given as paths under it never get the folder prefixed twice.
+    out_dir = Path(out_dir).resolve()
     if stages is None:
         from toolchain.pipeline.stages import default_stages
 
