@@ -65,7 +65,7 @@ class HypernetConfig(_Config):
     rank: int = Field(8, ge=0, description="rank of the generated first-layer update (0 = full linear map)")
     verifier_kwargs: dict = Field(default_factory=dict, description="arguments of the `verifier` model")
     # --- batches ---
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(1500, ge=1)
     identities_per_batch: int = Field(32, ge=2, description="P: enrollment identities per batch")
     probes_per_identity: int = Field(2, ge=1, description="probe images per identity (besides the enrollment one)")
     # --- objective ---
