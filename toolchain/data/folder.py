@@ -72,8 +72,8 @@ def parse_pairs_tsv(path) -> tuple[list[Path], list[Path], np.ndarray]:
     return a, b, np.asarray(same, dtype=bool)
 
 
-def read_pairs_tsv(path, progress=None) -> VerificationPairs:
-    a, b, same = parse_pairs_tsv(path)
+def read_pair_images(a: list[Path], b: list[Path], progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode both sides of a pair list; an image named by several pairs is read once."""
     cache: dict[Path, np.ndarray] = {}
 
     def load(q: Path) -> np.ndarray:
@@ -83,8 +83,12 @@ def read_pairs_tsv(path, progress=None) -> VerificationPairs:
                 progress(1)
         return cache[q]
 
-    ia = np.stack([load(q) for q in a])
-    ib = np.stack([load(q) for q in b])
+    return np.stack([load(q) for q in a]), np.stack([load(q) for q in b])
+
+
+def read_pairs_tsv(path, progress=None) -> VerificationPairs:
+    a, b, same = parse_pairs_tsv(path)
+    ia, ib = read_pair_images(a, b, progress)
     p = Path(path)
     name = p.parent.name or "pairs"
     return VerificationPairs(ia, ib, same, name=name)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.data.folder import read_image_file
+from toolchain.data.folder import read_pair_images
 from toolchain.data.pairs import VerificationPairs
 from toolchain.errors import ToolchainError
 
@@ -71,16 +71,8 @@ def parse_lfw_pairs(root, pairs_file=None) -> tuple[list[Path], list[Path], np.n
 
 def read_lfw(root, pairs_file=None, progress=None) -> VerificationPairs:
     a, b, same = parse_lfw_pairs(root, pairs_file)
-    cache: dict[Path, np.ndarray] = {}
-
-    def load(q: Path) -> np.ndarray:
-        if q not in cache:
-            cache[q] = read_image_file(q)
-            if progress is not None:
-                progress(1)
-        return cache[q]
-
-    return VerificationPairs(np.stack([load(q) for q in a]), np.stack([load(q) for q in b]), same, name="lfw")
+    ia, ib = read_pair_images(a, b, progress)
+    return VerificationPairs(ia, ib, same, name="lfw")
 
 
 def write_lfw(root, matched, mismatched, jpegs: dict, n_sets: int = 10) -> None:
