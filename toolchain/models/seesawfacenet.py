@@ -54,7 +54,13 @@ class SqueezeExcite(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.fc(self.pool(x))
+        flatten, reduce, act, expand, gate = self.fc
+        h = reduce(flatten(self.pool(x)))
+        # PReLU on (N, C, 1, 1), not (N, C): the same values, but ExecuTorch 1.5.1's XNNPACK
+        # lowering treats prelu as a channels-last op and fails on a 2-D input
+        # (ChannelsLastTaggedReshapePass; upstream pytorch/executorch#18624).
+        h = act(h[:, :, None, None]).flatten(1)
+        scale = gate(expand(h))
         return x * scale[:, :, None, None]
 
 
