@@ -86,7 +86,8 @@ def test_embedded_metadata_round_trip(exported):
         meta = read_embedded_metadata(out / a["file"])
         assert meta["model"] == "verifier" and meta["output"] == "logit" and meta["threshold"] == THRESHOLD
         assert meta["precision"] == a["precision"] and meta["format"] == a["format"]
-        assert meta["input"]["mean"] == [0.5] * 3 and meta["input"]["std"] == [0.5] * 3
+        # (p - 128) / 128: the verifier folds its input normalisation (quantize/exact_input.py)
+        assert meta["input"]["mean"] == [128 / 255] * 3 and meta["input"]["std"] == [128 / 255] * 3
         assert meta["input"]["shape"] == a["input_shape"]
         assert "torch" in meta["tool_versions"]
     m8 = read_embedded_metadata(out / "verifier_int8.tflite")
@@ -140,3 +141,47 @@ def test_parity_cli_bounds(exported, capsys):
         assert 0 <= r["decision_agreement"] <= 100 and r["max_abs_gap"] >= r["mean_abs_gap"] >= 0
     # An impossible bound fails the check: exit 1.
     assert main(["parity", arts[0], "--pairs", str(probe), "--repeats", "2", "--max-accuracy-drop", "-1"]) == 1
+
+
+def test_int8_input_is_the_exact_pixel_grid(exported):
+    # The verifier's artifacts take (p - 128)/128, so the int8 input is q = p - 128 exactly.
+    out = exported["out"]
+    for name in ("verifier_int8.pte", "verifier_int8.tflite"):
+        meta = read_embedded_metadata(out / name)
+        assert meta["input"]["mean"] == [128 / 255] * 3 and meta["input"]["std"] == [128 / 255] * 3
+        q = meta["input"]["quantization"] or meta["internal_quantization"]["input"]
+        assert q["scale"] == pytest.approx(1 / 128, abs=1e-9) and q["zero_point"] == 0, (name, q)
+
+
+def _run_tflite(buf: bytes, images: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    from toolchain.runtime.preprocess import dequantize, normalise, quantize
+
+    interp = Interpreter(model_content=buf)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    x = quantize(normalise(images, [128 / 255] * 3, [128 / 255] * 3), *inp["quantization"])
+    ys = []
+    for i in range(len(x)):
+        interp.set_tensor(inp["index"], x[i:i + 1])
+        interp.invoke()
+        ys.append(dequantize(interp.get_tensor(out["index"]), *out["quantization"]))
+    return np.concatenate(ys)[:, 0]
+
+
+def test_output_aligned_with_a_threshold_still_computes_the_same(exported):
+    # Moving the int8 output's scale/zero-point in the file is consistent: the kernels read them
+    # when prepared. Afterwards the threshold sits half-way between two int8 steps.
+    from toolchain.export.tflite import align_tflite_output
+
+    buf = (exported["out"] / "verifier_int8.tflite").read_bytes()
+    before = _run_tflite(buf, exported["images"])
+    threshold = float(np.median(before)) + 0.01
+    aligned = align_tflite_output(buf, threshold)
+    q = inspect_tflite(aligned).output_quant
+    steps = threshold / q["scale"] + q["zero_point"]
+    assert abs(steps - np.floor(steps) - 0.5) < 1e-3, steps
+    after = _run_tflite(aligned, exported["images"])
+    old_scale = inspect_tflite(buf).output_quant["scale"]
+    assert np.abs(after - before).max() <= max(q["scale"], old_scale) + 1e-6

@@ -95,6 +95,30 @@ def _check_model_input(model: nn.Module, spec) -> torch.Tensor:
     return torch.randn(1, c, h, w)
 
 
+def _exact_input_view(model: nn.Module) -> tuple[nn.Module, Any]:
+    """The model every artifact is made from: where the first layer can absorb it, the input
+    normalisation becomes (p - 128)/128 so int8 inputs are exact (toolchain.quantize.exact_input)."""
+    from toolchain.quantize.exact_input import fold_input_normalisation
+
+    folded = fold_input_normalisation(model)
+    return (model, model.spec) if folded is None else (folded.eval(), folded.spec)
+
+
+def _exact_input(spec) -> bool:
+    from toolchain.quantize.exact_input import EXACT_MEAN, EXACT_STD
+
+    return tuple(spec.mean) == (EXACT_MEAN,) * 3 and tuple(spec.std) == (EXACT_STD,) * 3
+
+
+def _check_exact_tflite_input(input_quant: dict | None, model_name: str) -> None:
+    from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
+
+    q = input_quant or {}
+    if abs(float(q.get("scale", 0)) - INPUT_SCALE) > 1e-9 or int(q.get("zero_point", -1)) != INPUT_ZERO_POINT:
+        raise CheckFailed(f"{model_name} int8 .tflite: input quantisation {q} is not the exact pixel grid "
+                          f"(scale 1/128, zero-point 0) the calibration was anchored to")
+
+
 def _prepare_calibration(calibration_images, spec, size: int, seed: int) -> np.ndarray:
     from toolchain.quantize.calibration import load_images
     from toolchain.runtime.preprocess import check_images
@@ -139,6 +163,8 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     if require_full_delegation is None:
         require_full_delegation = spec.name == "verifier"
     example = _check_model_input(model, spec)
+    float_model = model  # the reference kept beside the artifacts
+    model, spec = _exact_input_view(model)
     calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
     versions = tool_versions()
 
@@ -159,7 +185,7 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                                           source_rec, versions, require_full_delegation, staging,
                                           tflite_backend)
                 advance("tflite " + ",".join(precisions))
-        reference = _save_float_reference(model, meta, staging) if source_rec["kind"] in ("module", "registry") \
+        reference = _save_float_reference(float_model, meta, staging) if source_rec["kind"] in ("module", "registry") \
             else source_rec.get("path")
         # All artifacts passed: move them into place, then record them.
         for f in staging.iterdir():
@@ -250,8 +276,12 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
                               input_dtype="float32", input_quant=None, output_quant=None, output_dtype="float32",
                               threshold=threshold, source=source_rec, versions=versions, internal_quant=internal)
 
+    from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
+
+    pin = (INPUT_SCALE, INPUT_ZERO_POINT) if _exact_input(spec) else None
     data, meta, report = export_executorch(model, example, precision, calib, spec.mean, spec.std,
-                                           require_full, metadata_fn)
+                                           require_full, metadata_fn, input_qparams=pin,
+                                           output_threshold=threshold if spec.output == "logit" else None)
     return _record(staging, f"{model_name}_{precision}.pte", data, meta, "executorch", precision, "xnnpack",
                    {"delegation": report.to_dict()}, time.perf_counter() - t0)
 
@@ -259,12 +289,15 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
 def _export_tflite(model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
                    require_full, staging, backend) -> list[ArtifactRecord]:
     from toolchain.export.metadata import embed_tflite_metadata
-    from toolchain.export.tflite import export_tflite_litert_torch, export_tflite_onnx2tf
+    from toolchain.export.tflite import align_tflite_output, export_tflite_litert_torch, export_tflite_onnx2tf
     from toolchain.export.tflite_check import inspect_tflite
 
     t0 = time.perf_counter()
     if backend == "onnx2tf":
-        blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std)
+        blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
+                                      exact_input=_exact_input(spec))
+        if "int8" in blobs and spec.output == "logit" and threshold is not None:
+            blobs["int8"] = align_tflite_output(blobs["int8"], threshold)
     else:
         blobs = {p: export_tflite_litert_torch(model, example, p, calib, spec.mean, spec.std) for p in precisions}
     seconds = (time.perf_counter() - t0) / max(1, len(blobs))
@@ -276,6 +309,8 @@ def _export_tflite(model, spec, model_name, example, precisions, calib, threshol
             if not report.is_int8:
                 raise CheckFailed(f"refusing to name the {backend} TFLite file int8: "
                                   + "; ".join(report.problems[:4]))
+            if _exact_input(spec):
+                _check_exact_tflite_input(report.input_quant, model_name)
             if require_full and report.xnnpack_unsupported:
                 raise CheckFailed(f"{model_name} int8 .tflite has ops LiteRT's XNNPACK does not run in int8: "
                                   + ", ".join(f"{k} x{v}" for k, v in report.xnnpack_unsupported.items()))

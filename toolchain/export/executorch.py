@@ -80,9 +80,13 @@ def _first_quant_params(graph_module: nn.Module) -> tuple[dict | None, dict | No
 
 def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
                       calibration: np.ndarray | None, mean, std,
-                      require_full_delegation: bool, metadata_fn) -> tuple[bytes, dict, DelegationReport]:
+                      require_full_delegation: bool, metadata_fn,
+                      input_qparams: tuple[float, int] | None = None,
+                      output_threshold: float | None = None) -> tuple[bytes, dict, DelegationReport]:
     """Return (pte bytes, metadata, delegation report). `metadata_fn(internal_quant)` builds the
-    metadata dict. Raises CheckFailed if full delegation is required and not reached."""
+    metadata dict. Raises CheckFailed if full delegation is required and not reached.
+    `input_qparams` pins the int8 input quantisation (see toolchain.quantize.exact_input);
+    `output_threshold` aligns the int8 output with a decision threshold (toolchain.quantize.decision)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
@@ -93,7 +97,8 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
     if precision == "int8":
         from toolchain.quantize.pt2e import quantize_xnnpack_int8
 
-        converted = quantize_xnnpack_int8(model, example, calibration, mean, std, report=qreport)
+        converted = quantize_xnnpack_int8(model, example, calibration, mean, std, report=qreport,
+                                         input_qparams=input_qparams, output_threshold=output_threshold)
         q_in, q_out = _first_quant_params(converted)
         internal = {"input": q_in, "output": q_out}
         program = torch.export.export(converted, (example,), strict=False)

@@ -66,9 +66,23 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
             raise ToolchainError(f"ONNX export failed: {exc} / {exc2}".splitlines()[0]) from exc2
 
 
+def anchor_input_range(calibration: np.ndarray) -> np.ndarray:
+    """A copy whose first image has one black and one white pixel in its top-left corner.
+
+    The TFLite converter takes the int8 input range from the calibration data's min and max;
+    with pixels 0 and 255 present, (p - 128)/128 spans exactly [-1, 127/128] and the input is
+    quantised with scale 1/128 and zero-point 0 (toolchain.quantize.exact_input)."""
+    anchored = calibration.copy()
+    anchored[0, 0, 0, :] = 0
+    anchored[0, 0, 1, :] = 255
+    return anchored
+
+
 def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: list[str],
-                          calibration: np.ndarray | None, mean, std, verbose: bool = False) -> dict[str, bytes]:
-    """Return {"fp32": bytes, "int8": bytes} for the precisions asked (int8 = full integer, int8 I/O)."""
+                          calibration: np.ndarray | None, mean, std, verbose: bool = False,
+                          exact_input: bool = False) -> dict[str, bytes]:
+    """Return {"fp32": bytes, "int8": bytes} for the precisions asked (int8 = full integer, int8 I/O).
+    `exact_input`: anchor the calibration's input range to the full pixel range."""
     import onnx2tf
 
     want_int8 = "int8" in precisions
@@ -79,6 +93,8 @@ def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: l
         sample = np.zeros((20, 128, 128, 3), np.float32)
         kwargs = {}
         if want_int8:
+            if exact_input:
+                calibration = anchor_input_range(calibration)
             calib = calibration.astype(np.float32) / 255.0  # NHWC in [0, 1]; onnx2tf applies (x-mean)/std
             np.save(work / "calibration.npy", calib)
             sample[: min(20, len(calib))] = _resize_nearest(calib[:20], 128)
@@ -150,3 +166,37 @@ def export_tflite_litert_torch(model: nn.Module, example: torch.Tensor, precisio
         except Exception as exc:  # noqa: BLE001
             raise ToolchainError(f"litert-torch conversion failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
         return path.read_bytes()
+
+
+# Ops whose kernels read their output tensor's scale and zero-point when the interpreter (or
+# the XNNPACK delegate) prepares them: changing those in the file is then consistent.
+_REQUANTISING_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"}
+
+
+def align_tflite_output(buf: bytes, threshold: float) -> bytes:
+    """Rewrite the int8 output tensor's quantisation so `threshold` sits on a bin edge
+    (toolchain.quantize.decision). Only when a requantising op writes the output directly."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    from toolchain.quantize.decision import threshold_aligned_qparams
+
+    model = schema.ModelT.InitFromPackedBuf(buf, 0)
+    sub = model.subgraphs[0]
+    out_index = int(sub.outputs[0])
+    tensor = sub.tensors[out_index]
+    q = tensor.quantization
+    if q is None or q.scale is None or len(q.scale) != 1:
+        raise ToolchainError("int8 .tflite: the output has no per-tensor quantisation to align")
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    producer = next((op for op in sub.operators if out_index in list(op.outputs)), None)
+    code = model.operatorCodes[producer.opcodeIndex] if producer is not None else None
+    op_name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode)) if code is not None else None
+    if op_name not in _REQUANTISING_OPS:
+        raise ToolchainError(f"int8 .tflite: the output comes from {op_name}, whose quantisation cannot be "
+                             "moved safely; cannot align it with the threshold")
+    scale, zp = threshold_aligned_qparams(float(q.scale[0]), int(q.zeroPoint[0]), threshold)
+    q.scale, q.zeroPoint = [scale], [zp]
+    builder = flatbuffers.Builder(len(buf) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

@@ -53,6 +53,11 @@ class Verifier(nn.Module):
         self.feature_dim = feature_dim
         self.hidden_dim = hidden_dim
 
+    @property
+    def input_conv(self) -> nn.Conv2d:
+        """The first layer (unpadded), where the int8 export folds its input normalisation."""
+        return self.features[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
