@@ -9,6 +9,7 @@ import torch
 from toolchain.errors import ToolchainError
 from toolchain.models.hypernet import HyperNetwork, load_hypernet
 from toolchain.models.io import load_state
+from toolchain.quantize.grid import on_int8_grid
 from toolchain.train import BackboneConfig, HypernetConfig, train_backbone, train_hypernet
 from toolchain.train import hypernet as hypernet_mod
 from toolchain.train.hypernet import best_threshold, split_identities
@@ -59,6 +60,8 @@ def test_hypernet_loss_falls_and_calibrates(backbone_ckpt, toy_data, tmp_path):
     assert (tmp_path / "hn" / "embeddings.pt").is_file()  # the h_bb cache
     bundle = load_hypernet(path)  # the file alone holds h_bb, h_gen and the threshold
     assert bundle.threshold == cal["threshold"]
+    # The shared trunk ends on the int8 weight grid (HypernetConfig.trunk_int8_grid).
+    assert on_int8_grid(bundle.hypernet.trunk)
     # Held-out identities never appear in training batches (they calibrate the threshold).
     assert set(state["val_identities"]).isdisjoint(set(split_identities(toy_data.labels, 0.25, 0)[0].tolist()))
 

@@ -31,6 +31,18 @@ def progress_bar(description: str, total: int, completed: int = 0, enabled: bool
         yield advance
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Run the block with `n` intra-op CPU threads (None: leave torch's setting)."""
+    prior = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prior)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     """LR factor: linear warm-up, then cosine decay to zero at `total_steps`."""
 

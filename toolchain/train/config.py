@@ -88,6 +88,13 @@ class HypernetConfig(_Config):
     val_identities: float = Field(0.1, gt=0, lt=1, description="share of identities held out for the threshold")
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1)
+    trunk_int8_grid: float = Field(
+        0.1, ge=0, lt=1,
+        description="final share of the steps with the shared trunk held on the int8 weight grid, so int8 "
+                    "export adds no weight error there; the generator adapts to it (0 = off)")
+    # A step is a few hundred tiny ops: on CPU a second intra-op thread costs more in
+    # synchronisation than it gains (measured: 1 thread several times faster on 2 cores).
+    threads: int | None = Field(1, ge=1, description="CPU threads of the training loop (None: torch's default)")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -41,15 +41,16 @@ from torch.utils.data import DataLoader
 from toolchain.errors import ToolchainError
 from toolchain.models.hypernet import HyperNetwork
 from toolchain.models.io import atomic_write_bytes, load_model, load_state, save_checkpoint
+from toolchain.quantize.grid import snap_to_int8_grid
 from toolchain.train import distributed
-from toolchain.train.common import embed, from_uint8, progress_bar, seed_everything, step_rng, to_uint8, warmup_cosine
+from toolchain.train.common import cpu_threads, embed, from_uint8, progress_bar, seed_everything, step_rng, to_uint8, warmup_cosine
 from toolchain.train.config import HypernetConfig
 from toolchain.train.losses import weighted_bce
 from toolchain.train.sampling import IdentityBatchSampler, identity_centres
 from toolchain.train.schedule import objective_at
 
 FINAL, LAST, CACHE = "hypernet.pt", "last.pt", "embeddings.pt"
-_RUNTIME_FIELDS = {"progress", "checkpoint_every"}
+_RUNTIME_FIELDS = {"progress", "checkpoint_every", "threads"}
 
 
 class _Trainable(nn.Module):
@@ -179,8 +180,10 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                             scheduler=scheduler.state_dict(), step=step, history=history, complete=False,
                             train_seconds=earlier_seconds + time.perf_counter() - started)
 
+        grid_from = cfg.steps - int(round(cfg.steps * cfg.trunk_int8_grid))
         net.train()
-        with progress_bar("hypernet", cfg.steps, completed=step, enabled=show) as advance:
+        with cpu_threads(cfg.threads if env.device.type == "cpu" else None), \
+                progress_bar("hypernet", cfg.steps, completed=step, enabled=show) as advance:
             while step < cfg.steps:
                 rng = step_rng(cfg.seed, step, env.rank)
                 objective = objective_at(cfg, step)
@@ -206,6 +209,10 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if cfg.trunk_int8_grid and step >= grid_from:
+                    # Projected steps: late in the cosine schedule an update is below one grid step,
+                    # so the trunk stays put while the generator adapts to it.
+                    snap_to_int8_grid(net.hypernet.trunk)
                 step += 1
                 history.append({"loss": float(loss.detach()), "bce": float(bce.detach()), "kcs": use_kcs})
                 advance(1, loss=history[-1]["loss"], bce=history[-1]["bce"])
