@@ -194,7 +194,7 @@ def evaluate_pairs_cmd(hypernet_ckpt, pairs, synthetic_identities, json_out, sco
     from rich.table import Table
 
     from toolchain.evaluate.per_user import ROUTES, evaluate_pairs, to_jsonable
-    from toolchain.models.io import atomic_write_bytes
+    from toolchain.atomic import atomic_write_bytes
 
     result = evaluate_pairs(hypernet_ckpt, _pairs(pairs, identities=synthetic_identities))
     table = Table(title=f"{result['num_pairs']} pairs ({pairs})")

@@ -55,7 +55,7 @@ class ProbeSet:
 
 
 def write_probe_set(path: str | Path, images: np.ndarray, issame, **info: Any) -> Path:
-    from toolchain.models.io import atomic_write_bytes
+    from toolchain.atomic import atomic_write_bytes
     from toolchain.runtime.preprocess import check_images
 
     images = check_images(images, what="probe images")

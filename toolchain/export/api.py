@@ -20,7 +20,8 @@ from torch import nn
 
 from toolchain.errors import CheckFailed, ToolchainError
 from toolchain.export.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
-from toolchain.export.metadata import build_metadata, tool_versions, write_json_atomic
+from toolchain.atomic import atomic_write_bytes, write_json_atomic
+from toolchain.export.metadata import build_metadata, tool_versions
 
 FORMATS = ("executorch", "tflite")
 PRECISIONS = ("int8", "fp32")
@@ -253,8 +254,6 @@ class _progress:
 
 def _record(staging: Path, fname: str, data: bytes, meta: dict, fmt: str, precision: str, backend: str,
             checks: dict, seconds: float) -> ArtifactRecord:
-    from toolchain.models.io import atomic_write_bytes
-
     path = staging / fname
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_bytes(data))
     return ArtifactRecord(file=fname, path=str(path), format=fmt, precision=precision, backend=backend,

@@ -114,9 +114,3 @@ def embed_tflite_metadata(buf: bytes, meta: dict) -> bytes:
     builder = flatbuffers.Builder(len(buf) + len(payload) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    from toolchain.models.io import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True)))

@@ -9,33 +9,18 @@ Two on-disk forms, both loadable with `torch.load(weights_only=True)` (no pickle
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from toolchain.atomic import atomic_write_bytes
 from toolchain.errors import ToolchainError
 from toolchain.models.registry import build_model
 
 ENROLLMENT_JSON = "enrollment.json"
 VERIFIER_WEIGHTS = "verifier.pt"
-
-
-def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call `write(tmp_path)` then rename into place, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, model_name: str, model_kwargs: dict, state_dict: dict,

@@ -16,7 +16,8 @@ import importlib.metadata
 from pathlib import Path
 from typing import Any
 
-from toolchain.pipeline.core import RunContext, StageReport, write_json_atomic
+from toolchain.atomic import write_json_atomic
+from toolchain.pipeline.core import RunContext, StageReport
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1

@@ -146,7 +146,7 @@ def _stage_enroll(ctx: RunContext) -> StageOutput:
     split). Per user: `enroll_images` images enroll, the rest of their images are positive probes;
     negatives are images of the verification pairs (identities disjoint from training).
     """
-    from toolchain.models.io import atomic_write_bytes
+    from toolchain.atomic import atomic_write_bytes
     from toolchain.runtime import load_runner
     from toolchain.train import enroll_images
 

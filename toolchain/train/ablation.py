@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from toolchain.errors import ToolchainError
-from toolchain.models.io import atomic_write_bytes, load_state
+from toolchain.atomic import atomic_write_bytes
+from toolchain.models.io import load_state
 from toolchain.train.config import BackboneConfig, HypernetConfig
 
 # name -> overrides of the base config; "full" is the base itself.

@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader
 
 from toolchain.errors import ToolchainError
 from toolchain.models.hypernet import HyperNetwork
-from toolchain.models.io import atomic_write_bytes, load_model, load_state, save_checkpoint
+from toolchain.atomic import atomic_write_bytes
+from toolchain.models.io import load_model, load_state, save_checkpoint
 from toolchain.quantize.grid import snap_to_int8_grid
 from toolchain.train import distributed
 from toolchain.train.common import cpu_threads, embed, from_uint8, progress_bar, seed_everything, step_rng, to_uint8, warmup_cosine
