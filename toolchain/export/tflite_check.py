@@ -105,7 +105,9 @@ def inspect_tflite(buf: bytes) -> TfliteReport:
                 b = sub.tensors[op.inputs[2]]
                 if tnames[b.type] != "INT32":
                     problems.append(f"{name} bias {_name(b)!r} is {tnames[b.type]}, not INT32")
-    unsupported = {k: v for k, v in ops.items() if k in XNNPACK_INT8_UNSUPPORTED}
+    # Only an int8 file can have ops XNNPACK refuses *in int8*; a float file runs them in float.
+    int8_io = tnames[tin.type] == "INT8" and tnames[tout.type] == "INT8"
+    unsupported = {k: v for k, v in ops.items() if k in XNNPACK_INT8_UNSUPPORTED} if int8_io else {}
     return TfliteReport(input_type=tnames[tin.type], output_type=tnames[tout.type],
                         input_shape=[int(s) for s in np.asarray(tin.shape)],
                         output_shape=[int(s) for s in np.asarray(tout.shape)],

@@ -304,13 +304,26 @@ def _stage_export(ctx: RunContext) -> StageOutput:
         for r in records:
             entry = {"path": ctx.rel(r.path), "format": r.format, "precision": r.precision, "bytes": int(r.bytes),
                      "sha256": r.sha256, "backend": r.backend, "model": r.model, "source": ctx.rel(source)
-                     if isinstance(source, Path) else str(source)}
+                     if isinstance(source, Path) else str(source), "outside": _outside(r.checks)}
             if user is not None:
                 entry["user"] = user
             artifacts.append(entry)
             files.append(Path(r.path))
         files += [p for p in out_dir.iterdir() if p.is_file() and p.suffix in (".json", ".pt")]
     return StageOutput(files=files, data={"artifacts": artifacts})
+
+
+def _outside(checks: dict) -> dict[str, int]:
+    """{op (where): count} of what the artifact's int8/delegate checks left out: ops kept in float
+    (e.g. PReLU), ops outside the XNNPACK delegate, TFLite ops LiteRT's XNNPACK cannot run."""
+    d, t = checks.get("delegation") or {}, checks.get("tflite") or {}
+    out: dict[str, int] = {}
+    for key, where in (("ops_outside", "outside delegate"), ("float_ops", "float"),
+                       ("float_prefix_ops", "float prefix")):
+        out.update({f"{k} ({where})": int(v) for k, v in (d.get(key) or {}).items()})
+    if t.get("is_int8"):  # the check lists ops XNNPACK cannot run in int8 (float PReLU it runs)
+        out.update({f"{k} (not XNNPACK)": int(v) for k, v in (t.get("xnnpack_unsupported") or {}).items()})
+    return out
 
 
 # ----------------------------------------------------------------------------------- profile/budgets

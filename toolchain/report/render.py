@@ -119,8 +119,14 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
              _pct(p.get("decision_agreement")), _num(p.get("latency_ms")), _num(p.get("float_latency_ms")),
              _verdict(p.get("passed", True))]
             for p in parity]
-    out += [_table(["artifact", "float accuracy", "artifact accuracy", "drop (points)",
-                    "decision agreement", "latency (ms)", "float torch latency (ms)", "verdict"], rows), ""]
+    headers = ["artifact", "float accuracy", "artifact accuracy", "drop (points)",
+               "decision agreement", "latency (ms)", "float torch latency (ms)", "verdict"]
+    if any(p.get("embedding_cosine_mean") is not None for p in parity):
+        # Embedding models: how close each artifact's embeddings are to the float model's.
+        headers.insert(4, "embedding cosine to float (mean / min)")
+        for row, p in zip(rows, parity):
+            row.insert(4, f"{_num(p.get('embedding_cosine_mean'), 4)} / {_num(p.get('embedding_cosine_min'), 4)}")
+    out += [_table(headers, rows), ""]
     bounds = core.get("recipe", {}).get("parity", {})
     if bounds:
         out += [f"Bounds: accuracy drop <= {bounds.get('max_accuracy_drop')} points, decision agreement >= "
@@ -183,7 +189,14 @@ def _artifacts_section(core: Mapping) -> list[str]:
         return []
     rows = [[f"`{a['path']}`", a.get("format"), a.get("precision"), _num(a.get("bytes")), a["sha256"][:16]]
             for a in arts]
-    return ["## Artifacts", "", _table(["path", "format", "precision", "bytes", "sha256 (first 16)"], rows), ""]
+    headers = ["path", "format", "precision", "bytes", "sha256 (first 16)"]
+    if any("outside" in a for a in arts):
+        # What the export checks found left out of int8 / of the XNNPACK delegate (e.g. PReLU in float).
+        headers.append("kept float / outside XNNPACK")
+        for row, a in zip(rows, arts):
+            left = a.get("outside")
+            row.append("n/a" if left is None else ", ".join(f"{k} x{v}" for k, v in left.items()) or "none")
+    return ["## Artifacts", "", _table(headers, rows), ""]
 
 
 def _run_section(core: Mapping) -> list[str]:
