@@ -29,6 +29,23 @@ class InputInfo:
     batch: int | None = 1  # None: any batch size
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_artifact(cls, path, shape: list[int], meta: dict) -> "InputInfo":
+        """From an exported file's input shape and embedded metadata (toolchain.export)."""
+        from toolchain.errors import ToolchainError
+
+        if len(shape) != 4:
+            raise ToolchainError(f"{path}: expected a 4-D image input, got {shape}")
+        mi = meta.get("input") or {}
+        # A 3-channel model fed NCHW data as NHWC gives wrong numbers with no error: decide the
+        # layout from the metadata, else from where the 3 channels sit.
+        layout = mi.get("layout") or ("NHWC" if shape[3] == 3 and shape[1] != 3 else "NCHW")
+        h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+        if not mi.get("mean") or not mi.get("std"):
+            raise ToolchainError(f"{path}: no toolchain metadata (mean/std); export it with `toolchain export`")
+        return cls(height=h, width=w, mean=tuple(mi["mean"]), std=tuple(mi["std"]), layout=layout,
+                   batch=shape[0])
+
 
 class Runner(ABC):
     kind: str = "?"  # "torch", "executorch", "litert"

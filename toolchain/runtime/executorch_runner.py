@@ -39,16 +39,7 @@ class ExecuTorchRunner(Runner):
         except Exception as exc:  # noqa: BLE001
             raise ToolchainError(f"{path}: cannot load with the ExecuTorch runtime ({exc})".splitlines()[0]) from exc
         tin = self.method.metadata.input_tensor_meta(0)
-        shape = list(tin.sizes())
-        if len(shape) != 4:
-            raise ToolchainError(f"{path}: expected a 4-D image input, got {shape}")
-        layout = (meta.get("input") or {}).get("layout") or ("NHWC" if shape[3] == 3 and shape[1] != 3 else "NCHW")
-        h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
-        mi = meta.get("input") or {}
-        if not mi.get("mean") or not mi.get("std"):
-            raise ToolchainError(f"{path}: no toolchain metadata (mean/std); export it with `toolchain export`")
-        info = InputInfo(height=h, width=w, mean=tuple(mi["mean"]), std=tuple(mi["std"]),
-                         layout=layout, batch=shape[0])
+        info = InputInfo.from_artifact(path, list(tin.sizes()), meta)
         super().__init__(path.name, info, meta.get("output", "embedding"), meta)
         self.path = path
 

@@ -29,18 +29,7 @@ class LiteRTRunner(Runner):
         if len(ins) != 1 or len(outs) != 1:
             raise ToolchainError(f"{path}: expected one input and one output, got {len(ins)} and {len(outs)}")
         self.inp, self.out = ins[0], outs[0]
-        shape = [int(s) for s in self.inp["shape"]]
-        if len(shape) != 4:
-            raise ToolchainError(f"{path}: expected a 4-D image input, got {shape}")
-        mi = meta.get("input") or {}
-        # A 3-channel model fed NCHW data as NHWC gives wrong numbers with no error: decide the
-        # layout from the metadata, else from where the 3 channels sit.
-        layout = mi.get("layout") or ("NHWC" if shape[3] == 3 else "NCHW")
-        h, w = (shape[1], shape[2]) if layout == "NHWC" else (shape[2], shape[3])
-        if not mi.get("mean") or not mi.get("std"):
-            raise ToolchainError(f"{path}: no toolchain metadata (mean/std); export it with `toolchain export`")
-        info = InputInfo(height=h, width=w, mean=tuple(mi["mean"]), std=tuple(mi["std"]),
-                         layout=layout, batch=shape[0])
+        info = InputInfo.from_artifact(path, [int(s) for s in self.inp["shape"]], meta)
         super().__init__(path.name, info, meta.get("output", "embedding"), meta)
         self.path = path
         self.in_scale, self.in_zp = self.inp["quantization"]
