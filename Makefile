@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@rm -f $(VENV)/.installed-*
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@# Step 1: the pinned stack (torch==2.13.0 resolves to the local CPU wheel).
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# Step 1: the pinned stack (torch==2.13.0 resolves to the local CPU wheel) and litert-torch.
+	$(BIN)/python -m pip install --quiet -e '.[dev,litert]'
 	@# Step 2: onnx2tf and tf-keras without their impossible pins.
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	@touch $@

@@ -102,6 +102,7 @@ class ExportSection(_Strict):
     formats: list[Format] = Field(default_factory=lambda: ["executorch", "tflite"], min_length=1)
     precisions: list[Precision] = Field(default_factory=lambda: ["int8", "fp32"], min_length=1)
     calibration_images: int = Field(64, ge=1)
+    tflite_backend: Literal["onnx2tf", "litert-torch"] = "onnx2tf"
     users: Optional[int] = Field(1, ge=1, description="how many enrolled users to export (null: all)")
 
 

@@ -298,7 +298,12 @@ def _export_tflite(model, spec, model_name, example, precisions, calib, threshol
         if "int8" in blobs and spec.output == "logit" and threshold is not None:
             blobs["int8"] = align_tflite_output(blobs["int8"], threshold)
     else:
-        blobs = {p: export_tflite_litert_torch(model, example, p, calib, spec.mean, spec.std) for p in precisions}
+        from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
+
+        pin = (INPUT_SCALE, INPUT_ZERO_POINT) if _exact_input(spec) else None
+        out_thr = threshold if spec.output == "logit" else None
+        blobs = {p: export_tflite_litert_torch(model, example, p, calib, spec.mean, spec.std,
+                                               input_qparams=pin, output_threshold=out_thr) for p in precisions}
     seconds = (time.perf_counter() - t0) / max(1, len(blobs))
     records = []
     for precision in precisions:
@@ -306,8 +311,7 @@ def _export_tflite(model, spec, model_name, example, precisions, calib, threshol
         if precision == "int8":
             # A file is named int8 only when the flatbuffer says so.
             if not report.is_int8:
-                raise CheckFailed(f"refusing to name the {backend} TFLite file int8: "
-                                  + "; ".join(report.problems[:4]))
+                raise CheckFailed(f"refusing to name the {backend} TFLite file int8: {report.summary()}")
             if _exact_input(spec):
                 _check_exact_tflite_input(report.input_quant, model_name)
             if require_full and report.xnnpack_unsupported:

@@ -125,42 +125,47 @@ def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: l
 
 
 def export_tflite_litert_torch(model: nn.Module, example: torch.Tensor, precision: str,
-                               calibration: np.ndarray | None, mean, std) -> bytes:
-    """litert-torch: direct torch -> TFLite; int8 through its own PT2E quantizer (int8 I/O).
+                               calibration: np.ndarray | None, mean, std,
+                               input_qparams: tuple[float, int] | None = None,
+                               output_threshold: float | None = None) -> bytes:
+    """litert-torch: direct torch -> TFLite; int8 through its own PT2E quantizer (int8 I/O,
+    per-channel weights, histogram-calibrated activations).
 
-    Optional: litert-torch pins typing-extensions==4.12.2, which clashes with this stack's
-    pydantic, so it is not installed here; this path is written against its public API and is
-    not exercised by the test suite.
+    The same int8 measures as the ExecuTorch path (toolchain.quantize.pt2e): the pooled features
+    get their own range, `input_qparams` pins the input quantisation and `output_threshold` puts
+    a verifier's threshold on an output bin edge. Its model keeps an NCHW input (a TRANSPOSE
+    follows it).
     """
     try:
         import litert_torch
     except ImportError as exc:
-        raise ToolchainError(
-            f"litert-torch is not installed; pip install litert-torch=={LITERT_TORCH_VERSION} in a separate "
-            "environment (its pins clash with this stack's pydantic), or use backend onnx2tf") from exc
-    from toolchain.quantize.pt2e import calibration_batches
+        raise ToolchainError(f"litert-torch is not installed (pip install litert-torch=={LITERT_TORCH_VERSION}, "
+                             "see the README), or use the onnx2tf backend") from exc
 
     model = model.eval()
     with tempfile.TemporaryDirectory(prefix="toolchain-litert-") as tmp:
         path = Path(tmp) / "model.tflite"
+        sink = io.StringIO()
         try:
-            if precision == "int8":
-                from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-                from litert_torch.quantize.quant_config import QuantConfig
-                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            # litert-torch prints a progress line per conversion pass; keep them out of the CLI output.
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                if precision == "int8":
+                    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+                    from litert_torch.quantize.quant_config import QuantConfig
 
-                quantizer = PT2EQuantizer().set_global(
-                    get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
-                graph = torch.export.export(model, (example,)).module()
-                prepared = prepare_pt2e(graph, quantizer)
-                with torch.no_grad():
-                    for x in calibration_batches(calibration, mean, std, batch=1):
-                        prepared(x)
-                converted = convert_pt2e(prepared, fold_quantize=False)
-                edge = litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-            else:
-                edge = litert_torch.convert(model, (example,))
-            edge.export(str(path))
+                    from toolchain.quantize.pt2e import _own_pool_range, quantize_pt2e
+
+                    quantizer = _own_pool_range(PT2EQuantizer)().set_global(
+                        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+                    converted = quantize_pt2e(model, example, calibration, mean, std, quantizer,
+                                              input_qparams=input_qparams, output_threshold=output_threshold,
+                                              fold_quantize=False)
+                    converted.training = False  # exported from eval(); the flag only feeds litert's warning
+                    edge = litert_torch.convert(converted, (example,),
+                                                quant_config=QuantConfig(pt2e_quantizer=quantizer))
+                else:
+                    edge = litert_torch.convert(model, (example,))
+                edge.export(str(path))
         except ToolchainError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -39,6 +39,13 @@ class TfliteReport:
     def is_int8(self) -> bool:
         return not self.problems
 
+    def summary(self) -> str:
+        """The problems in one line: ops with float tensors counted by op, then the rest."""
+        floats = Counter(p.split(" has float tensors")[0] for p in self.problems if " has float tensors" in p)
+        rest = [p for p in self.problems if " has float tensors" not in p]
+        parts = ([("float tensors in " + ", ".join(f"{k} x{v}" for k, v in floats.most_common()))] if floats else [])
+        return "; ".join(parts + rest[:3])
+
     def to_dict(self) -> dict:
         return {"is_int8": self.is_int8, "input_type": self.input_type, "output_type": self.output_type,
                 "input_shape": self.input_shape, "output_shape": self.output_shape,

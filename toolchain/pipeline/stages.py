@@ -300,7 +300,8 @@ def _stage_export(ctx: RunContext) -> StageOutput:
         jobs.append((None, _embedding_source(ctx), out_root, calib))
     for user, source, out_dir, calib in jobs:
         records = export_model(source, out_dir, cfg.formats, cfg.precisions, calib,
-                               calibration_size=cfg.calibration_images, seed=ctx.recipe.seed)
+                               calibration_size=cfg.calibration_images, tflite_backend=cfg.tflite_backend,
+                               seed=ctx.recipe.seed)
         for r in records:
             entry = {"path": ctx.rel(r.path), "format": r.format, "precision": r.precision, "bytes": int(r.bytes),
                      "sha256": r.sha256, "backend": r.backend, "model": r.model, "source": ctx.rel(source)

@@ -128,26 +128,36 @@ def quantize_xnnpack_int8(model: nn.Module, example: torch.Tensor, calibration: 
                           mean, std, report: dict | None = None,
                           input_qparams: tuple[float, int] | None = None,
                           output_threshold: float | None = None) -> nn.Module:
-    """Return the converted (fake-quantized) graph module, ready for a second torch.export.
-    If `report` is a dict, it receives `float_ops` and `float_prefix_ops` (see float_ops()).
-    `input_qparams` (scale, zero_point) replaces the calibrated quantisation of the input;
-    `output_threshold` aligns the output's with a verifier's decision threshold."""
+    """PT2E int8 with ExecuTorch's XNNPACK quantizer (pooled features get their own range);
+    see quantize_pt2e for the arguments."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+
+    quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    return quantize_pt2e(model, example, calibration, mean, std, quantizer, report=report,
+                         input_qparams=input_qparams, output_threshold=output_threshold)
+
+
+def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, mean, std, quantizer,
+                  report: dict | None = None, input_qparams: tuple[float, int] | None = None,
+                  output_threshold: float | None = None, fold_quantize: bool = True) -> nn.Module:
+    """Return the converted (fake-quantized) graph module, ready for a second torch.export.
+    If `report` is a dict, it receives `float_ops` and `float_prefix_ops` (see float_ops()).
+    `input_qparams` (scale, zero_point) replaces the calibrated quantisation of the input;
+    `output_threshold` aligns the output's with a verifier's decision threshold."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     # Calibrate at the batch size of the export (1), so batch-dependent shapes stay static.
     graph = torch.export.export(model.eval(), (example,), strict=False).module()
-    quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(graph, quantizer)
     if report is not None:
         report["float_ops"], report["float_prefix_ops"] = float_ops(prepared)
     with torch.no_grad():
         for x in calibration_batches(calibration, mean, std, batch=1):
             prepared(x)
-    converted = convert_pt2e(prepared)
+    converted = convert_pt2e(prepared, fold_quantize=fold_quantize)
     if input_qparams is not None and pin_input_qparams(converted, *input_qparams) != 2:
         raise ToolchainError("int8 export: could not find the input quantise/dequantise pair to pin")
     if output_threshold is not None:
