@@ -70,6 +70,7 @@ def test_int8_tflite_flatbuffer_check(exported):
     assert rep.is_int8, rep.problems
     assert rep.input_type == "INT8" and rep.output_type == "INT8"
     assert rep.ops["CONV_2D"] >= 4 and rep.ops["FULLY_CONNECTED"] == 2 and not rep.xnnpack_unsupported
+    assert rep.ops["RESHAPE"] == 1 and "TRANSPOSE" not in rep.ops  # the row stem (export/row_stem.py)
     fp = inspect_tflite((out / "verifier_fp32.tflite").read_bytes())
     assert not fp.is_int8 and any("FLOAT32" in p for p in fp.problems)
 

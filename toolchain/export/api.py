@@ -20,6 +20,7 @@ from torch import nn
 
 from toolchain.errors import CheckFailed, ToolchainError
 from toolchain.export.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
+from toolchain.export.row_stem import with_row_stem
 from toolchain.atomic import atomic_write_bytes, write_json_atomic
 from toolchain.export.metadata import build_metadata, tool_versions
 
@@ -166,6 +167,9 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     example = _check_model_input(model, spec)
     float_model = model  # the reference kept beside the artifacts
     model, spec = _exact_input_view(model)
+    # int8 artifacts compute a patchify stem in the layout XNNPACK's int8 kernels run fastest
+    # (toolchain.export.row_stem); fp32 ones keep the plain convolution.
+    int8_model = with_row_stem(model, spec.input_size[2]) or model
     calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
     versions = tool_versions()
 
@@ -178,12 +182,13 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
         with _progress(progress, len(jobs)) as advance:
             if "executorch" in formats:
                 for p in precisions:
-                    records.append(_export_pte(model, spec, model_name, example, p, calib, threshold, source_rec,
-                                               versions, require_full_delegation, staging))
+                    records.append(_export_pte(int8_model if p == "int8" else model, spec, model_name, example, p,
+                                               calib, threshold, source_rec, versions, require_full_delegation,
+                                               staging))
                     advance(f"executorch {p}")
             if "tflite" in formats:
-                records += _export_tflite(model, spec, model_name, example, precisions, calib, threshold,
-                                          source_rec, versions, require_full_delegation, staging,
+                records += _export_tflite(model, int8_model, spec, model_name, example, precisions, calib,
+                                          threshold, source_rec, versions, require_full_delegation, staging,
                                           tflite_backend)
                 advance("tflite " + ",".join(precisions))
         reference = _save_float_reference(float_model, meta, staging) if source_rec["kind"] in ("module", "registry") \
@@ -285,7 +290,7 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
                    {"delegation": report.to_dict()}, time.perf_counter() - t0)
 
 
-def _export_tflite(model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
+def _export_tflite(model, int8_model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
                    require_full, staging, backend) -> list[ArtifactRecord]:
     from toolchain.export.metadata import embed_tflite_metadata
     from toolchain.export.tflite import align_tflite_output, export_tflite_litert_torch, export_tflite_onnx2tf
@@ -293,8 +298,14 @@ def _export_tflite(model, spec, model_name, example, precisions, calib, threshol
 
     t0 = time.perf_counter()
     if backend == "onnx2tf":
-        blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
-                                      exact_input=_exact_input(spec))
+        if int8_model is model or "int8" not in precisions:
+            blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
+                                          exact_input=_exact_input(spec))
+        else:  # two forms of the model: one conversion each
+            blobs = export_tflite_onnx2tf(int8_model, example, ["int8"], calib, spec.mean, spec.std,
+                                          exact_input=_exact_input(spec))
+            if "fp32" in precisions:
+                blobs.update(export_tflite_onnx2tf(model, example, ["fp32"], None, spec.mean, spec.std))
         if "int8" in blobs and spec.output == "logit" and threshold is not None:
             blobs["int8"] = align_tflite_output(blobs["int8"], threshold)
     else:
@@ -302,7 +313,8 @@ def _export_tflite(model, spec, model_name, example, precisions, calib, threshol
 
         pin = (INPUT_SCALE, INPUT_ZERO_POINT) if _exact_input(spec) else None
         out_thr = threshold if spec.output == "logit" else None
-        blobs = {p: export_tflite_litert_torch(model, example, p, calib, spec.mean, spec.std,
+        blobs = {p: export_tflite_litert_torch(int8_model if p == "int8" else model, example, p, calib,
+                                               spec.mean, spec.std,
                                                input_qparams=pin, output_threshold=out_thr) for p in precisions}
     seconds = (time.perf_counter() - t0) / max(1, len(blobs))
     records = []

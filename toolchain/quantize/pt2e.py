@@ -66,12 +66,18 @@ def pin_input_qparams(converted: nn.Module, scale: float, zero_point: int) -> in
     """Set the quantise/dequantise of the graph input to (scale, zero_point); returns how many
     nodes changed. The observer's range is data-dependent; where the input values are known to
     sit on an int8 grid (toolchain.quantize.exact_input) the grid itself is the right range."""
+    def from_input(node) -> bool:
+        """Is `node` the graph input, seen through layout plumbing (e.g. a row-stem reshape)?"""
+        while getattr(node, "op", "") == "call_function" and \
+                any(p in getattr(node.target, "__name__", str(node.target)) for p in _PLUMBING):
+            node = node.args[0]
+        return getattr(node, "op", "") == "placeholder"
+
     def reads_input(node) -> bool:
         src = node.args[0]
-        if getattr(src, "op", "") == "placeholder":
+        if from_input(src):
             return True
-        return "quantize_per_tensor" in str(getattr(src, "target", "")) and \
-            getattr(src.args[0], "op", "") == "placeholder"
+        return "quantize_per_tensor" in str(getattr(src, "target", "")) and from_input(src.args[0])
 
     changed = 0
     for n in converted.graph.nodes:

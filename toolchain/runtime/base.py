@@ -17,6 +17,18 @@ import numpy as np
 from toolchain.runtime.preprocess import check_images
 
 
+def median_ms(call, repeats: int = 50, warmup: int = 5) -> float:
+    """Median wall milliseconds of `call()` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
 @dataclass
 class InputInfo:
     """What the app must feed: the image size, normalisation and the artifact's own layout."""
@@ -83,15 +95,7 @@ class Runner(ABC):
         rng = np.random.default_rng(seed)
         img = rng.integers(0, 256, (1, self.info.height, self.info.width, 3), dtype=np.uint8)
         with self._single_thread():
-            call = self._timed_call(img)
-            for _ in range(warmup):
-                call()
-            times = []
-            for _ in range(max(1, repeats)):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-        return float(np.median(times) * 1e3)
+            return median_ms(self._timed_call(img), repeats, warmup)
 
     def _timed_call(self, image: np.ndarray):
         """A zero-argument callable doing one inference; by default the full run() path."""
