@@ -29,7 +29,7 @@ def _console():
 @click.option("--calibration-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="At most this many calibration images.")
 @click.option("--tflite-backend", type=click.Choice(["onnx2tf", "litert-torch"]), default="onnx2tf",
-              show_default=True, help="TFLite converter (litert-torch is optional, not installed by default).")
+              show_default=True, help="TFLite converter.")
 @click.option("--threshold", type=float, help="Decision threshold of a verifier (default: enrollment.json's).")
 @click.option("--require-full-delegation/--allow-partial-delegation", default=None,
               help="Fail unless everything runs in XNNPACK (default: only for the verifier).")
@@ -115,8 +115,10 @@ def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, rep
 @click.option("--pairs", type=click.IntRange(min=20), default=100, show_default=True,
               help="Synthetic verification pairs for the parity columns.")
 @click.option("--calibration-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--tflite-backend", type=click.Choice(["onnx2tf", "litert-torch"]), default="onnx2tf",
+              show_default=True, help="TFLite converter.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(models, out_dir, formats, repeats, pairs, calibration_size, as_json) -> None:
+def bench(models, out_dir, formats, repeats, pairs, calibration_size, tflite_backend, as_json) -> None:
     """Export MODELS (default: verifier and the zoo backbones) int8+fp32 to both runtimes and
     measure sizes, single-thread latency ratios and int8 parity in one run."""
     from toolchain.export.api import FORMATS, _parse_list
@@ -126,7 +128,8 @@ def bench(models, out_dir, formats, repeats, pairs, calibration_size, as_json) -
         click.echo(json.dumps(row), err=True)
 
     rows = run_bench(models or DEFAULT_MODELS, out_dir, _parse_list(formats, FORMATS, "format"), repeats=repeats,
-                     pairs=pairs, calibration_size=calibration_size, progress=not as_json, on_row=partial)
+                     pairs=pairs, calibration_size=calibration_size, tflite_backend=tflite_backend,
+                     progress=not as_json, on_row=partial)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

@@ -78,7 +78,8 @@ def synthetic_data(n_pairs: int = 100, n_calib: int = 32, seed: int = 0):
 
 def run_bench(models: Sequence[str] = DEFAULT_MODELS, out_dir: str | Path = "artifacts/bench",
               formats=("executorch", "tflite"), repeats: int = 100, pairs: int = 100,
-              calibration_size: int = 32, seed: int = 0, progress: bool = True, on_row=None) -> list[dict]:
+              calibration_size: int = 32, seed: int = 0, progress: bool = True, on_row=None,
+              tflite_backend: str = "onnx2tf") -> list[dict]:
     calib_b, enrollment, negatives, pair_set, probe = synthetic_data(pairs, calibration_size, seed)
     from toolchain.errors import ToolchainError
 
@@ -86,7 +87,7 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, out_dir: str | Path = "art
     for name in models:
         try:
             rows.append(_bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress,
-                                   calib_b, enrollment, negatives, pair_set, probe))
+                                   calib_b, enrollment, negatives, pair_set, probe, tflite_backend))
         except ToolchainError as exc:  # one model failing to export is a result, not the end of the run
             rows.append({"model": str(name), "error": str(exc), "artifacts": {}})
         if on_row is not None:
@@ -95,7 +96,7 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, out_dir: str | Path = "art
 
 
 def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress, calib_b, enrollment,
-               negatives, pair_set, probe) -> dict:
+               negatives, pair_set, probe, tflite_backend) -> dict:
     import torch
 
     from toolchain.evaluate.parity import run_parity
@@ -122,7 +123,8 @@ def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress
         out = Path(out_dir) / Path(str(name)).name
         torch.manual_seed(seed)
         records = export_model(model, out, formats, ("int8", "fp32"), calib, threshold=threshold,
-                               require_full_delegation=False, progress=progress, seed=seed)
+                               require_full_delegation=False, progress=progress, seed=seed,
+                               tflite_backend=tflite_backend)
         parity = run_parity([r.path for r in records], probe if is_verifier else pair_set,
                             reference=model, repeats=repeats)
         by = {(r.format, r.precision): r for r in records}
@@ -145,7 +147,7 @@ def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress
                 "outside": {**{f"{k} (outside)": v for k, v in (checks.get("ops_outside") or {}).items()},
                             **{f"{k} (float)": v for k, v in (checks.get("float_ops") or {}).items()},
                             **{f"{k} (not XNNPACK)": v for k, v in (tfl.get("xnnpack_unsupported") or {}).items()}},
-                "partitions": checks.get("partitions"),
+                "partitions": checks.get("partitions"), "backend": rec8.backend,
             }
         return row
 
@@ -165,7 +167,8 @@ def render_table(rows: list[dict]):
             cos = "-" if a["cosine_mean"] is None else f"{a['cosine_mean']:.4f}"
             cmin = "-" if a["cosine_min"] is None else f"{a['cosine_min']:.4f}"
             outside = ", ".join(f"{k} x{v}" for k, v in a["outside"].items()) or "-"
-            t.add_row(r["model"] + (" (random init)" if r["random_init"] else ""), fmt,
+            runtime = f"{fmt} ({a['backend']})" if fmt == "tflite" else fmt
+            t.add_row(r["model"] + (" (random init)" if r["random_init"] else ""), runtime,
                       f"{a['int8_bytes'] / 1024:.1f}", f"{a['fp32_bytes'] / 1024:.1f}",
                       f"{a['int8_ms']:.3f}", f"{a['fp32_ms']:.3f}", f"{a['ratio']:.2f}", f"{a['eager_ms']:.3f}",
                       f"{a['accuracy_drop']:+.2f}", f"{a['decision_agreement']:.1f}", cos, cmin, outside)

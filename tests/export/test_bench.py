@@ -1,0 +1,35 @@
+"""`toolchain bench`: one row per model with sizes, latencies and int8/fp32 ratios from one run."""
+
+import json
+
+import pytest
+
+from toolchain.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("backend", ["onnx2tf", "litert-torch"])
+def test_bench_verifier_row(tmp_path, capsys, backend):
+    if backend == "litert-torch":
+        pytest.importorskip("litert_torch")
+    rc = main(["bench", "verifier", "--out", str(tmp_path), "--formats", "tflite", "--repeats", "3",
+               "--pairs", "20", "--calibration-size", "8", "--tflite-backend", backend, "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["model"] == "verifier" and "error" not in rows[0]
+    a = rows[0]["artifacts"]["tflite"]
+    assert a["backend"] == backend
+    assert 0 < a["int8_bytes"] < a["fp32_bytes"] and a["int8_bytes"] <= 40 * 1024
+    assert a["int8_ms"] > 0 and a["fp32_ms"] > 0 and a["ratio"] == pytest.approx(a["int8_ms"] / a["fp32_ms"])
+    assert a["outside"] == {}  # the verifier: nothing left outside int8
+
+
+def test_bench_table_renders_a_failed_model(tmp_path):
+    from rich.console import Console
+
+    from toolchain.export.bench import render_table
+
+    console = Console(record=True, width=200)
+    console.print(render_table([{"model": "broken", "error": "lowering failed", "artifacts": {}}]))
+    assert "FAILED: lowering failed" in console.export_text()
