@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from toolchain.errors import CheckFailed, ToolchainError
+from toolchain.quantize.pt2e import through_plumbing
 
 # Nodes that exist outside any partition by construction (the delegate call's output tuple).
 _STRUCTURAL_OPS = {"getitem"}
@@ -66,7 +67,7 @@ def _first_quant_params(graph_module: nn.Module) -> tuple[dict | None, dict | No
     for n in nodes:
         t = str(n.target)
         if n.op == "call_function" and t.endswith("quantize_per_tensor.default") and "dequantize" not in t:
-            src = n.args[0]
+            src = through_plumbing(n.args[0])
             q_in = {"scale": float(n.args[1]), "zero_point": int(n.args[2]), "dtype": "int8",
                     "after": "input" if getattr(src, "op", "") == "placeholder" else str(getattr(src, "name", src))}
             break

@@ -62,16 +62,21 @@ def float_ops(prepared: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
     return inside, prefix
 
 
+def through_plumbing(node):
+    """The first ancestor of `node` that computes something: layout plumbing (a view, reshape,
+    permute; e.g. the row stem's) is seen through."""
+    while getattr(node, "op", "") == "call_function" and \
+            any(p in getattr(node.target, "__name__", str(node.target)) for p in _PLUMBING):
+        node = node.args[0]
+    return node
+
+
 def pin_input_qparams(converted: nn.Module, scale: float, zero_point: int) -> int:
     """Set the quantise/dequantise of the graph input to (scale, zero_point); returns how many
     nodes changed. The observer's range is data-dependent; where the input values are known to
     sit on an int8 grid (toolchain.quantize.exact_input) the grid itself is the right range."""
     def from_input(node) -> bool:
-        """Is `node` the graph input, seen through layout plumbing (e.g. a row-stem reshape)?"""
-        while getattr(node, "op", "") == "call_function" and \
-                any(p in getattr(node.target, "__name__", str(node.target)) for p in _PLUMBING):
-            node = node.args[0]
-        return getattr(node, "op", "") == "placeholder"
+        return getattr(through_plumbing(node), "op", "") == "placeholder"
 
     def reads_input(node) -> bool:
         src = node.args[0]
