@@ -1,4 +1,4 @@
-"""TFLite export: torch -> ONNX -> onnx2tf (default), or litert-torch (optional backend).
+"""TFLite export: torch -> ONNX -> onnx2tf (default), or litert-torch (the second backend).
 
 onnx2tf runs fully offline here because of three precautions (shared/STACK.md):
 - it runs in a temporary working folder that already holds the calibration sample it would
