@@ -33,3 +33,20 @@ def test_bench_table_renders_a_failed_model(tmp_path):
     console = Console(record=True, width=200)
     console.print(render_table([{"model": "broken", "error": "lowering failed", "artifacts": {}}]))
     assert "FAILED: lowering failed" in console.export_text()
+
+
+def test_bench_table_hides_accuracy_of_random_weights():
+    from rich.console import Console
+
+    from toolchain.export.bench import render_table
+
+    art = {"int8_bytes": 1024, "fp32_bytes": 4096, "int8_ms": 1.0, "fp32_ms": 2.0, "ratio": 0.5, "eager_ms": 3.0,
+           "accuracy_drop": 12.34, "decision_agreement": 56.7, "cosine_mean": None, "cosine_min": None,
+           "outside": {}, "backend": "onnx2tf"}
+    rows = [{"model": "rand", "random_init": True, "artifacts": {"tflite": art}},
+            {"model": "trained", "random_init": False, "artifacts": {"tflite": art}}]
+    console = Console(record=True, width=250)
+    console.print(render_table(rows))
+    lines = {ln.split("│")[1].strip(): ln for ln in console.export_text().splitlines() if ln.count("│") > 3}
+    assert "+12.34" not in lines["rand (random init)"] and "56.7" not in lines["rand (random init)"]
+    assert "+12.34" in lines["trained"] and "56.7" in lines["trained"]

@@ -155,7 +155,8 @@ def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress
 def render_table(rows: list[dict]):
     from rich.table import Table
 
-    t = Table(title="export benchmark (one thread; latency = median ms per image)")
+    t = Table(title="export benchmark (one thread; latency = median ms per image)",
+              caption="acc drop, agree %: trained models only (give a checkpoint or user folder)")
     for col in ("model", "runtime", "int8 KB", "fp32 KB", "int8 ms", "fp32 ms", "int8/fp32", "eager ms",
                 "acc drop", "agree %", "cos mean", "cos min", "outside / unsupported"):
         t.add_column(col, justify="left" if col in ("model", "runtime", "outside / unsupported") else "right")
@@ -168,8 +169,12 @@ def render_table(rows: list[dict]):
             cmin = "-" if a["cosine_min"] is None else f"{a['cosine_min']:.4f}"
             outside = ", ".join(f"{k} x{v}" for k, v in a["outside"].items()) or "-"
             runtime = f"{fmt} ({a['backend']})" if fmt == "tflite" else fmt
+            # Random weights score near chance with outputs bunched together: their accuracy and
+            # agreement are noise (kept in --json), so the table shows them for trained models only.
+            accuracy = ("-", "-") if r["random_init"] else (f"{a['accuracy_drop']:+.2f}",
+                                                            f"{a['decision_agreement']:.1f}")
             t.add_row(r["model"] + (" (random init)" if r["random_init"] else ""), runtime,
                       f"{a['int8_bytes'] / 1024:.1f}", f"{a['fp32_bytes'] / 1024:.1f}",
                       f"{a['int8_ms']:.3f}", f"{a['fp32_ms']:.3f}", f"{a['ratio']:.2f}", f"{a['eager_ms']:.3f}",
-                      f"{a['accuracy_drop']:+.2f}", f"{a['decision_agreement']:.1f}", cos, cmin, outside)
+                      *accuracy, cos, cmin, outside)
     return t
