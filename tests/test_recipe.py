@@ -104,6 +104,14 @@ def test_overrides_apply_and_validate():
         apply_overrides({"seed": 1}, ["seed.x=2"])
 
 
+def test_tflite_backend_is_chosen_in_the_recipe():
+    assert load_recipe(RECIPES / "verifier.yaml").export.tflite_backend == "onnx2tf"
+    r = load_recipe(RECIPES / "verifier.yaml", ["export.tflite_backend=litert-torch"])
+    assert r.export.tflite_backend == "litert-torch"
+    with pytest.raises(ToolchainError, match=r"export\.tflite_backend: .*onnx2tf.*litert-torch"):
+        load_recipe(RECIPES / "verifier.yaml", ["export.tflite_backend=tflm"])
+
+
 def test_hash_is_stable_and_sensitive():
     a = load_recipe(RECIPES / "verifier.yaml")
     b = load_recipe(RECIPES / "verifier.yaml")
