@@ -6,14 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from toolchain.cli import main
 from toolchain.export import read_embedded_metadata
 from toolchain.export.manifest import MANIFEST_NAME
 from toolchain.export.tflite_check import inspect_tflite
-from toolchain.models import build_model
-from toolchain.models.io import save_enrollment
 from toolchain.runtime import load_runner
 
 pytestmark = pytest.mark.slow
@@ -21,14 +18,10 @@ THRESHOLD = -0.05  # inside the random-init model's output range (about -0.11 to
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, enrolled_random_verifier):
     pytest.importorskip("litert_torch")
     root = tmp_path_factory.mktemp("litert_export")
-    torch.manual_seed(0)
-    model = build_model("verifier").eval()
-    user = save_enrollment(root / "user", model, {}, threshold=THRESHOLD)
-    rng = np.random.default_rng(0)
-    np.save(root / "calib.npy", rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8))
+    model, user, rng = enrolled_random_verifier(root, THRESHOLD)
     out = root / "out"
     rc = main(["export", str(user), "--out", str(out), "--formats", "tflite", "--tflite-backend", "litert-torch",
                "--calibration", str(root / "calib.npy"), "--calibration-size", "8"])

@@ -6,15 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from toolchain.cli import main
 from toolchain.export import read_embedded_metadata
 from toolchain.export.manifest import MANIFEST_NAME, sha256_file
 from toolchain.export.tflite_check import inspect_tflite
 from toolchain.evaluate.parity import write_probe_set
-from toolchain.models import build_model
-from toolchain.models.io import save_enrollment
 from toolchain.runtime import load_runner
 
 pytestmark = pytest.mark.slow
@@ -22,13 +19,9 @@ THRESHOLD = 0.0
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, enrolled_random_verifier):
     root = tmp_path_factory.mktemp("verifier_export")
-    torch.manual_seed(0)
-    model = build_model("verifier").eval()
-    user = save_enrollment(root / "user", model, {}, threshold=THRESHOLD)
-    rng = np.random.default_rng(0)
-    np.save(root / "calib.npy", rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8))
+    model, user, rng = enrolled_random_verifier(root, THRESHOLD)
     out = root / "out"
     rc = main(["export", str(user), "--out", str(out), "--calibration", str(root / "calib.npy"),
                "--calibration-size", "8", "--json"])
