@@ -54,25 +54,60 @@ class SyntheticData(_Strict):
 
 
 class DataSection(_Strict):
-    source: Literal["synthetic", "insightface"] = "synthetic"
-    # insightface: the folder holding train.rec/train.idx/property and the verification .bin files.
+    """Where the faces come from.
+
+    - synthetic: the embedded generator (`data.synthetic`).
+    - insightface: `data.root` holds train.rec/train.idx/property and the verification `.bin`
+      named by `data.pairs`.
+    - folder: `data.root` is an image folder (one sub-folder per identity). `val_identities`
+      (a share < 1 or a count) of its identities are held out of every training stage, and
+      `pairs` verification pairs (a count) are built among them, half matched, a share
+      `hard_negatives` of the mismatched ones look-alikes in the trained backbone's space.
+    """
+
+    source: Literal["synthetic", "insightface", "folder"] = "synthetic"
+    # insightface / folder: the data folder.
     root: Optional[str] = None
     # Relative to root (insightface) or to the generated folder (synthetic); null = the default
     # (insightface: train.rec, lfw.bin; synthetic: its train.rec and synthetic.bin).
     train: Optional[str] = None
-    pairs: Optional[str] = Field(None, description="verification pairs used for evaluation and parity")
+    pairs: Optional[Union[int, str]] = Field(
+        None, description="verification pairs: a file (synthetic, insightface) or a count (folder)")
+    val_identities: Optional[float] = Field(None, gt=0, description="folder: held-out identities, share (<1) or count")
+    hard_negatives: float = Field(0.5, ge=0, le=1, description="folder: share of mismatched pairs that are look-alikes")
+    split_seed: int = Field(0, description="folder: seed of the identity split and of the pairs")
     synthetic: SyntheticData = Field(default_factory=SyntheticData)
 
     @model_validator(mode="after")
     def _root_for_real_data(self) -> "DataSection":
-        if self.source == "insightface" and not self.root:
-            raise ValueError("source 'insightface' needs data.root (e.g. data.root=/path/to/faces_emore)")
+        if self.source in ("insightface", "folder") and not self.root:
+            raise ValueError(f"source '{self.source}' needs data.root (e.g. data.root=/path/to/faces)")
+        if self.source == "folder":
+            if self.pairs is not None and (not isinstance(self.pairs, int) or self.pairs < 20 or self.pairs % 20):
+                raise ValueError("source 'folder' needs data.pairs as a count, a multiple of 20 (10 balanced folds)")
+            if self.val_identities is not None and self.val_identities >= 1 \
+                    and self.val_identities != int(self.val_identities):
+                raise ValueError("data.val_identities: a share below 1 or a whole count")
+        elif isinstance(self.pairs, int):
+            raise ValueError(f"source '{self.source}' takes data.pairs as a file name")
         return self
+
+    @property
+    def pair_count(self) -> int:
+        """folder: how many pairs to build (default 1200)."""
+        return int(self.pairs) if isinstance(self.pairs, int) else 1200
+
+    @property
+    def held_out(self) -> float:
+        """folder: held-out identities, share or count (default a fifth)."""
+        return 0.2 if self.val_identities is None else self.val_identities
 
     def files(self) -> tuple[str, str]:
         """(identity data set, verification pairs), relative to the data folder."""
         if self.source == "synthetic":
             return self.train or "train.rec", self.pairs or "synthetic.bin"
+        if self.source == "folder":
+            return "train.rec", "pairs.bin"  # written into the run folder by the data and pairs stages
         return self.train or "train.rec", self.pairs or "lfw.bin"
 
 

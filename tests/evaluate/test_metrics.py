@@ -95,3 +95,39 @@ def test_eer_interpolates():
 def test_bad_input_is_refused(scores, issame, msg):
     with pytest.raises(ToolchainError, match=msg):
         verification_metrics(scores, issame)
+
+
+def _lfw_order(n_folds=10, per=30):
+    """LFW pairs.txt layout: each fold lists its matched pairs, then its mismatched ones."""
+    return np.tile([True] * per + [False] * per, n_folds)
+
+
+def test_balanced_contiguous_folds_are_kept():
+    from toolchain.evaluate.metrics import fold_indices
+
+    issame = _lfw_order()  # 600 pairs in 10 blocks of 60: every tenth balanced (insightface .bin order)
+    folds, kind = fold_indices(issame)
+    assert kind == "contiguous"
+    assert [f.tolist() for f in folds] == [list(range(60 * k, 60 * k + 60)) for k in range(10)]
+    m = verification_metrics(np.where(issame, 1.0, 0.0), issame)
+    assert m["folds"] == "contiguous"
+
+
+def test_unbalanced_tenths_get_stratified_folds():
+    from toolchain.evaluate.metrics import fold_indices
+
+    # LFW's pairs.txt order cut to 8 of its 10 folds: consecutive tenths are no longer balanced
+    # (and a list of all matched pairs, then all mismatched, is the extreme case).
+    for issame in (_lfw_order(8), np.repeat([True, False], 300)):
+        folds, kind = fold_indices(issame)
+        assert kind == "stratified"
+        assert sorted(np.concatenate(folds).tolist()) == list(range(len(issame)))
+        for f in folds:
+            assert abs(issame[f].mean() - issame.mean()) <= 0.02
+    # On the all-matched-first order contiguous folds would hold one class each: a score that
+    # separates the classes perfectly must still come out perfect with stratified folds.
+    issame = np.repeat([True, False], 300)
+    rng = np.random.default_rng(0)
+    scores = np.where(issame, rng.uniform(0.6, 1, 600), rng.uniform(0, 0.4, 600))
+    m = verification_metrics(scores, issame)
+    assert m["folds"] == "stratified" and m["accuracy"] == 1.0

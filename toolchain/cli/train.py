@@ -220,7 +220,9 @@ def evaluate_pairs_cmd(hypernet_ckpt, pairs, synthetic_identities, json_out, sco
 @click.option("--data", default=SYNTHETIC, show_default=True, help="Identity data set for training.")
 @click.option("--pairs", default=SYNTHETIC, show_default=True, help="Verification pairs to score on.")
 @click.option("--out", "out_dir", default="artifacts/ablation", show_default=True, type=click.Path(file_okay=False))
-@click.option("--variants", default=None, help="Comma-separated (default: full,no-kcs,no-norm-penalty,no-schedule).")
+@click.option("--variants", default=None,
+              help="Comma-separated, or 'default' (full,no-kcs,no-norm-penalty,no-schedule) or 'redesign' "
+                   "(full,film,cohort-norm,film+cohort-norm).")
 @click.option("--steps", type=int, default=None, help="Hypernet steps of every variant.")
 @click.option("--synthetic-identities", type=int, default=None,
               help="Training identities of the synthetic benchmark (default: its 400); the held-out pair "
@@ -235,24 +237,30 @@ def evaluate_ablation_cmd(backbone_ckpt, data, pairs, out_dir, variants, steps, 
     from rich.table import Table
 
     from toolchain.train import BackboneConfig, HypernetConfig, run_ablation, train_backbone
-    from toolchain.train.ablation import DEFAULT_VARIANTS
+    from toolchain.train.ablation import DEFAULT_VARIANTS, REDESIGN_VARIANTS
 
     cfg = _config(HypernetConfig, config_file, sets, steps=steps)
-    names = tuple(v.strip() for v in variants.split(",")) if variants else DEFAULT_VARIANTS
+    named = {"default": DEFAULT_VARIANTS, "redesign": REDESIGN_VARIANTS}
+    names = (named.get(variants) or tuple(v.strip() for v in variants.split(","))) if variants else DEFAULT_VARIANTS
     dataset = _dataset(data, identities=synthetic_identities)
     if backbone_ckpt is None:
         backbone_ckpt = train_backbone(BackboneConfig(), dataset, Path(out_dir) / "backbone", resume=not no_resume)
-    rows = run_ablation(cfg, backbone_ckpt, dataset, _pairs(pairs, identities=synthetic_identities), out_dir,
-                        variants=names, resume=not no_resume)
+    identities = None
+    if pairs == SYNTHETIC:  # the generator knows who is in each pair
+        rows = _benchmark(synthetic_identities).pair_list()
+        identities = (rows[:, 0], rows[:, 2])
+    rows = run_ablation(cfg, backbone_ckpt, dataset, pairs if pairs != SYNTHETIC else _pairs(pairs, identities=synthetic_identities),
+                        out_dir, variants=names, resume=not no_resume, identities=identities)
     table = Table(title=f"hypernet ablation ({pairs}; {cfg.steps} steps, seed {cfg.seed})")
-    for col in ("variant", "KCS", "norm", "schedule", "per-user acc %", "symmetric acc %", "backbone cos acc %",
-                "per-user AUC", "acc @ calibrated thr %", "train s"):
+    for col in ("variant", "per-user acc %", "symmetric acc %", "backbone cos acc %", "trunk cos acc %",
+                "upper bound acc %", "per-user AUC", "backbone AUC", "per-user TAR@1e-3 %", "acc @ calibrated thr %",
+                "train s"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
-        table.add_row(r["variant"], "on" if r["kcs"] else "off", f"{r['norm_penalty']:g}",
-                      "on" if r["schedule"] else "off",
-                      f"{_pct(r['per_user_accuracy'])} ± {_pct(r['per_user_accuracy_std'])}",
-                      _pct(r["symmetric_accuracy"]), _pct(r["backbone_accuracy"]), f"{r['per_user_auc']:.4f}",
+        table.add_row(r["variant"], f"{_pct(r['per_user_accuracy'])} ± {_pct(r['per_user_accuracy_std'])}",
+                      _pct(r["symmetric_accuracy"]), _pct(r["backbone_accuracy"]), _pct(r["trunk_cosine_accuracy"]),
+                      _pct(r["upper_bound_accuracy"]) if "upper_bound_accuracy" in r else "-",
+                      f"{r['per_user_auc']:.4f}", f"{r['backbone_auc']:.4f}", _pct(r["per_user_tar_at_far"]["1e-3"]),
                       _pct(r["accuracy_at_calibrated_threshold"]),
                       "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
     Console().print(table)

@@ -6,7 +6,11 @@ Conventions (documented because papers differ):
   distance is negated, and thresholds are reported back in the caller's units.
 - accuracy / accuracy_std: the pairs are split into `n_folds` contiguous folds *without
   shuffling* (sklearn KFold(shuffle=False), as insightface does, so a .bin's fold layout is
-  kept); on each fold the threshold that maximises accuracy on the other folds is applied; the
+  kept) when every contiguous fold is balanced (its matched share within 0.1 of the whole
+  set's). Otherwise (e.g. LFW's pairs.txt cut short, or a list of all matched pairs then all
+  mismatched ones) contiguous folds would each hold one class, so the folds are stratified
+  (sklearn StratifiedKFold(shuffle=False): each class split in order) and `folds` says so; on
+  each fold the threshold that maximises accuracy on the other folds is applied; the
   mean and the population std (numpy's default, as insightface) of the fold accuracies.
 - threshold: the threshold that maximises accuracy on *all* pairs (what a deployment would
   use); the per-fold thresholds are in `fold_thresholds`. Candidate thresholds are the midpoints
@@ -89,6 +93,21 @@ def _eer(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
 
 
+def fold_indices(issame: np.ndarray, n_folds: int = 10, tolerance: float = 0.1) -> tuple[list[np.ndarray], str]:
+    """(test indices of each fold, "contiguous" | "stratified"); see the module docstring."""
+    y = np.asarray(issame, bool)
+    folds = np.array_split(np.arange(len(y)), n_folds)
+    share = y.mean()
+    if all(abs(y[f].mean() - share) <= tolerance for f in folds):
+        return folds, "contiguous"
+    from sklearn.model_selection import StratifiedKFold
+
+    if min(int(y.sum()), int((~y).sum())) < n_folds:  # too few to stratify: keep the file's folds
+        return folds, "contiguous (unbalanced; too few pairs to stratify)"
+    split = StratifiedKFold(n_splits=n_folds, shuffle=False).split(np.zeros(len(y)), y)
+    return [np.sort(test) for _, test in split], "stratified"
+
+
 def verification_metrics(scores, issame, higher_is_same: bool = True, n_folds: int = 10) -> dict:
     """Metrics of a verification run; see the module docstring for every convention.
 
@@ -99,7 +118,7 @@ def verification_metrics(scores, issame, higher_is_same: bool = True, n_folds: i
     s, y = _validate(scores, issame, n_folds)
     sign = 1.0 if higher_is_same else -1.0
     z = sign * s  # similarities from here on
-    folds = np.array_split(np.arange(len(z)), n_folds)
+    folds, fold_kind = fold_indices(y, n_folds)
     accs, thresholds = [], []
     for k, test in enumerate(folds):
         train = np.concatenate([f for j, f in enumerate(folds) if j != k])
@@ -125,6 +144,7 @@ def verification_metrics(scores, issame, higher_is_same: bool = True, n_folds: i
         "far_resolution": 1.0 / n_neg,
         "auc": float(_sk_auc(fpr, tpr)),
         "eer": _eer(fpr, tpr),
+        "folds": fold_kind,
         "num_pairs": int(len(z)),
         "num_matched": int(y.sum()),
         "num_mismatched": n_neg,

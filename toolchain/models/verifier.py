@@ -7,9 +7,14 @@ SPEC section 1 leaves the layers to the project. Decisions:
   17k parameters; the int8 files stay under 40 KB.
 - int8-first: only conv, depthwise conv, ReLU, average pooling and linear layers, which XNNPACK
   runs in int8. No BatchNorm, no PReLU, no L2-normalise.
-- Two parts. `features` is a MobileNet-style trunk shared by all users (its weights are the
-  hypernetwork's learned base). `head` is a two-layer MLP whose weights the hypernetwork
-  generates per user from the enrollment embedding. The enrolled model is a plain state dict.
+- Two parts. `features` is a MobileNet-style trunk (its weights are the hypernetwork's learned
+  base). `head` is a two-layer MLP whose weights the hypernetwork generates per user from the
+  enrollment embedding. With `film=True` the trunk's last pointwise conv is per-user too: the
+  hypernetwork modulates each of its output channels (scale and shift, folded into the conv's
+  weight and bias), so the exported graph is still a plain conv. The enrolled model is a plain
+  state dict.
+- The model declares which of its tensors are per-user (`per_user_tensors`): enrollment writes
+  them, and anything that patches per-user files reads the list from here.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def _dw_separable(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
 
 
 class Verifier(nn.Module):
-    def __init__(self, width: int = 16, feature_dim: int = 96, hidden_dim: int = 64) -> None:
+    def __init__(self, width: int = 16, feature_dim: int = 96, hidden_dim: int = 64, film: bool = False) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -52,6 +57,21 @@ class Verifier(nn.Module):
         )
         self.feature_dim = feature_dim
         self.hidden_dim = hidden_dim
+        self.film = film
+
+    # Index in `features` of the last pointwise conv (per-user with film), and where its ReLU is.
+    LAST_CONV = 12
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        return self.features[self.LAST_CONV]
+
+    def per_user_tensors(self) -> list[str]:
+        """State-dict names that differ between users; the rest is shared by every user."""
+        names = [n for n in self.state_dict() if n.startswith(HEAD_PREFIX)]
+        if self.film:
+            names = [f"features.{self.LAST_CONV}.weight", f"features.{self.LAST_CONV}.bias"] + names
+        return names
 
     @property
     def input_conv(self) -> nn.Conv2d:

@@ -29,12 +29,12 @@ _RUNTIME_FIELDS = {"progress", "num_workers", "checkpoint_every"}
 
 
 def _data_files(ctx: RunContext) -> tuple[Path, Path]:
-    """(identity data set path, verification pairs path) of this run."""
+    """(identity data set path, verification pairs path) of this run. A folder source gets its
+    pairs from the `pairs` stage (built once the backbone can find look-alikes)."""
     rec = ctx.results["data"]
-    train, pairs = Path(rec["train"]), Path(rec["pairs"])
-    if not train.is_absolute():
-        train, pairs = ctx.path(train), ctx.path(pairs)
-    return train, pairs
+    train = Path(rec["train"])
+    pairs = Path(ctx.results["pairs"]["pairs"] if "pairs" in ctx.results else rec.get("pairs", ""))
+    return (train if train.is_absolute() else ctx.path(train)), (pairs if pairs.is_absolute() else ctx.path(pairs))
 
 
 def _external_data(ctx: RunContext) -> list[Path]:
@@ -47,6 +47,8 @@ def _external_data(ctx: RunContext) -> list[Path]:
 def _stage_data(ctx: RunContext) -> StageOutput:
     d = ctx.recipe.data
     train_name, pairs_name = d.files()
+    if d.source == "folder":
+        return _stage_data_folder(ctx)
     if d.source == "synthetic":
         import os
 
@@ -61,6 +63,11 @@ def _stage_data(ctx: RunContext) -> StageOutput:
             if not p.exists():
                 raise ToolchainError(f"synthetic data: {p.name} was not written (data.train / data.pairs name "
                                      f"a file the generator does not write)")
+        if pairs.name == "synthetic.bin":  # the generator's own pairs: keep who is in each (diagnosis)
+            from toolchain.data.writers import benchmark_for
+
+            rows = benchmark_for(**d.synthetic.generator_kwargs()).pair_list()
+            _write_pair_identities(out / PAIR_IDENTITIES, rows[:, 0], rows[:, 2])
         return StageOutput(files=[out], data={"source": "synthetic", "train": ctx.rel(train),
                                               "pairs": ctx.rel(pairs), "generator": _jsonable(info)})
     root = Path(d.root).expanduser()
@@ -75,6 +82,92 @@ def _stage_data(ctx: RunContext) -> StageOutput:
         inputs += [p for p in (train.with_suffix(".idx"), root / "property") if p.exists()]
     return StageOutput(data={"source": "insightface", "root": str(root.resolve()), "train": str(train.resolve()),
                              "pairs": str(pairs.resolve()), "inputs": [str(p.resolve()) for p in inputs]})
+
+
+def _folder_images(ctx: RunContext):
+    from toolchain.data.folder import scan_identity_folder
+
+    root = Path(ctx.recipe.data.root).expanduser()
+    if not root.is_dir():
+        raise ToolchainError(f"data.root: {root} is not a folder")
+    return root, *scan_identity_folder(root)
+
+
+def _folder_inputs(ctx: RunContext) -> list[Path]:
+    return _folder_images(ctx)[1] if ctx.recipe.data.source == "folder" else []
+
+
+def _stage_data_folder(ctx: RunContext) -> StageOutput:
+    """Split the folder's identities; training identities go into `data/train.rec` (the image
+    bytes as they are), the held-out ones are listed in `data/held_out.json` for the pairs stage."""
+    from toolchain.atomic import write_json_atomic
+    from toolchain.data.recordio import write_insightface_rec
+    from toolchain.data.split import split_identities
+
+    d = ctx.recipe.data
+    root, paths, labels, names = _folder_images(ctx)
+    train_ids, held_ids = split_identities(labels, d.held_out, d.split_seed)
+    out = ctx.path("data")
+    out.mkdir(parents=True, exist_ok=True)
+    keep = np.flatnonzero(np.isin(labels, train_ids))
+    relabel = {int(old): new for new, old in enumerate(train_ids)}
+    write_insightface_rec(out, (paths[i].read_bytes() for i in keep), [relabel[int(labels[i])] for i in keep])
+    held = np.flatnonzero(np.isin(labels, held_ids))
+    write_json_atomic(out / "held_out.json", {
+        "root": str(root.resolve()), "identities": [names[i] for i in held_ids],
+        "images": [str(paths[i].relative_to(root)) for i in held], "labels": [int(labels[i]) for i in held]})
+    return StageOutput(files=[out], data={
+        "source": "folder", "root": str(root.resolve()), "train": ctx.rel(out / "train.rec"),
+        "held_out": ctx.rel(out / "held_out.json"), "train_identities": int(len(train_ids)),
+        "train_images": int(len(keep)), "held_out_identities": int(len(held_ids)), "held_out_images": int(len(held)),
+        "split_seed": d.split_seed})
+
+
+PAIR_IDENTITIES = "pair_identities.json"
+
+
+def _write_pair_identities(path: Path, ids_a, ids_b) -> None:
+    from toolchain.atomic import write_json_atomic
+
+    write_json_atomic(path, {"a": [int(i) for i in ids_a], "b": [int(i) for i in ids_b]})
+
+
+def _pair_identities(ctx: RunContext) -> tuple[np.ndarray, np.ndarray] | None:
+    """The person of each side of this run's pairs, when the run made the pairs; else None."""
+    path = _data_files(ctx)[1].parent / PAIR_IDENTITIES
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    return np.asarray(rec["a"]), np.asarray(rec["b"])
+
+
+def _stage_pairs(ctx: RunContext) -> StageOutput:
+    """Verification pairs among the held-out identities of a folder source, written as an
+    insightface `.bin`; hard negatives are look-alikes in the trained backbone's space."""
+    from toolchain.data.insightface_bin import write_bin
+    from toolchain.data.folder import read_image_file
+    from toolchain.data.split import build_pairs
+    from toolchain.models.io import load_model
+    from toolchain.train.common import embed, nhwc_uint8_to_input
+
+    d = ctx.recipe.data
+    held = json.loads(ctx.path(ctx.results["data"]["held_out"]).read_text())
+    root = Path(held["root"])
+    files = [root / rel for rel in held["images"]]
+    labels = np.asarray(held["labels"])
+    embeddings = None
+    if d.hard_negatives > 0:
+        backbone, _ = load_model(ctx.path(ctx.results["train_backbone"]["checkpoint"]))
+        images = np.stack([read_image_file(f) for f in files])
+        embeddings = embed(backbone, nhwc_uint8_to_input(images)).numpy()
+    rows = build_pairs(labels, d.pair_count, hard_share=d.hard_negatives, seed=d.split_seed, embeddings=embeddings)
+    out = ctx.path("pairs/pairs.bin")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bin(out, [files[i].read_bytes() for r in rows for i in r[:2]], rows[:, 2].astype(bool))
+    _write_pair_identities(out.parent / PAIR_IDENTITIES, labels[rows[:, 0]], labels[rows[:, 1]])
+    return StageOutput(files=[out, out.parent / PAIR_IDENTITIES], data={"pairs": ctx.rel(out), "num_pairs": int(len(rows)),
+                                          "matched": int(rows[:, 2].sum()), "hard_negative_share": d.hard_negatives,
+                                          "identities": int(len(np.unique(labels[rows[:, :2].ravel()])))})
 
 
 def _jsonable(obj: Any) -> Any:
@@ -235,7 +328,9 @@ def _stage_evaluate(ctx: RunContext) -> StageOutput:
         data = {"per_user": _metrics_summary(result[route]), "per_user_route": route,
                 "per_user_at_threshold": _jsonable(result["per_user_at_threshold"]),
                 "backbone": _metrics_summary(result["backbone_cosine"]),
-                "backbone_model": ctx.recipe.train.backbone.model, "pairs": int(result["num_pairs"])}
+                "backbone_model": ctx.recipe.train.backbone.model, "pairs": int(result["num_pairs"]),
+                "routes": {k: _metrics_summary(result[k]) for k in ("per_user", "symmetric", "backbone_cosine")}}
+        data["diagnosis"] = _diagnosis(ctx, hypernet, pairs)
     else:
         from toolchain.evaluate.metrics import verification_metrics
         from toolchain.evaluate.parity import embed
@@ -251,12 +346,31 @@ def _stage_evaluate(ctx: RunContext) -> StageOutput:
     return StageOutput(data=data)
 
 
+def _diagnosis(ctx: RunContext, hypernet: Path, pairs) -> dict:
+    """Trunk cosine and the fitted-head upper bound on the same pairs (toolchain.evaluate.diagnose);
+    needs the person of each pair image, known when the run made the pairs."""
+    from toolchain.evaluate.diagnose import diagnose
+    from toolchain.models.hypernet import load_hypernet
+
+    identities = _pair_identities(ctx)
+    if identities is None or len(identities[0]) != len(pairs):
+        return {"note": "pair identities unknown (pairs not made by this run): no diagnosis"}
+    dataset = _identity_dataset(ctx)
+    rng = np.random.default_rng(ctx.recipe.seed)
+    pick = np.sort(rng.choice(len(dataset), min(len(dataset), 1000), replace=False))
+    negatives = np.stack([dataset.get_uint8(int(i)) for i in pick])
+    result = diagnose(load_hypernet(hypernet).hypernet, pairs, *identities, negatives)
+    return {"trunk_cosine": _metrics_summary(result["trunk_cosine"]),
+            "head_upper_bound": _metrics_summary(result["head_upper_bound"]),
+            "upper_bound_images": result["upper_bound_images"]}
+
+
 def _normalised(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _metrics_summary(m: dict) -> dict:
-    keys = ("accuracy", "accuracy_std", "threshold", "auc", "eer", "tar_at_far", "num_pairs")
+    keys = ("accuracy", "accuracy_std", "threshold", "auc", "eer", "tar_at_far", "folds", "num_pairs")
     out = {k: _jsonable(m[k]) for k in keys if k in m}
     out["pairs"] = out.pop("num_pairs", None)
     return out
@@ -446,26 +560,34 @@ def _train_config(section) -> dict:
 
 def default_stages(recipe: Recipe) -> list[Stage]:
     """The stages of a recipe's route, in order."""
-    data = Stage("data", _stage_data, title="data", workdir="data",
+    data = Stage("data", _stage_data, title="data", workdir="data", external=_folder_inputs, version=2,
                  config=lambda ctx: ctx.recipe.data.model_dump(mode="json"))
     stages = [data]
     if recipe.train.backbone is not None:
         stages.append(Stage("train_backbone", _stage_train_backbone, title="train backbone (h_bb)",
                             after=("data",), external=_external_data, workdir="train/backbone",
                             config=lambda ctx: _train_config(ctx.recipe.train.backbone)))
+    if recipe.data.source == "folder":
+        if recipe.train.backbone is None:
+            raise ToolchainError("data.source 'folder' builds its pairs with the trained backbone: "
+                                 "the recipe needs train.backbone")
+        stages.append(Stage("pairs", _stage_pairs, title="verification pairs (held-out identities)",
+                            after=("data", "train_backbone"), workdir="pairs",
+                            config=lambda ctx: ctx.recipe.data.model_dump(mode="json")))
     if recipe.kind == "verifier":
         stages += [
             Stage("train_hypernet", _stage_train_hypernet, title="train hypernetwork (h_gen)",
                   after=("data", "train_backbone"), external=_external_data, workdir="train/hypernet",
                   config=lambda ctx: _train_config(ctx.recipe.train.hypernet)),
-            Stage("enroll", _stage_enroll, title="enroll users", after=("data", "train_hypernet"),
+            Stage("enroll", _stage_enroll, title="enroll users",
+                  after=("data", *(("pairs",) if recipe.data.source == "folder" else ()), "train_hypernet"),
                   external=_external_data, workdir="users",
                   config=lambda ctx: {"enroll": ctx.recipe.enroll.model_dump(mode="json"),
                                       "negatives": ctx.recipe.parity.max_negatives}),
         ]
     trained = tuple(s.name for s in stages[1:])
     stages += [
-        Stage("evaluate", _stage_evaluate, title="evaluate on the pairs", after=("data", *trained),
+        Stage("evaluate", _stage_evaluate, title="evaluate on the pairs", after=("data", *trained), version=2,
               external=_external_data, config=lambda ctx: ctx.recipe.evaluate.model_dump(mode="json")),
         Stage("export", _stage_export, title="quantize + export", after=("data", *trained),
               external=_external_data, workdir="export",

@@ -28,7 +28,7 @@ from toolchain.errors import ToolchainError
 from toolchain.models import build_model
 from toolchain.models.io import load_model, load_state, save_checkpoint
 from toolchain.train import distributed
-from toolchain.train.common import progress_bar, seed_everything, warmup_cosine
+from toolchain.train.common import autocast, grad_scaler, progress_bar, seed_everything, warmup_cosine
 from toolchain.train.config import BackboneConfig
 from toolchain.train.losses import ArcFaceHead, angular_distillation
 
@@ -46,7 +46,9 @@ class _ArcFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.backbone(x)
-        return self.head(emb, y), emb
+        # The margin arithmetic stays in float32 under mixed precision (cos near 1 needs it).
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return self.head(emb.float(), y), emb
 
 
 def _fingerprint(cfg: BackboneConfig, dataset) -> dict:
@@ -132,6 +134,7 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
         optimizer = _make_optimizer(cfg, net)
+        scaler = grad_scaler(env.device, cfg.amp)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, cfg.warmup_steps))
         step, history = 0, []
         if state is not None:
@@ -162,12 +165,16 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
                 # Its own generator: creating an iterator draws a seed, which must not advance the
                 # global RNG (a resumed run creates its iterator mid-epoch).
                 gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-                loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=gen)
+                loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=gen,
+                                    pin_memory=env.device.type == "cuda",
+                                    persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
                 for images, labels in loader:
-                    loss, parts = _step(cfg, ddp, teacher, images, labels, env.device)
+                    with autocast(env.device, cfg.amp):
+                        loss, parts = _step(cfg, ddp, teacher, images, labels, env.device)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     scheduler.step()
                     step += 1
                     history.append(float(loss.detach()))

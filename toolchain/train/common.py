@@ -43,6 +43,22 @@ def cpu_threads(n: int | None):
         torch.set_num_threads(prior)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed precision for a training step's forward and loss: "off", "bf16" or "fp16" (on CUDA,
+    with a GradScaler, see `grad_scaler`; on CPU both run through torch's CPU autocast)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def grad_scaler(device: torch.device, amp: str) -> "torch.amp.GradScaler":
+    """Loss scaling, on only for fp16 on CUDA (bf16 has float32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     """LR factor: linear warm-up, then cosine decay to zero at `total_steps`."""
 

@@ -49,6 +49,7 @@ class BackboneConfig(_Config):
     hflip: bool = Field(True, description="random horizontal flip augmentation")
     channels_last: bool = Field(True, description="NHWC memory format: about 2x faster on CPU")
     distill: DistillConfig | None = None
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision of the training step")
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
     num_workers: int = Field(0, ge=0)
@@ -63,7 +64,10 @@ class HypernetConfig(_Config):
     code_dim: int = Field(64, ge=1, description="size of the code z that drives every generated layer")
     encoder_hidden: int = Field(256, ge=1)
     rank: int = Field(8, ge=0, description="rank of the generated first-layer update (0 = full linear map)")
-    verifier_kwargs: dict = Field(default_factory=dict, description="arguments of the `verifier` model")
+    verifier_kwargs: dict = Field(default_factory=dict, description="arguments of the `verifier` model "
+                                  "(film: true makes the trunk's last conv per-user)")
+    cohort_size: int = Field(0, ge=0, description="impostor cohort of per-user score normalisation (0 = off)")
+    cohort_refresh: int = Field(25, ge=1, description="steps between refreshes of the cohort's trunk features")
     # --- batches ---
     steps: int = Field(1500, ge=1)
     identities_per_batch: int = Field(32, ge=2, description="P: enrollment identities per batch")
@@ -84,6 +88,7 @@ class HypernetConfig(_Config):
     weight_decay: float = Field(1e-4, ge=0)
     hflip: bool = True
     channels_last: bool = True
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision of the training step")
     # --- calibration on held-out identities ---
     val_identities: float = Field(0.1, gt=0, lt=1, description="share of identities held out for the threshold")
     seed: int = 0

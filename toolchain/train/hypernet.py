@@ -44,7 +44,7 @@ from toolchain.atomic import atomic_write_bytes
 from toolchain.models.io import load_model, load_state, save_checkpoint
 from toolchain.quantize.grid import snap_to_int8_grid
 from toolchain.train import distributed
-from toolchain.train.common import cpu_threads, embed, from_uint8, progress_bar, seed_everything, step_rng, to_uint8, warmup_cosine
+from toolchain.train.common import autocast, grad_scaler, cpu_threads, embed, from_uint8, progress_bar, seed_everything, step_rng, to_uint8, warmup_cosine
 from toolchain.train.config import HypernetConfig
 from toolchain.train.losses import weighted_bce
 from toolchain.train.sampling import IdentityBatchSampler, identity_centres
@@ -65,7 +65,7 @@ class _Trainable(nn.Module):
     def forward(self, enroll_emb: torch.Tensor, probes: torch.Tensor):
         theta = self.hypernet(enroll_emb)
         feats = self.hypernet.features(probes)
-        return theta, feats, self.proj(feats)
+        return theta, feats, self.proj(self.hypernet.pooled(feats))
 
 
 def _tensor_digest(state: dict) -> str:
@@ -154,12 +154,14 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
         seed_everything(cfg.seed)
         emb_dim = int(embeddings.shape[1])
         hn_kwargs = {"embedding_dim": emb_dim, "code_dim": cfg.code_dim, "encoder_hidden": cfg.encoder_hidden,
-                     "rank": cfg.rank, "verifier_kwargs": dict(cfg.verifier_kwargs)}
+                     "rank": cfg.rank, "verifier_kwargs": dict(cfg.verifier_kwargs), "cohort_size": cfg.cohort_size}
         net = _Trainable(HyperNetwork(**hn_kwargs), emb_dim).to(env.device)
+        cohort = _cohort_images(images, labels, train_ids, cfg, env.device)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.steps, min(50, cfg.steps // 10)))
+        scaler = grad_scaler(env.device, cfg.amp)
         step, history, earlier_seconds = 0, [], 0.0
         if resume and last.is_file():
             state = load_state(last)
@@ -186,6 +188,8 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
         with cpu_threads(cfg.threads if env.device.type == "cpu" else None), \
                 progress_bar("hypernet", cfg.steps, completed=step, enabled=show) as advance:
             while step < cfg.steps:
+                if cohort is not None and step % cfg.cohort_refresh == 0:
+                    net.hypernet.set_cohort(cohort)  # the trunk moves: its cohort features follow
                 rng = step_rng(cfg.seed, step, env.rank)
                 objective = objective_at(cfg, step)
                 use_kcs = bool(rng.random() < objective.kcs_prob)
@@ -195,8 +199,11 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                     flip = torch.as_tensor(rng.random(len(batch.probes)) < 0.5)
                     probes = torch.where(flip[:, None, None, None], probes.flip(3), probes)
                 probes = from_uint8(probes, cfg.channels_last).to(env.device)
-                theta, feats, pred = ddp(emb_dev[torch.as_tensor(batch.enroll)], probes)
-                logits = HyperNetwork.score_matrix(theta, feats)
+                with autocast(env.device, cfg.amp):
+                    theta, feats, pred = ddp(emb_dev[torch.as_tensor(batch.enroll)], probes)
+                    logits = HyperNetwork.score_matrix(theta, feats)
+                logits, pred = logits.float(), pred.float()
+                theta = {k: v.float() for k, v in theta.items()}
                 targets = torch.as_tensor(batch.probe_owner, device=env.device)[None, :] == \
                     torch.arange(len(batch.enroll), device=env.device)[:, None]
                 bce = weighted_bce(logits, targets, cfg.pos_weight)
@@ -207,8 +214,9 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                     cos = F.cosine_similarity(pred, emb_dev[torch.as_tensor(batch.probes)], dim=1)
                     loss = loss + cfg.trunk_distill * (1.0 - cos).mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 if cfg.trunk_int8_grid and step >= grid_from:
                     # Projected steps: late in the cosine schedule an update is below one grid step,
@@ -222,6 +230,8 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                         save_last()
                     env.barrier()
 
+        if cohort is not None:
+            net.hypernet.set_cohort(cohort)  # the final trunk's features
         if env.is_main:
             net.eval()
             calibration = calibrate(net.hypernet, images, labels, embeddings, val_ids, seed=cfg.seed,
@@ -236,6 +246,18 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                             train_seconds=round(earlier_seconds + time.perf_counter() - started, 1), complete=True)
         env.barrier()
         return final
+
+
+def _cohort_images(images: torch.Tensor, labels: np.ndarray, train_ids: np.ndarray, cfg: HypernetConfig,
+                   device) -> torch.Tensor | None:
+    """`cohort_size` training images (seeded, one per identity while they last): the impostor
+    cohort of score normalisation, or None when it is off."""
+    if not cfg.cohort_size:
+        return None
+    rng = np.random.default_rng(cfg.seed + 7)
+    ids = rng.permutation(train_ids)
+    picks = [int(rng.choice(np.flatnonzero(labels == ids[k % len(ids)]))) for k in range(cfg.cohort_size)]
+    return from_uint8(images[torch.as_tensor(picks)], cfg.channels_last).to(device)
 
 
 def _cached_embeddings(path: Path, backbone: nn.Module, images: torch.Tensor, fingerprint: dict, env,
