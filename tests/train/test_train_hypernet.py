@@ -165,3 +165,46 @@ def test_weighted_bce_and_threshold():
 def test_too_few_identities(backbone_ckpt, make_toy, tmp_path):
     with pytest.raises(ToolchainError, match="identities"):
         train_hypernet(HypernetConfig(steps=2, **HN), backbone_ckpt, make_toy(num_classes=4), tmp_path / "x")
+
+
+def test_redesign_switches_train_and_calibrate(backbone_ckpt, toy_data, tmp_path):
+    """film + cohort normalisation + trunk pretraining + bf16 autocast (CPU), all at once: the
+    trained cohort standardises held-out users' scores and the pretraining moved the trunk."""
+    cfg = HypernetConfig(steps=30, verifier_kwargs={"film": True}, cohort_size=8, cohort_refresh=10,
+                         trunk_pretrain_steps=6, trunk_pretrain_batch=16, amp="bf16", **HN)
+    path = train_hypernet(cfg, backbone_ckpt, toy_data, tmp_path / "hn")
+    bundle = load_hypernet(path)
+    hn = bundle.hypernet
+    assert hn.film and hn.cohort_size == 8 and bool(hn.cohort_ready)
+    with torch.no_grad():
+        theta = hn(torch.randn(3, 16))
+        cohort_scores = hn.score_matrix(theta, hn.cohort)
+    assert torch.allclose(cohort_scores.mean(1), torch.zeros(3), atol=1e-3)
+    assert np.isfinite(load_state(path)["calibration"]["threshold"])
+
+
+def test_trunk_pretraining_lowers_the_distillation_loss(backbone_ckpt, toy_data, tmp_path, monkeypatch):
+    losses = []
+    real = hypernet_mod.progress_bar
+
+    def spy(name, total, **kw):
+        ctx = real(name, total, **{**kw, "enabled": False})
+
+        class _Wrap:
+            def __enter__(self):
+                advance = ctx.__enter__()
+
+                def record(n=1, **fields):
+                    if "distill" in fields:
+                        losses.append(fields["distill"])
+                    return advance(n, **fields)
+                return record
+
+            def __exit__(self, *exc):
+                return ctx.__exit__(*exc)
+        return _Wrap()
+
+    monkeypatch.setattr(hypernet_mod, "progress_bar", spy)
+    cfg = HypernetConfig(steps=2, trunk_pretrain_steps=40, trunk_pretrain_batch=24, **HN)
+    train_hypernet(cfg, backbone_ckpt, toy_data, tmp_path / "hn")
+    assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5])

@@ -93,17 +93,29 @@ def _evaluation_section(core: Mapping) -> list[str]:
         return []
     out = ["## Evaluation on the verification pairs", ""]
     rows = []
-    for key, label in (("per_user", "per-user route (hypernetwork + f)"),
-                       ("backbone", "backbone baseline (cosine of embeddings)")):
-        e = ev.get(key)
+    routes = ev.get("routes") or {}
+    diagnosis = ev.get("diagnosis") or {}
+    route = ev.get("per_user_route")
+    for e, label in ((ev.get("per_user"), f"per-user route (hypernetwork + f{', ' + route if route else ''})"),
+                     (routes.get("per_user") if ev.get("per_user_route") == "symmetric" else None,
+                      "per-user route, one side (f(b; theta_a))"),
+                     (ev.get("backbone"), "backbone baseline (cosine of embeddings)"),
+                     (diagnosis.get("trunk_cosine"), "diagnosis: cosine of f's trunk features"),
+                     (diagnosis.get("head_upper_bound"), "diagnosis: upper bound, head fitted on many images")):
         if isinstance(e, Mapping):
             tar = (e.get("tar_at_far") or {}).get("1e-3")
             rows.append([label, _pct(_accuracy_percent(e.get("accuracy"))),
                          _num(_accuracy_percent(e.get("accuracy_std")), 2), _pct(_accuracy_percent(tar)),
                          _num(e.get("auc"), 4), _num(e.get("pairs"))])
     if rows:
+        folds = (ev.get("per_user") or {}).get("folds", "contiguous")
         out += [_table(["scorer", "accuracy", "std (10 folds, points)", "TAR@FAR=1e-3", "AUC", "pairs"], rows), "",
-                "Accuracy: 10-fold protocol (threshold chosen on the other nine folds).", ""]
+                f"Accuracy: 10-fold protocol (threshold chosen on the other nine folds; {folds} folds).", ""]
+        if diagnosis.get("trunk_cosine"):
+            out += ["Reading the diagnosis: trunk cosine far below backbone cosine points at the trunk's "
+                    "capacity; the per-user route below the fitted-head upper bound points at generating "
+                    "the head from one photo; a per-user AUC near the bound's with lower accuracy points at "
+                    "scores not calibrated across users.", ""]
     if ev.get("pairs_file"):
         out += [f"Pairs: `{ev['pairs_file']}`.", ""]
     return out

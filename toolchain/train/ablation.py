@@ -32,6 +32,8 @@ VARIANTS: dict[str, dict] = {
     "film": {"verifier_kwargs": {"film": True}},
     "cohort-norm": {"cohort_size": 256},
     "film+cohort-norm": {"verifier_kwargs": {"film": True}, "cohort_size": 256},
+    "trunk-pretrain": {"trunk_pretrain_steps": 1500},
+    "wide": {"verifier_kwargs": {"width": 18, "feature_dim": 128, "hidden_dim": 48}},
 }
 DEFAULT_VARIANTS = ("full", "no-kcs", "no-norm-penalty", "no-schedule")
 REDESIGN_VARIANTS = ("full", "film", "cohort-norm", "film+cohort-norm")

@@ -185,6 +185,8 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
 
         grid_from = cfg.steps - int(round(cfg.steps * cfg.trunk_int8_grid))
         net.train()
+        if step == 0 and cfg.trunk_pretrain_steps:
+            pretrain_trunk(net, images, emb_dev, train_ids, labels, cfg, env, show)
         with cpu_threads(cfg.threads if env.device.type == "cpu" else None), \
                 progress_bar("hypernet", cfg.steps, completed=step, enabled=show) as advance:
             while step < cfg.steps:
@@ -246,6 +248,48 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                             train_seconds=round(earlier_seconds + time.perf_counter() - started, 1), complete=True)
         env.barrier()
         return final
+
+
+def _shifted(images: torch.Tensor, rng: np.random.Generator, max_shift: int) -> torch.Tensor:
+    """Each uint8 image (N,3,H,W) moved by up to `max_shift` pixels (edge pixels repeated) and
+    randomly mirrored: small alignment jitter, which does not change who it is."""
+    n, _, h, w = images.shape
+    padded = F.pad(images.float(), (max_shift,) * 4, mode="replicate")
+    dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]).to(torch.uint8)
+    flip = torch.as_tensor(rng.random(n) < 0.5)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def pretrain_trunk(net: "_Trainable", images: torch.Tensor, embeddings: torch.Tensor, train_ids: np.ndarray,
+                   labels: np.ndarray, cfg: HypernetConfig, env, show: bool) -> None:
+    """Distillation before the hypernetwork: the trunk (through the training-only map W) regresses
+    h_bb's cached embedding of jittered training images, `trunk_pretrain_steps` steps of
+    `trunk_pretrain_batch` images. Only the trunk and W learn here (cosine loss). Not resumable
+    on its own: an interrupted pretraining starts again."""
+    pool = np.flatnonzero(np.isin(labels, train_ids))
+    params = list(net.hypernet.trunk.parameters()) + list(net.proj.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.trunk_pretrain_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, min(50, total // 10)))
+    with cpu_threads(cfg.threads if env.device.type == "cpu" else None), \
+            progress_bar("trunk pretraining", total, enabled=show) as advance:
+        for step in range(total):
+            rng = step_rng(cfg.seed, 10_000_000 + step, env.rank)
+            pick = torch.as_tensor(rng.choice(pool, min(cfg.trunk_pretrain_batch, len(pool)), replace=False))
+            x = from_uint8(_shifted(images[pick], rng, 4), cfg.channels_last).to(env.device)
+            with autocast(env.device, cfg.amp):
+                pred = net.proj(net.hypernet.pooled(net.hypernet.features(x)))
+            loss = (1.0 - F.cosine_similarity(pred.float(), embeddings[pick.to(embeddings.device)], dim=1)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if env.distributed:  # outside DDP's wrapper: average the gradients by hand
+                for p in params:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= env.world_size
+            optimizer.step()
+            scheduler.step()
+            advance(1, distill=float(loss.detach()))
 
 
 def _cohort_images(images: torch.Tensor, labels: np.ndarray, train_ids: np.ndarray, cfg: HypernetConfig,
