@@ -168,10 +168,11 @@ def test_too_few_identities(backbone_ckpt, make_toy, tmp_path):
 
 
 def test_redesign_switches_train_and_calibrate(backbone_ckpt, toy_data, tmp_path):
-    """film + cohort normalisation + trunk pretraining + bf16 autocast (CPU), all at once: the
+    """film + cohort normalisation + trunk pretraining + score distillation + bf16 autocast (CPU),
+    all at once: the
     trained cohort standardises held-out users' scores and the pretraining moved the trunk."""
     cfg = HypernetConfig(steps=30, verifier_kwargs={"film": True}, cohort_size=8, cohort_refresh=10,
-                         trunk_pretrain_steps=6, trunk_pretrain_batch=16, amp="bf16", **HN)
+                         trunk_pretrain_steps=6, trunk_pretrain_batch=16, amp="bf16", score_distill=0.5, **HN)
     path = train_hypernet(cfg, backbone_ckpt, toy_data, tmp_path / "hn")
     bundle = load_hypernet(path)
     hn = bundle.hypernet

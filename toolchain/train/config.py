@@ -76,6 +76,9 @@ class HypernetConfig(_Config):
     pos_weight: float | None = Field(None, gt=0, description="BCE positive-class weight; None = n_neg/n_pos of the batch")
     norm_penalty: float = Field(1e-4, ge=0, description="lambda of lambda*||theta_generated||^2; 0 = off")
     trunk_distill: float = Field(1.0, ge=0, description="weight of the trunk's cosine regression onto h_bb's embedding; 0 = off")
+    score_distill: float = Field(0.0, ge=0, description="weight of the per-user scores' listwise distillation "
+                                 "from h_bb's cosines (KL of the softmax over each user's probes; 0 = off)")
+    score_distill_temperature: float = Field(0.1, gt=0, description="temperature of h_bb's cosines in score_distill")
     trunk_pretrain_steps: int = Field(0, ge=0, description="distillation-only steps of the trunk before h_gen trains (0 = off)")
     trunk_pretrain_batch: int = Field(256, ge=2, description="images per trunk pretraining step")
     kcs: bool = Field(True, description="K-means Centered Sampling of hard-negative batches")

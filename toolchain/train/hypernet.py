@@ -8,7 +8,13 @@ Per step (see `sampling` for the batches and `schedule` for the objective schedu
          + lambda_t * mean_i ||theta_i||^2              (norm penalty; lambda_t from the schedule)
          + trunk_distill * mean_j (1 - cos(W g(b_j), e(b_j)))   (the trunk regresses h_bb's
            embedding through a training-only linear map W, which teaches the tiny trunk identity
-           features fast; W is not part of the verifier).
+           features fast; W is not part of the verifier)
+         + score_distill * mean_i KL(softmax_j(cos(e_i, e(b_j)) / T) || softmax_j(logits[i, j]))
+           (optional: each user's scores rank the probes as h_bb's cosines do).
+Optional before it (`trunk_pretrain_steps`): the trunk alone regresses h_bb's embeddings of
+jittered training images. Optional in it: per-user trunk modulation (`verifier_kwargs.film`) and
+cohort score normalisation (`cohort_size`; the cohort's trunk features are refreshed every
+`cohort_refresh` steps), both inside h_gen's forward (toolchain.models.hypernet).
 Speed: h_bb is frozen, so its embeddings (image + mirror, L2-normalised) of every training
 image are computed once and cached in `out_dir/embeddings.pt`; a step only runs the tiny trunk.
 The images are held in memory as uint8 (37.6 KB each).
@@ -215,6 +221,12 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                 if cfg.trunk_distill > 0:
                     cos = F.cosine_similarity(pred, emb_dev[torch.as_tensor(batch.probes)], dim=1)
                     loss = loss + cfg.trunk_distill * (1.0 - cos).mean()
+                if cfg.score_distill > 0:
+                    # Each user's ranking of the batch's probes follows h_bb's cosine ranking.
+                    teacher = emb_dev[torch.as_tensor(batch.enroll)] @ emb_dev[torch.as_tensor(batch.probes)].T
+                    loss = loss + cfg.score_distill * F.kl_div(
+                        F.log_softmax(logits, dim=1), F.log_softmax(teacher / cfg.score_distill_temperature, dim=1),
+                        log_target=True, reduction="batchmean")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
