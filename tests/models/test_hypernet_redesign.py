@@ -65,8 +65,10 @@ def test_cohort_normalisation_standardises_each_user_on_the_cohort():
         hn.set_cohort(cohort)
         theta = hn(torch.randn(4, 16))
         scores = hn.score_matrix(theta, hn.features(cohort))
-    assert torch.allclose(scores.mean(1), torch.zeros(4), atol=1e-4)
-    assert torch.allclose(scores.std(1), torch.ones(4), atol=1e-3)
+    # standardised, then the learned global affine map (the same for every user)
+    scale, offset = float(hn.cohort_scale), float(hn.cohort_offset)
+    assert torch.allclose(scores.mean(1), torch.full((4,), offset), atol=1e-4)
+    assert torch.allclose(scores.std(1), torch.full((4,), abs(scale)), atol=1e-3)
     assert not torch.allclose(raw[W2], theta[W2]) and theta[B2].shape == raw[B2].shape
     with pytest.raises(ValueError, match="cohort needs"):
         hn.set_cohort(cohort[:5])

@@ -180,7 +180,7 @@ def test_redesign_switches_train_and_calibrate(backbone_ckpt, toy_data, tmp_path
     with torch.no_grad():
         theta = hn(torch.randn(3, 16))
         cohort_scores = hn.score_matrix(theta, hn.cohort)
-    assert torch.allclose(cohort_scores.mean(1), torch.zeros(3), atol=1e-3)
+    assert torch.allclose(cohort_scores.mean(1), torch.full((3,), float(hn.cohort_offset)), atol=1e-3)
     assert np.isfinite(load_state(path)["calibration"]["threshold"])
 
 

@@ -93,6 +93,11 @@ class HyperNetwork(nn.Module):
                 shape = self.features(torch.zeros(1, 3, 112, 112)).shape[1:]
             self.register_buffer("cohort", torch.zeros(self.cohort_size, *shape))
             self.register_buffer("cohort_ready", torch.zeros((), dtype=torch.bool))
+            # A learned global affine map of the standardised score, the same for every user: the
+            # cohort's mean is 0 by construction, and impostors must still be able to score
+            # below the decision threshold (BCE pushes them down through this offset).
+            self.cohort_scale = nn.Parameter(torch.ones(()))
+            self.cohort_offset = nn.Parameter(torch.full((), -2.0))
 
     # -- generation -------------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -117,8 +122,9 @@ class HyperNetwork(nn.Module):
         if self.cohort_size and bool(self.cohort_ready):
             cohort = self.score_matrix(theta, self.cohort)  # (B, K) logits on impostors
             mean, std = cohort.mean(1), cohort.std(1).clamp_min(1e-3)
-            theta[W2] = theta[W2] / std[:, None, None]
-            theta[B2] = (theta[B2] - mean[:, None]) / std[:, None]
+            gain = self.cohort_scale / std  # logit = scale * (raw - mean) / std + offset
+            theta[W2] = theta[W2] * gain[:, None, None]
+            theta[B2] = (theta[B2] - mean[:, None]) * gain[:, None] + self.cohort_offset
         return theta
 
     @torch.no_grad()

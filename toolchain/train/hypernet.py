@@ -151,6 +151,8 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
             if done.get("fingerprint") == fingerprint and done.get("complete"):
                 return final
         embeddings = _cached_embeddings(cache_path, backbone, images, fingerprint, env, cfg, show)
+        if env.device.type == "cuda":  # uint8 images live on the GPU: a step never waits on a host copy
+            images = images.to(env.device)
 
         train_ids, val_ids = split_identities(labels, cfg.val_identities, cfg.seed)
         centres = identity_centres(embeddings, labels, train_ids) if cfg.kcs else np.zeros((len(train_ids), 1), np.float32)
@@ -204,7 +206,7 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
                 batch = sampler.sample(rng, step, use_kcs)
                 probes = images[torch.as_tensor(batch.probes)]
                 if cfg.hflip:
-                    flip = torch.as_tensor(rng.random(len(batch.probes)) < 0.5)
+                    flip = torch.as_tensor(rng.random(len(batch.probes)) < 0.5, device=probes.device)
                     probes = torch.where(flip[:, None, None, None], probes.flip(3), probes)
                 probes = from_uint8(probes, cfg.channels_last).to(env.device)
                 with autocast(env.device, cfg.amp):
@@ -269,7 +271,7 @@ def _shifted(images: torch.Tensor, rng: np.random.Generator, max_shift: int) -> 
     padded = F.pad(images.float(), (max_shift,) * 4, mode="replicate")
     dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, n))
     out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]).to(torch.uint8)
-    flip = torch.as_tensor(rng.random(n) < 0.5)
+    flip = torch.as_tensor(rng.random(n) < 0.5, device=out.device)
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
