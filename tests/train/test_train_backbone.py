@@ -149,3 +149,10 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert r0[1] == r1[1]
     assert load_state(tmp_path / "out" / "backbone.pt")["step"] == 4
     assert len(load_state(tmp_path / "out" / "hn" / "hypernet.pt")["history"]) == 4
+
+
+def test_bf16_autocast_trains(tiny_model, toy_data, tmp_path):
+    """`amp: bf16` runs the step under autocast (CPU here, the CUDA path's code) and still learns."""
+    cfg = BackboneConfig(model=tiny_model, epochs=8, amp="bf16", **FAST)
+    hist = load_state(train_backbone(cfg, toy_data, tmp_path / "bb"))["history"]
+    assert all(torch.isfinite(torch.tensor(hist))) and sum(hist[-4:]) / 4 < 0.8 * sum(hist[:4]) / 4
