@@ -34,6 +34,7 @@ VARIANTS: dict[str, dict] = {
     "film+cohort-norm": {"verifier_kwargs": {"film": True}, "cohort_size": 256},
     "trunk-pretrain": {"trunk_pretrain_steps": 1500},
     "score-distill": {"score_distill": 1.0},
+    "score-distill+cohort-norm": {"score_distill": 1.0, "cohort_size": 256},
     "wide": {"verifier_kwargs": {"width": 18, "feature_dim": 128, "hidden_dim": 48}},
 }
 DEFAULT_VARIANTS = ("full", "no-kcs", "no-norm-penalty", "no-schedule")
