@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,20 @@ def test_pair_errors():
         build_pairs(labels, 40, hard_share=0.0)  # 10 identities x 1 pair each < 20
     with pytest.raises(ToolchainError, match="embedding"):
         build_pairs(_labels(40), 40, hard_share=0.5)
+
+
+FACES = Path(__file__).resolve().parents[3] / "shared" / "faces" / "lfw-train"
+
+
+@pytest.mark.skipif(not FACES.is_dir(), reason="../shared/faces is absent (development data only)")
+def test_real_folder_gives_the_target_split():
+    """The real-face folder holds out >= 200 people with 1,200 pairs among them (the issue's
+    evaluation size) at the recipe's settings."""
+    from toolchain.data.folder import scan_identity_folder
+
+    _, labels, _ = scan_identity_folder(FACES)
+    _, held = split_identities(labels, 0.2, seed=0)
+    assert len(held) >= 200
+    sub = labels[np.isin(labels, held)]
+    rows = build_pairs(sub, 1200, hard_share=0.0, seed=0)
+    assert len(rows) == 1200 and rows[:, 2].sum() == 600
