@@ -245,12 +245,12 @@ def evaluate_ablation_cmd(backbone_ckpt, data, pairs, out_dir, variants, steps, 
     dataset = _dataset(data, identities=synthetic_identities)
     if backbone_ckpt is None:
         backbone_ckpt = train_backbone(BackboneConfig(), dataset, Path(out_dir) / "backbone", resume=not no_resume)
-    identities = None
+    pair_set, identities = pairs, None  # a path: run_ablation reads the identities beside it
     if pairs == SYNTHETIC:  # the generator knows who is in each pair
-        rows = _benchmark(synthetic_identities).pair_list()
-        identities = (rows[:, 0], rows[:, 2])
-    rows = run_ablation(cfg, backbone_ckpt, dataset, pairs if pairs != SYNTHETIC else _pairs(pairs, identities=synthetic_identities),
-                        out_dir, variants=names, resume=not no_resume, identities=identities)
+        pair_list = _benchmark(synthetic_identities).pair_list()
+        pair_set, identities = _pairs(pairs, identities=synthetic_identities), (pair_list[:, 0], pair_list[:, 2])
+    rows = run_ablation(cfg, backbone_ckpt, dataset, pair_set, out_dir, variants=names, resume=not no_resume,
+                        identities=identities)
     table = Table(title=f"hypernet ablation ({pairs}; {cfg.steps} steps, seed {cfg.seed})")
     for col in ("variant", "per-user acc %", "symmetric acc %", "backbone cos acc %", "trunk cos acc %",
                 "upper bound acc %", "per-user AUC", "backbone AUC", "per-user TAR@1e-3 %", "acc @ calibrated thr %",

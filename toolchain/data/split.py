@@ -15,9 +15,32 @@ Pure numpy: the embeddings are computed by whoever calls (the pipeline, with the
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from toolchain.errors import ToolchainError
+
+# Beside a pair file the toolchain made: the person of each pair side, {"a": [...], "b": [...]}.
+PAIR_IDENTITIES = "pair_identities.json"
+
+
+def write_pair_identities(path, ids_a, ids_b) -> None:
+    from toolchain.atomic import write_json_atomic
+
+    write_json_atomic(Path(path), {"a": [int(i) for i in ids_a], "b": [int(i) for i in ids_b]})
+
+
+def read_pair_identities(pairs_path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(person of each side a, of each side b) from the file beside `pairs_path` (a pair file or
+    its folder), or None when there is none."""
+    p = Path(pairs_path)
+    side = (p if p.is_dir() else p.parent) / PAIR_IDENTITIES
+    if not side.is_file():
+        return None
+    rec = json.loads(side.read_text())
+    return np.asarray(rec["a"]), np.asarray(rec["b"])
 
 
 def held_out_count(n_identities: int, val: float | int) -> int:

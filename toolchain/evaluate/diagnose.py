@@ -67,22 +67,31 @@ def head_upper_bound_scores(feats: np.ndarray, labels: np.ndarray, ia: np.ndarra
     return scores
 
 
-def diagnose(hypernet, pairs, identities_a, identities_b, negative_images: np.ndarray) -> dict:
+def negative_sample(dataset, count: int = 1000, seed: int = 0) -> np.ndarray:
+    """`count` training images (people outside the pairs), uint8 NHWC: the upper bound's negatives."""
+    pick = np.sort(np.random.default_rng(seed).choice(len(dataset), min(len(dataset), count), replace=False))
+    return np.stack([dataset.get_uint8(int(i)) for i in pick])
+
+
+def diagnose(hypernet, pairs, identities=None, negative_images: np.ndarray | None = None) -> dict:
     """{"trunk_cosine": metrics, "head_upper_bound": metrics, "upper_bound_images": {...}} on
-    `pairs` (VerificationPairs); identities_*: the person of each pair side."""
+    `pairs` (VerificationPairs). identities: (person of each side a, of each side b); without
+    them only "trunk_cosine" is computed."""
     from toolchain.evaluate.metrics import verification_metrics
     from toolchain.evaluate.per_user import dedup_images
 
-    ida, idb = np.asarray(identities_a), np.asarray(identities_b)
-    if len(ida) != len(pairs) or len(idb) != len(pairs):
-        raise ToolchainError(f"identities for {len(ida)}/{len(idb)} pair sides, {len(pairs)} pairs")
     unique, ia, ib = dedup_images(pairs.images_a, pairs.images_b)
-    labels = np.empty(len(unique), np.int64)
-    labels[ia], labels[ib] = ida, idb
     feats = trunk_features(hypernet, unique)
     unit = _unit(feats)
     issame = np.asarray(pairs.issame, bool)
     cosine = (unit[ia] * unit[ib]).sum(1)
+    if identities is None:
+        return {"trunk_cosine": verification_metrics(cosine, issame), "scores": {"trunk_cosine": cosine}}
+    ida, idb = np.asarray(identities[0]), np.asarray(identities[1])
+    if len(ida) != len(pairs) or len(idb) != len(pairs):
+        raise ToolchainError(f"identities for {len(ida)}/{len(idb)} pair sides, {len(pairs)} pairs")
+    labels = np.empty(len(unique), np.int64)
+    labels[ia], labels[ib] = ida, idb
     upper = head_upper_bound_scores(feats, labels, ia, ib, trunk_features(hypernet, negative_images))
     own = np.array([int(((labels == labels[a]) & (np.arange(len(labels)) != b)).sum()) for a, b in zip(ia, ib)])
     return {"trunk_cosine": verification_metrics(cosine, issame),

@@ -64,10 +64,11 @@ def _stage_data(ctx: RunContext) -> StageOutput:
                 raise ToolchainError(f"synthetic data: {p.name} was not written (data.train / data.pairs name "
                                      f"a file the generator does not write)")
         if pairs.name == "synthetic.bin":  # the generator's own pairs: keep who is in each (diagnosis)
+            from toolchain.data.split import PAIR_IDENTITIES, write_pair_identities
             from toolchain.data.writers import benchmark_for
 
             rows = benchmark_for(**d.synthetic.generator_kwargs()).pair_list()
-            _write_pair_identities(out / PAIR_IDENTITIES, rows[:, 0], rows[:, 2])
+            write_pair_identities(out / PAIR_IDENTITIES, rows[:, 0], rows[:, 2])
         return StageOutput(files=[out], data={"source": "synthetic", "train": ctx.rel(train),
                                               "pairs": ctx.rel(pairs), "generator": _jsonable(info)})
     root = Path(d.root).expanduser()
@@ -123,30 +124,12 @@ def _stage_data_folder(ctx: RunContext) -> StageOutput:
         "split_seed": d.split_seed})
 
 
-PAIR_IDENTITIES = "pair_identities.json"
-
-
-def _write_pair_identities(path: Path, ids_a, ids_b) -> None:
-    from toolchain.atomic import write_json_atomic
-
-    write_json_atomic(path, {"a": [int(i) for i in ids_a], "b": [int(i) for i in ids_b]})
-
-
-def _pair_identities(ctx: RunContext) -> tuple[np.ndarray, np.ndarray] | None:
-    """The person of each side of this run's pairs, when the run made the pairs; else None."""
-    path = _data_files(ctx)[1].parent / PAIR_IDENTITIES
-    if not path.is_file():
-        return None
-    rec = json.loads(path.read_text())
-    return np.asarray(rec["a"]), np.asarray(rec["b"])
-
-
 def _stage_pairs(ctx: RunContext) -> StageOutput:
     """Verification pairs among the held-out identities of a folder source, written as an
     insightface `.bin`; hard negatives are look-alikes in the trained backbone's space."""
     from toolchain.data.insightface_bin import write_bin
     from toolchain.data.folder import read_image_file
-    from toolchain.data.split import build_pairs
+    from toolchain.data.split import PAIR_IDENTITIES, build_pairs, write_pair_identities
     from toolchain.models.io import load_model
     from toolchain.train.common import embed, nhwc_uint8_to_input
 
@@ -164,7 +147,7 @@ def _stage_pairs(ctx: RunContext) -> StageOutput:
     out = ctx.path("pairs/pairs.bin")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_bin(out, [files[i].read_bytes() for r in rows for i in r[:2]], rows[:, 2].astype(bool))
-    _write_pair_identities(out.parent / PAIR_IDENTITIES, labels[rows[:, 0]], labels[rows[:, 1]])
+    write_pair_identities(out.parent / PAIR_IDENTITIES, labels[rows[:, 0]], labels[rows[:, 1]])
     return StageOutput(files=[out, out.parent / PAIR_IDENTITIES], data={"pairs": ctx.rel(out), "num_pairs": int(len(rows)),
                                           "matched": int(rows[:, 2].sum()), "hard_negative_share": d.hard_negatives,
                                           "identities": int(len(np.unique(labels[rows[:, :2].ravel()])))})
@@ -349,17 +332,15 @@ def _stage_evaluate(ctx: RunContext) -> StageOutput:
 def _diagnosis(ctx: RunContext, hypernet: Path, pairs) -> dict:
     """Trunk cosine and the fitted-head upper bound on the same pairs (toolchain.evaluate.diagnose);
     needs the person of each pair image, known when the run made the pairs."""
-    from toolchain.evaluate.diagnose import diagnose
+    from toolchain.data.split import read_pair_identities
+    from toolchain.evaluate.diagnose import diagnose, negative_sample
     from toolchain.models.hypernet import load_hypernet
 
-    identities = _pair_identities(ctx)
+    identities = read_pair_identities(_data_files(ctx)[1])
     if identities is None or len(identities[0]) != len(pairs):
         return {"note": "pair identities unknown (pairs not made by this run): no diagnosis"}
-    dataset = _identity_dataset(ctx)
-    rng = np.random.default_rng(ctx.recipe.seed)
-    pick = np.sort(rng.choice(len(dataset), min(len(dataset), 1000), replace=False))
-    negatives = np.stack([dataset.get_uint8(int(i)) for i in pick])
-    result = diagnose(load_hypernet(hypernet).hypernet, pairs, *identities, negatives)
+    negatives = negative_sample(_identity_dataset(ctx), seed=ctx.recipe.seed)
+    result = diagnose(load_hypernet(hypernet).hypernet, pairs, identities, negatives)
     return {"trunk_cosine": _metrics_summary(result["trunk_cosine"]),
             "head_upper_bound": _metrics_summary(result["head_upper_bound"]),
             "upper_bound_images": result["upper_bound_images"]}

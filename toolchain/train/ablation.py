@@ -59,8 +59,16 @@ def run_ablation(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, pairs,
         from toolchain.data import load_pairs
 
         pairs = load_pairs(pairs_path)
-    identities = identities if identities is not None else pair_identities_beside(pairs_path)
-    negatives = _negative_images(dataset) if identities is not None else None
+    if identities is None and pairs_path is not None:
+        from toolchain.data.split import read_pair_identities
+
+        identities = read_pair_identities(pairs_path)
+    if identities is not None:
+        from toolchain.evaluate.diagnose import negative_sample
+
+        negatives = negative_sample(dataset)
+    else:
+        negatives = None
     out_dir = Path(out_dir)
     rows, pair_emb = [], None
     for name in variants:
@@ -100,43 +108,17 @@ def run_ablation(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, pairs,
     return rows
 
 
-def pair_identities_beside(pairs_path: Path | None):
-    """(identities of side a, of side b) from `pair_identities.json` beside the pairs, or None."""
-    if pairs_path is None:
-        return None
-    side = (pairs_path if pairs_path.is_dir() else pairs_path.parent) / "pair_identities.json"
-    if not side.is_file():
-        return None
-    rec = json.loads(side.read_text())
-    return rec["a"], rec["b"]
-
-
-def _negative_images(dataset, count: int = 1000, seed: int = 0):
-    """Training images (people outside the pairs): the negatives of the fitted-head upper bound."""
-    import numpy as np
-
-    pick = np.sort(np.random.default_rng(seed).choice(len(dataset), min(len(dataset), count), replace=False))
-    return np.stack([dataset.get_uint8(int(i)) for i in pick])
-
-
 def _diagnosis(hypernet, pairs, identities, negatives) -> dict:
     """Trunk cosine accuracy / AUC of this variant, and the fitted-head upper bound if possible."""
-    import numpy as np
+    from toolchain.evaluate.diagnose import diagnose
 
-    from toolchain.evaluate.diagnose import _unit, diagnose, trunk_features
-    from toolchain.evaluate.metrics import verification_metrics
-    from toolchain.evaluate.per_user import dedup_images
-
-    if identities is not None and len(identities[0]) == len(pairs):
-        d = diagnose(hypernet, pairs, identities[0], identities[1], negatives)
-        return {"trunk_cosine_accuracy": d["trunk_cosine"]["accuracy"], "trunk_cosine_auc": d["trunk_cosine"]["auc"],
-                "upper_bound_accuracy": d["head_upper_bound"]["accuracy"],
-                "upper_bound_auc": d["head_upper_bound"]["auc"],
-                "upper_bound_tar_at_far": d["head_upper_bound"]["tar_at_far"]}
-    unique, ia, ib = dedup_images(pairs.images_a, pairs.images_b)
-    unit = _unit(trunk_features(hypernet, unique))
-    m = verification_metrics((unit[ia] * unit[ib]).sum(1), np.asarray(pairs.issame, bool))
-    return {"trunk_cosine_accuracy": m["accuracy"], "trunk_cosine_auc": m["auc"]}
+    known = identities is not None and len(identities[0]) == len(pairs)
+    d = diagnose(hypernet, pairs, identities if known else None, negatives)
+    row = {"trunk_cosine_accuracy": d["trunk_cosine"]["accuracy"], "trunk_cosine_auc": d["trunk_cosine"]["auc"]}
+    if known:
+        row.update(upper_bound_accuracy=d["head_upper_bound"]["accuracy"], upper_bound_auc=d["head_upper_bound"]["auc"],
+                   upper_bound_tar_at_far=d["head_upper_bound"]["tar_at_far"])
+    return row
 
 
 def synthetic_benchmark(out_dir: str | Path, backbone_cfg: BackboneConfig | None = None,
