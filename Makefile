@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 # onnx2tf shells out to the `onnxsim` command: the environment's bin/ must be on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install test test-fast demo profile clean
+.PHONY: install test test-fast demo doctor profile clean
 
 install: $(STAMP)
 
@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 test: install
 	$(BIN)/python -m pytest -q
 
+doctor: install
+	$(BIN)/toolchain doctor
+
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: install
+	@# A broken environment stops here, with what to fix, not six minutes into the run.
+	$(BIN)/toolchain doctor --artifacts artifacts
 	$(BIN)/toolchain run recipes/verifier.yaml --out artifacts/demo
 
 clean:

@@ -14,9 +14,14 @@ def test_bench_verifier_row(tmp_path, capsys, backend):
     if backend == "litert-torch":
         pytest.importorskip("litert_torch")
     rc = main(["bench", "verifier", "--out", str(tmp_path), "--formats", "tflite", "--repeats", "3",
-               "--pairs", "20", "--calibration-size", "8", "--tflite-backend", backend, "--json"])
+               "--pairs", "20", "--calibration-size", "8", "--tflite-backend", backend, "--json", str(tmp_path / "bench.json")])
     assert rc == 0
-    rows = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert "measured verifier" in out and "int8/fp32" in out and "CPU:" in out
+    assert not out.lstrip().startswith(("{", "["))  # the table, not a raw JSON line
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["cpu"]["model"]
+    rows = report["rows"]
     assert len(rows) == 1 and rows[0]["model"] == "verifier" and "error" not in rows[0]
     a = rows[0]["artifacts"]["tflite"]
     assert a["backend"] == backend

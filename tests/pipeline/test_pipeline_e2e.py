@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory):
 
 def _files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*")
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name not in ("manifest.json", "run.log")}
 
 
 def test_run_writes_everything(run_dir):
@@ -51,6 +51,11 @@ def test_run_writes_everything(run_dir):
     for png in ("budgets.png", "parity_scatter.png", "roc.png"):
         assert (run_dir / "report_files" / png).is_file()
     assert check_run_dir(run_dir)
+    # The machine is recorded; the latencies name the CPU they were measured on.
+    assert m["environment"]["cpu"]["model"] and m["latency_cpu"]["model"] == m["environment"]["cpu"]["model"]
+    assert m["latency_cpu"]["model"] in md
+    # The libraries' own output went to the run's log.
+    assert (run_dir / "run.log").is_file() and (run_dir / "run.log").stat().st_size > 0
 
 
 def test_second_run_does_no_work(run_dir):

@@ -27,16 +27,19 @@ _COMMANDS = [
     ("toolchain.cli.export", "parity"),
     ("toolchain.cli.export", "bench"),
     ("toolchain.cli.run", "run"),
+    ("toolchain.cli.doctor", "doctor"),
 ]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="toolchain")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--verbose", is_flag=True, help="Show the third-party libraries' output live instead of "
+              "sending it to the command's log (run.log, export.log, ...).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Train, enroll, quantize, export and check tiny face-verification models."""
-    ctx.ensure_object(dict)["debug"] = debug
+    ctx.ensure_object(dict).update(debug=debug, verbose=verbose)
 
 
 def _register() -> None:
@@ -55,6 +58,14 @@ def _register() -> None:
 _register()
 
 
+def _log_hint(message: str) -> str:
+    """Where the third-party libraries' own output of a failed command went."""
+    from toolchain.console import last_log
+
+    log = last_log()
+    return f" (library output: {log})" if log is not None and str(log) not in message else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except ToolchainError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {exc}{_log_hint(str(exc))}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -78,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the contract is one line, not a traceback
         if debug:
             raise
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug){_log_hint(str(exc))}",
+                   err=True)
         return 3
     return result if isinstance(result, int) else 0
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+from toolchain.console import own_stderr
 import click
+
+from toolchain.cli.common import logged
 
 
 @click.group()
@@ -37,6 +40,7 @@ def data() -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Rendering processes [default: CPU count, at most 4]. Output does not depend on it.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@logged("data.log", None)  # OUT must be new: the log goes to artifacts/logs
 def synth(out_dir, identities, images_per_identity, seed, fmt, val_identities, val_images_per_identity, pairs,
           family_size, hard_negatives, workers, overwrite) -> None:
     """Generate the synthetic face data set into OUT (deterministic by --seed)."""
@@ -50,7 +54,7 @@ def synth(out_dir, identities, images_per_identity, seed, fmt, val_identities, v
                           hard_negative_fraction=hard_negatives)
     if workers is None:
         workers = max(1, min(4, os.cpu_count() or 1))
-    console = Console(stderr=True)
+    console = Console(file=own_stderr)
     with Progress(TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("render", total=total_images(bench))
@@ -79,7 +83,7 @@ def inspect(path, as_json, max_images) -> None:
 
     from toolchain.data.inspect import inspect_path
 
-    err = Console(stderr=True)
+    err = Console(file=own_stderr)
     with Progress(TextColumn("checking images"), BarColumn(), TextColumn("{task.completed}"), console=err,
                   transient=True) as bar:
         task = bar.add_task("check", total=None)

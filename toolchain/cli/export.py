@@ -10,6 +10,8 @@ import json
 
 import click
 
+from toolchain.cli.common import logged
+
 
 def _console():
     import sys
@@ -34,6 +36,7 @@ def _console():
 @click.option("--require-full-delegation/--allow-partial-delegation", default=None,
               help="Fail unless everything runs in XNNPACK (default: only for the verifier).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact records as JSON.")
+@logged("export.log")
 def export(source, out_dir, formats, precisions, calibration, calibration_size, tflite_backend, threshold,
            require_full_delegation, as_json) -> None:
     """Export a float model to ExecuTorch (.pte) and TFLite, int8 and fp32, with checks.
@@ -81,6 +84,7 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
               help="Percent of decisions equal to the float model's.")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Latency repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (scores included).")
+@logged("parity.log", None)
 def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, repeats, as_json) -> None:
     """Run each artifact in its own runtime against the float model; exit 1 if a bound fails."""
     from toolchain.evaluate.parity import ParityBounds, check_parity, run_parity
@@ -117,20 +121,27 @@ def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, rep
 @click.option("--calibration-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--tflite-backend", type=click.Choice(["onnx2tf", "litert-torch"]), default="onnx2tf",
               show_default=True, help="TFLite converter.")
-@click.option("--json", "as_json", is_flag=True)
-def bench(models, out_dir, formats, repeats, pairs, calibration_size, tflite_backend, as_json) -> None:
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the rows (with the CPU facts) to this JSON file.")
+@logged("bench.log")
+def bench(models, out_dir, formats, repeats, pairs, calibration_size, tflite_backend, json_path) -> None:
     """Export MODELS (default: verifier and the zoo backbones) int8+fp32 to both runtimes and
     measure sizes, single-thread latency ratios and int8 parity in one run."""
+    from toolchain.atomic import write_json_atomic
+    from toolchain.environment import cpu_facts, describe_cpu
     from toolchain.export.api import FORMATS, _parse_list
     from toolchain.export.bench import DEFAULT_MODELS, render_table, run_bench
 
-    def partial(row):  # long runs: each model's result as soon as it is measured
-        click.echo(json.dumps(row), err=True)
+    def partial(row):  # long runs: say which model is done as soon as it is measured
+        click.echo(f"measured {row['model']}" + (f": FAILED ({row['error']})" if row.get("error") else ""))
 
     rows = run_bench(models or DEFAULT_MODELS, out_dir, _parse_list(formats, FORMATS, "format"), repeats=repeats,
                      pairs=pairs, calibration_size=calibration_size, tflite_backend=tflite_backend,
-                     progress=not as_json, on_row=partial)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        _console().print(render_table(rows))
+                     progress=True, on_row=partial)
+    cpu = cpu_facts()
+    table = render_table(rows)
+    table.caption = f"{table.caption}\nCPU: {describe_cpu(cpu)}"
+    _console().print(table)
+    if json_path:
+        write_json_atomic(json_path, {"cpu": cpu, "rows": rows})
+        click.echo(f"rows: {json_path}")

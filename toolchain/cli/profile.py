@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from toolchain.cli.common import logged
+
 from toolchain.errors import ToolchainError
 
 
@@ -19,10 +21,12 @@ def _console(stderr: bool = False):
 
     from rich.console import Console
 
-    stream = sys.stderr if stderr else sys.stdout
+    from toolchain.console import own_stderr
+
+    stream = own_stderr if stderr else sys.stdout
     # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
     width = None if stream.isatty() else 160
-    return Console(stderr=stderr, width=width)
+    return Console(file=stream if stderr else None, width=width)
 
 
 def _is_file_target(target: str) -> bool:
@@ -48,6 +52,7 @@ def _echo_json(obj) -> None:
 @click.option("--markdown", is_flag=True, help="Print Markdown, with a per-layer breakdown.")
 @click.option("--depth", type=click.IntRange(min=0), default=2, show_default=True,
               help="Module depth of the per-layer breakdown (--markdown).")  # fmt: skip
+@logged("profile.log", None)
 def profile(target, all_models, input_size, as_json, markdown, depth) -> None:
     """Parameters and multiply-adds of a model, or size and sha256 of a file.
 
@@ -167,6 +172,7 @@ class _Row:
 @click.option("--budgets", "budgets_path", metavar="FILE.yaml",
               help="Budgets file: per model max_params, max_macs, max_flops, max_bytes, ...")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@logged("check.log", None)
 def check(targets, budgets_path, as_json) -> None:
     """Check models against a budgets file, or re-verify a finished run directory.
 

@@ -23,12 +23,16 @@ def run(recipe: Path, overrides: tuple[str, ...], out_dir: Path | None) -> None:
     Exit 0 when every budget and parity bound holds, 1 when one fails (the report is still
     written), 2 on a bad recipe or input.
     """
+    from toolchain.console import third_party_log
     from toolchain.pipeline import run_recipe
     from toolchain.recipe import load_recipe
 
     rec = load_recipe(recipe, overrides)
     out = out_dir if out_dir is not None else Path("artifacts") / rec.name
-    result = run_recipe(rec, out)
+    # The libraries' own output (TensorFlow, onnx2tf, ExecuTorch, LiteRT) goes to DIR/run.log.
+    verbose = bool((click.get_current_context().find_root().obj or {}).get("verbose"))
+    with third_party_log(out / "run.log", verbose=verbose):
+        result = run_recipe(rec, out)
     click.echo(f"report: {result.report_md} (html: {result.report_html})")
     click.echo(f"manifest: {result.manifest}")
     if not result.passed:

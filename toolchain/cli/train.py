@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from toolchain.cli.common import logged
+
 from toolchain.errors import ToolchainError
 
 SYNTHETIC = "synthetic"
@@ -109,6 +111,7 @@ def train() -> None:
               help="With --data synthetic: training identities (default: the benchmark's 400).")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT holds an interrupted run.")
 @_with_config
+@logged("train_backbone.log")
 def train_backbone_cmd(data, out_dir, model, epochs, teacher, generations, synthetic_identities, no_resume,
                        config_file, sets) -> None:
     """Train a zoo embedding model with an ArcFace head (plain or under torchrun)."""
@@ -134,6 +137,7 @@ def train_backbone_cmd(data, out_dir, model, epochs, teacher, generations, synth
               help="With --data synthetic: training identities (default: the benchmark's 400).")
 @click.option("--no-resume", is_flag=True)
 @_with_config
+@logged("train_hypernet.log")
 def train_hypernet_cmd(backbone_ckpt, data, out_dir, steps, synthetic_identities, no_resume, config_file, sets) -> None:
     """Train h_gen on a frozen backbone; writes OUT/hypernet.pt (all enrollment needs)."""
     from toolchain.train import HypernetConfig, train_hypernet
@@ -155,6 +159,7 @@ def train_hypernet_cmd(backbone_ckpt, data, out_dir, steps, synthetic_identities
 @click.option("--user", default=None, help="User name stored in enrollment.json (default: OUT's name).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="User folder (single) or parent of the user folders (batch).")
+@logged("enroll.log")
 def enroll(hypernet_ckpt, images, users_dir, user, out_dir) -> None:
     """Write a user's verifier (verifier.pt) and its decision threshold (enrollment.json)."""
     from toolchain.train.enroll import enroll_folder, enroll_images, read_images
@@ -188,6 +193,7 @@ def _pct(x: float) -> str:
               help="With --pairs synthetic: training identities of the benchmark the hypernet was trained on.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
 @click.option("--scores", is_flag=True, help="Include the raw scores in the JSON.")
+@logged("evaluate.log", None)
 def evaluate_pairs_cmd(hypernet_ckpt, pairs, synthetic_identities, json_out, scores) -> None:
     """Per-user f(b; theta_a), its symmetric variant and backbone cosine on the same pairs."""
     from rich.console import Console
@@ -229,6 +235,7 @@ def evaluate_pairs_cmd(hypernet_ckpt, pairs, synthetic_identities, json_out, sco
                    "identities follow them.")
 @click.option("--no-resume", is_flag=True)
 @_with_config
+@logged("ablation.log")
 def evaluate_ablation_cmd(backbone_ckpt, data, pairs, out_dir, variants, steps, synthetic_identities, no_resume,
                           config_file, sets) -> None:
     """Train the hypernet with KCS, the norm penalty and the schedule each switched off (same seed,

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 from rich.console import Console
 
+from toolchain.console import own_stderr
 from toolchain.atomic import write_json_atomic
 from toolchain.errors import ToolchainError
 from toolchain.recipe import Recipe, content_hash
@@ -143,7 +144,7 @@ class Pipeline:
                 raise ValueError(f"stage {s.name!r} runs after unknown/later stages {missing}")
         self.stages = stages
         self.out_dir = Path(out_dir)
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(file=own_stderr)
         self.ctx = RunContext(recipe, self.out_dir, self.console)
         self.reports: list[StageReport] = []
         self.output_hashes: dict[str, dict[str, str]] = {}

@@ -6,7 +6,8 @@ Keys (DIR/manifest.json):
 - `parity`: [{artifact, accuracy, float_accuracy, decision_agreement, latency_ms, passed, ...}]
 - `evaluation`: the per-user route's and the backbone baseline's accuracy on the same pairs
 - `profile`, `users`, `comparison`: what the report tables show
-- `versions`, `timings` (seconds per stage, from when it last ran), `stages` (ran/skipped now)
+- `environment` (CPU with its int8 features, CUDA, Python), `latency_cpu` (the CPU that measured
+  the parity latencies), `versions`, `timings` (seconds per stage, from when it last ran), `stages` (ran/skipped now)
 - `recipe` (resolved), `recipe_hash`, `passed`, `failures`
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.atomic import write_json_atomic
+from toolchain.environment import environment_facts
 from toolchain.pipeline.core import RunContext, StageReport
 
 MANIFEST = "manifest.json"
@@ -125,6 +127,8 @@ def manifest_core(ctx: RunContext) -> dict[str, Any]:
         "comparison": comparison(recipe, r),
         "parity": r.get("parity", {}).get("rows", []),
         "versions": tool_versions(),
+        "environment": environment_facts(),
+        "latency_cpu": r.get("parity", {}).get("cpu"),  # where the parity latencies were measured
         "timings": {k: round(v, 3) for k, v in ctx.timings.items()},  # wall seconds per stage
         "cpu_timings": {k: round(v, 3) for k, v in ctx.cpu_timings.items()},
     }

@@ -10,6 +10,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
+from toolchain.console import own_stderr
 from toolchain.pipeline.core import Pipeline, RunContext, Stage, StageOutput, StageReport
 from toolchain.pipeline.manifest import manifest_core, write_manifest
 from toolchain.recipe import Recipe
@@ -57,7 +58,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, stages: Optional[list[Stage]
         stages = default_stages(recipe)
     stages = list(stages)
     stages.append(_report_stage(tuple(s.name for s in stages)))
-    console = console or Console(stderr=True)
+    console = console or Console(file=own_stderr)
     pipe = Pipeline(stages, recipe, out_dir, console)
     reports = pipe.run()
     core = manifest_core(pipe.ctx)

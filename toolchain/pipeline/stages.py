@@ -520,9 +520,12 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
             rows.append(row)
             scores[a["path"]] = {"labels": res["issame"], "float": res["float_scores"], "artifact": res["scores"],
                                  "source": user or "float"}
+    from toolchain.environment import cpu_facts
+
     files = []
     data: dict[str, Any] = {"rows": rows, "units": "accuracy, float_accuracy, decision_agreement in percent; "
-                                                   "accuracy_drop in points"}
+                                                   "accuracy_drop in points",
+                            "cpu": cpu_facts()}  # the latencies were measured here
     if scores:
         out = ctx.path("parity/scores.json")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import markdown as md_lib
 import numpy as np
 
+from toolchain.environment import describe_cpu
 from toolchain.report import plots
 
 PLOTS_DIR = "report_files"
@@ -143,7 +144,7 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
     if bounds:
         out += [f"Bounds: accuracy drop <= {bounds.get('max_accuracy_drop')} points, decision agreement >= "
                 f"{bounds.get('min_decision_agreement')}%. Latency: median of one single-image inference, "
-                "one thread, on the machine that ran this report.", ""]
+                f"one thread, on {_latency_cpu(core)}.", ""]
         probes = {p.get("num") for p in parity if p.get("num")}
         if probes:
             out += [f"Evaluated on {', '.join(str(n) for n in sorted(probes))} inputs per artifact.", ""]
@@ -220,10 +221,19 @@ def _run_section(core: Mapping) -> list[str]:
                        [[k, f"{v:.1f}", f"{cpu[k]:.1f}" if k in cpu else "n/a"] for k, v in timings.items()]), "",
                 f"Total: {sum(timings.values()):.1f} s wall. CPU seconds count every thread and finished child "
                 "process; on a shared machine they are the steadier measure.", ""]
+    env = core.get("environment") or {}
+    if env.get("cpu"):
+        out += [f"Machine: {describe_cpu(env['cpu'])}; CUDA: {', '.join(env.get('cuda') or []) or 'none'}; "
+                f"Python {env.get('python')}.", ""]
     versions = core.get("versions", {})
     if versions:
         out += [_table(["tool", "version"], [[k, v or "not installed"] for k, v in versions.items()]), ""]
     return out
+
+
+def _latency_cpu(core: dict) -> str:
+    cpu = core.get("latency_cpu") or (core.get("environment") or {}).get("cpu")
+    return describe_cpu(cpu) if cpu else "the machine that ran the parity stage"
 
 
 # --------------------------------------------------------------------------------------- public

@@ -1,0 +1,29 @@
+"""What every command shares: its third-party output goes to a log file (toolchain.console)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+DEFAULT_LOG_DIR = Path("artifacts") / "logs"
+
+
+def logged(log_name: str, dir_param: str | None = "out_dir"):
+    """Run the command with third-party output captured in a log beside its --out folder
+    (`OUT.<log_name>`: the folder itself holds only what the command writes), or in
+    artifacts/logs/<log_name> for commands without one; `toolchain --verbose` shows it live."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            from toolchain.console import third_party_log
+
+            folder = kwargs.get(dir_param) if dir_param else None
+            ctx = click.get_current_context(silent=True)
+            verbose = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("verbose"))
+            log = Path(folder).parent / f"{Path(folder).name}.{log_name}" if folder else DEFAULT_LOG_DIR / log_name
+            with third_party_log(log, verbose=verbose):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
