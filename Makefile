@@ -13,14 +13,19 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 install: $(STAMP)
 
+# pip's own notices go to $(INSTALL_LOG); a failed step prints it.
+INSTALL_LOG := $(VENV)/install.log
+PIP := $(BIN)/python -m pip install --quiet
+
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@rm -f $(VENV)/.installed-*
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "installing the pinned stack into $(VENV) (about 2 minutes; log: $(INSTALL_LOG))"
+	@$(PIP) --upgrade pip > $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
 	@# Step 1: the pinned stack (torch==2.13.0 resolves to the local CPU wheel) and litert-torch.
-	$(BIN)/python -m pip install --quiet -e '.[dev,litert]'
+	@$(PIP) -e '.[dev,litert]' >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
 	@# Step 2: onnx2tf and tf-keras without their impossible pins.
-	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	@$(PIP) --no-deps -r requirements-nodeps.txt >> $(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); exit 1; }
 	@touch $@
 
 test: install
@@ -34,8 +39,8 @@ test-fast: install
 
 demo: install
 	@# A broken environment stops here, with what to fix, not six minutes into the run.
-	$(BIN)/toolchain doctor --artifacts artifacts
-	$(BIN)/toolchain run recipes/verifier.yaml --out artifacts/demo
+	@$(BIN)/toolchain doctor --artifacts artifacts
+	@$(BIN)/toolchain run recipes/verifier.yaml --out artifacts/demo
 
 clean:
 	rm -rf $(VENV) artifacts/demo .pytest_cache

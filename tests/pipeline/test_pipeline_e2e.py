@@ -106,3 +106,17 @@ def test_interrupted_run_resumes(run_dir, tmp_path, monkeypatch):
     assert status["export"] == "ran" and status["report"] == "ran"
     assert m["recipe"]["export"]["calibration_images"] == 6
     assert check_run_dir(out)
+
+
+def test_several_users_export_through_the_fleet_path(run_dir, tmp_path):
+    """export.users > 1: the recipe writes the users' files from templates (toolchain.fleet)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)  # data and training are reused; enrollment onward reruns
+    assert main(["run", str(TINY), "--out", str(out), "enroll.users=2", "export.users=null"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    users = {a["user"] for a in m["artifacts"]}
+    assert len(users) == 2 and all(a["mode"] == "patched" for a in m["artifacts"])
+    assert (out / "export" / "fleet_manifest.json").is_file()
+    assert {p["artifact"] for p in m["parity"]} == {a["path"] for a in m["artifacts"]}

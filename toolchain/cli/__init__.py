@@ -28,6 +28,8 @@ _COMMANDS = [
     ("toolchain.cli.export", "bench"),
     ("toolchain.cli.run", "run"),
     ("toolchain.cli.doctor", "doctor"),
+    ("toolchain.cli.fleet", "fleet"),
+    ("toolchain.cli.serve", "serve"),
 ]
 
 

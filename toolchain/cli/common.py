@@ -27,3 +27,11 @@ def logged(log_name: str, dir_param: str | None = "out_dir"):
                 return fn(*args, **kwargs)
         return inner
     return wrap
+
+
+def run_logged(ctx: click.Context, log: Path):
+    """third_party_log for a command that picks its own log path."""
+    from toolchain.console import third_party_log
+
+    root = ctx.find_root().obj or {}
+    return third_party_log(log, verbose=bool(root.get("verbose")))

@@ -123,14 +123,42 @@ def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, rep
               show_default=True, help="TFLite converter.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows (with the CPU facts) to this JSON file.")
+@click.option("--users", "fleet_users", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="`bench fleet`: synthetic users to write.")
+@click.option("--hypernet", type=click.Path(dir_okay=False), default="artifacts/demo/train/hypernet/hypernet.pt",
+              show_default=True, help="`bench fleet`: the hypernet checkpoint (`make demo` writes this one).")
+@click.option("--check-users", type=click.IntRange(min=0), default=20, show_default=True,
+              help="`bench fleet`: users whose files are compared with their full exports.")
 @logged("bench.log")
-def bench(models, out_dir, formats, repeats, pairs, calibration_size, tflite_backend, json_path) -> None:
+def bench(models, out_dir, formats, repeats, pairs, calibration_size, tflite_backend, json_path, fleet_users,
+          hypernet, check_users) -> None:
     """Export MODELS (default: verifier and the zoo backbones) int8+fp32 to both runtimes and
-    measure sizes, single-thread latency ratios and int8 parity in one run."""
+    measure sizes, single-thread latency ratios and int8 parity in one run.
+
+    `toolchain bench fleet --users N`: N synthetic users' int8 files through `toolchain fleet`,
+    against full exports (template build, write time per file, time per user with the embedding
+    apart, their ratio; a sample checked byte for byte)."""
     from toolchain.atomic import write_json_atomic
     from toolchain.environment import cpu_facts, describe_cpu
     from toolchain.export.api import FORMATS, _parse_list
     from toolchain.export.bench import DEFAULT_MODELS, render_table, run_bench
+
+    if tuple(models) == ("fleet",):
+        from pathlib import Path
+
+        from toolchain.errors import ToolchainError
+        from toolchain.fleet.bench import bench_fleet, render_fleet_table
+        from toolchain.train.common import progress_bar
+
+        if not Path(hypernet).is_file():
+            raise ToolchainError(f"{hypernet}: no hypernet checkpoint (run `make demo` first, or pass --hypernet)")
+        cpu = cpu_facts()
+        rows = bench_fleet(hypernet, fleet_users, out_dir, formats=_parse_list(formats, FORMATS, "format"),
+                           check_users=check_users, progress_bar=lambda what, n: progress_bar(what, n), say=click.echo)
+        _console().print(render_fleet_table(rows, describe_cpu(cpu)))
+        if json_path:
+            write_json_atomic(json_path, {"cpu": cpu, "fleet": rows})
+        return
 
     def partial(row):  # long runs: say which model is done as soon as it is measured
         click.echo(f"measured {row['model']}" + (f": FAILED ({row['error']})" if row.get("error") else ""))

@@ -22,7 +22,7 @@ from toolchain.errors import CheckFailed, ToolchainError
 from toolchain.export.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
 from toolchain.export.row_stem import with_row_stem
 from toolchain.atomic import atomic_write_bytes, write_json_atomic
-from toolchain.export.metadata import build_metadata, tool_versions
+from toolchain.export.metadata import build_metadata, template_id, tool_versions
 
 FORMATS = ("executorch", "tflite")
 PRECISIONS = ("int8", "fp32")
@@ -138,6 +138,39 @@ def _prepare_calibration(calibration_images, spec, size: int, seed: int) -> np.n
     return np.ascontiguousarray(images)
 
 
+def _head_quantizer(model: nn.Module, spec, calib: np.ndarray, threshold: float | None):
+    """For a verifier whose per-user tensors are its head: `compute(feature_scale)` -> its int8
+    head (toolchain.quantize.head), over the trunk features of the calibration images. The full
+    export and the fleet path both write this, so their files are byte-identical. None for other
+    models (and for verifiers with per-user trunk tensors: the converter quantises those)."""
+    if spec.output != "logit" or threshold is None or not hasattr(model, "per_user_tensors"):
+        return None
+    per_user = model.per_user_tensors()
+    if not all(n.startswith("head.") for n in per_user):
+        return None
+    from toolchain.quantize.head import quantize_head
+
+    features = trunk_features(model, calib, spec)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return lambda feature_scale: quantize_head(state, per_user, features, feature_scale, threshold)
+
+
+def trunk_features(model: nn.Module, images: np.ndarray, spec, batch: int = 256) -> np.ndarray:
+    """The shared trunk's pooled float features (N, F) of uint8 images, as the head reads them."""
+    from toolchain.runtime.preprocess import model_input
+
+    with torch.no_grad():
+        return np.concatenate([model.features(torch.from_numpy(model_input(images[i:i + batch], spec.mean,
+                                                                           spec.std))).numpy()
+                               for i in range(0, len(images), batch)]).astype(np.float32)
+
+
+def _backend_versions(versions: dict, backend: str) -> dict:
+    from toolchain.export.metadata import _TOOLS_BY_BACKEND
+
+    return {k: v for k, v in versions.items() if k == "toolchain" or k in _TOOLS_BY_BACKEND.get(backend, ())}
+
+
 def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str = FORMATS,
                  precisions: Sequence[str] | str = PRECISIONS, calibration_images=None, *,
                  calibration_size: int = 128, tflite_backend: str = "onnx2tf",
@@ -172,6 +205,16 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     int8_model = with_row_stem(model, spec.input_size[2]) or model
     calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
     versions = tool_versions()
+    calib_sha = None if calib is None else hashlib.sha256(calib.tobytes()).hexdigest()
+    compute_head = _head_quantizer(model, spec, calib, threshold) if calib is not None else None
+    user = meta.get("user") if spec.output == "logit" else None
+
+    def template(fmt: str, precision: str, backend: str) -> str | None:
+        if user is None:
+            return None
+        return template_id(hypernet_sha256=meta.get("hypernet_sha256"), calibration_sha256=calib_sha, fmt=fmt,
+                           precision=precision, versions=_backend_versions(versions, backend),
+                           model_kwargs=meta.get("model_kwargs", {}))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,12 +227,13 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                 for p in precisions:
                     records.append(_export_pte(int8_model if p == "int8" else model, spec, model_name, example, p,
                                                calib, threshold, source_rec, versions, require_full_delegation,
-                                               staging))
+                                               staging, compute_head, user, template("executorch", p, "xnnpack")))
                     advance(f"executorch {p}")
             if "tflite" in formats:
                 records += _export_tflite(model, int8_model, spec, model_name, example, precisions, calib,
                                           threshold, source_rec, versions, require_full_delegation, staging,
-                                          tflite_backend)
+                                          tflite_backend, compute_head, user,
+                                          {p: template("tflite", p, tflite_backend) for p in precisions})
                 advance("tflite " + ",".join(precisions))
         reference = _save_float_reference(float_model, meta, staging) if source_rec["kind"] in ("module", "registry") \
             else source_rec.get("path")
@@ -209,8 +253,7 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
         "source": source_rec,
         "reference": reference,
         "threshold": threshold,
-        "calibration": None if calib is None else {
-            "images": int(len(calib)), "sha256": hashlib.sha256(calib.tobytes()).hexdigest()},
+        "calibration": None if calib is None else {"images": int(len(calib)), "sha256": calib_sha},
         "tool_versions": versions,
         "artifacts": _merge_previous(out, source_rec, [r.to_dict() for r in records]),
     }
@@ -257,6 +300,15 @@ class _progress:
         return False
 
 
+def _checks(checks: dict, head_feature_scale: float | None) -> dict:
+    """An artifact's checks; an int8 verifier's also say where its per-user head was written from
+    (toolchain.quantize.head): the int8 scale of the head's input, which templates share."""
+    if head_feature_scale is not None:
+        checks["head_quant"] = {"function": "toolchain.quantize.head.quantize_head",
+                                "feature_scale": float(head_feature_scale)}
+    return checks
+
+
 def _record(staging: Path, fname: str, data: bytes, meta: dict, fmt: str, precision: str, backend: str,
             checks: dict, seconds: float) -> ArtifactRecord:
     path = staging / fname
@@ -269,7 +321,7 @@ def _record(staging: Path, fname: str, data: bytes, meta: dict, fmt: str, precis
 
 
 def _export_pte(model, spec, model_name, example, precision, calib, threshold, source_rec, versions,
-                require_full, staging) -> ArtifactRecord:
+                require_full, staging, compute_head=None, user=None, template=None) -> ArtifactRecord:
     from toolchain.export.executorch import export_executorch
 
     t0 = time.perf_counter()
@@ -278,25 +330,31 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
         return build_metadata(model_name=model_name, spec=spec, fmt="executorch", precision=precision,
                               backend="xnnpack", input_shape=list(example.shape), layout="NCHW",
                               input_dtype="float32", input_quant=None, output_quant=None, output_dtype="float32",
-                              threshold=threshold, source=source_rec, versions=versions, internal_quant=internal)
+                              threshold=threshold, source=source_rec, versions=versions, internal_quant=internal,
+                              user=user, template=template)
 
     from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
 
     pin = (INPUT_SCALE, INPUT_ZERO_POINT) if _exact_input(spec) else None
     data, meta, report = export_executorch(model, example, precision, calib, spec.mean, spec.std,
                                            require_full, metadata_fn, input_qparams=pin,
-                                           output_threshold=threshold if spec.output == "logit" else None)
+                                           output_threshold=threshold if spec.output == "logit" else None,
+                                           compute_head=compute_head if precision == "int8" else None)
     return _record(staging, f"{model_name}_{precision}.pte", data, meta, "executorch", precision, "xnnpack",
-                   {"delegation": report.to_dict()}, time.perf_counter() - t0)
+                   _checks({"delegation": report.to_dict()}, report.head_feature_scale), time.perf_counter() - t0)
 
 
 def _export_tflite(model, int8_model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
-                   require_full, staging, backend) -> list[ArtifactRecord]:
+                   require_full, staging, backend, compute_head=None, user=None,
+                   templates: dict | None = None) -> list[ArtifactRecord]:
     from toolchain.export.metadata import embed_tflite_metadata
-    from toolchain.export.tflite import align_tflite_output, export_tflite_litert_torch, export_tflite_onnx2tf
+    from toolchain.export.tflite import (
+        align_tflite_output, export_tflite_litert_torch, export_tflite_onnx2tf, write_head_quant_tflite,
+    )
     from toolchain.export.tflite_check import inspect_tflite
 
     t0 = time.perf_counter()
+    head_feature_scale = None
     if backend == "onnx2tf":
         if int8_model is model or "int8" not in precisions:
             blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
@@ -306,7 +364,10 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
                                           exact_input=_exact_input(spec))
             if "fp32" in precisions:
                 blobs.update(export_tflite_onnx2tf(model, example, ["fp32"], None, spec.mean, spec.std))
-        if "int8" in blobs and spec.output == "logit" and threshold is not None:
+        if "int8" in blobs and compute_head is not None:
+            blobs["int8"], written = write_head_quant_tflite(blobs["int8"], compute_head)
+            head_feature_scale = written["feature_scale"]
+        elif "int8" in blobs and spec.output == "logit" and threshold is not None:
             blobs["int8"] = align_tflite_output(blobs["int8"], threshold)
     else:
         from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
@@ -334,8 +395,10 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
                               input_shape=report.input_shape, layout=layout,
                               input_dtype=report.input_type.lower(), input_quant=report.input_quant,
                               output_quant=report.output_quant, output_dtype=report.output_type.lower(),
-                              threshold=threshold, source=source_rec, versions=versions)
+                              threshold=threshold, source=source_rec, versions=versions, user=user,
+                              template=(templates or {}).get(precision))
         data = embed_tflite_metadata(blobs[precision], meta)
         records.append(_record(staging, f"{model_name}_{precision}.tflite", data, meta, "tflite", precision,
-                               backend, {"tflite": report.to_dict()}, seconds))
+                               backend, _checks({"tflite": report.to_dict()},
+                                                head_feature_scale if precision == "int8" else None), seconds))
     return records

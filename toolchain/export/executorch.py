@@ -27,6 +27,7 @@ class DelegationReport:
     delegated_nodes: int
     non_delegated_nodes: int
     ops_outside: dict[str, int] = field(default_factory=dict)  # op -> occurrences left outside
+    head_feature_scale: float | None = None  # int8 verifier: the scale of the per-user head's input
     float_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float islands inside int8
     float_prefix_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float ops on the input
 
@@ -83,11 +84,13 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
                       calibration: np.ndarray | None, mean, std,
                       require_full_delegation: bool, metadata_fn,
                       input_qparams: tuple[float, int] | None = None,
-                      output_threshold: float | None = None) -> tuple[bytes, dict, DelegationReport]:
+                      output_threshold: float | None = None,
+                      compute_head=None) -> tuple[bytes, dict, DelegationReport]:
     """Return (pte bytes, metadata, delegation report). `metadata_fn(internal_quant)` builds the
     metadata dict. Raises CheckFailed if full delegation is required and not reached.
     `input_qparams` pins the int8 input quantisation (see toolchain.quantize.exact_input);
-    `output_threshold` aligns the int8 output with a decision threshold (toolchain.quantize.decision)."""
+    `output_threshold` aligns the int8 output with a decision threshold (toolchain.quantize.decision);
+    `compute_head` writes a verifier's per-user head quantisation (toolchain.quantize.pt2e.write_head_quant)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
@@ -99,7 +102,8 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
         from toolchain.quantize.pt2e import quantize_xnnpack_int8
 
         converted = quantize_xnnpack_int8(model, example, calibration, mean, std, report=qreport,
-                                         input_qparams=input_qparams, output_threshold=output_threshold)
+                                         input_qparams=input_qparams, output_threshold=output_threshold,
+                                         compute_head=compute_head)
         q_in, q_out = _first_quant_params(converted)
         internal = {"input": q_in, "output": q_out}
         program = torch.export.export(converted, (example,), strict=False)
@@ -117,6 +121,7 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
     report = delegation_report(edge)  # kept in the manifest, not inside the file
     report.float_ops = qreport.get("float_ops", {})
     report.float_prefix_ops = qreport.get("float_prefix_ops", {})
+    report.head_feature_scale = qreport.get("feature_scale")
     if require_full_delegation and not report.fully_delegated:
         outside = ", ".join(f"{op} x{n}" for op, n in sorted(report.ops_outside.items())) or "none"
         raise CheckFailed(f"{meta['model']} {precision} .pte is not fully delegated to XNNPACK: "

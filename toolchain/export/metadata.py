@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import platform
 from pathlib import Path
 
+from toolchain.errors import ToolchainError
 from toolchain.runtime.metadata import PTE_METADATA_METHOD, SCHEMA, TFLITE_METADATA_NAME
 
 _TOOLS = ("torch", "executorch", "torchao", "tensorflow-cpu", "ai-edge-litert", "onnx", "onnx2tf",
@@ -36,7 +38,8 @@ def build_metadata(*, model_name: str, spec, fmt: str, precision: str, backend: 
                    input_shape: list[int], layout: str, input_dtype: str,
                    input_quant: dict | None, output_quant: dict | None, output_dtype: str,
                    threshold: float | None, source: dict, versions: dict | None = None,
-                   internal_quant: dict | None = None) -> dict:
+                   internal_quant: dict | None = None, user: str | None = None,
+                   template: str | None = None) -> dict:
     meta = {
         "schema": SCHEMA,
         "model": model_name,
@@ -61,6 +64,9 @@ def build_metadata(*, model_name: str, spec, fmt: str, precision: str, backend: 
         "tool_versions": {k: v for k, v in (versions or tool_versions()).items()
                           if k == "toolchain" or k in _TOOLS_BY_BACKEND.get(backend, _TOOLS)},
     }
+    if user is not None:  # a verifier: whose it is, and the fleet template it can be written from
+        meta["user"] = str(user)
+        meta["template"] = template
     if internal_quant:
         # ExecuTorch int8 keeps float I/O; these are the quantise/dequantise steps inside the graph.
         meta["internal_quantization"] = internal_quant
@@ -69,6 +75,33 @@ def build_metadata(*, model_name: str, spec, fmt: str, precision: str, backend: 
 
 def compact_json(meta: dict) -> str:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+
+
+# A verifier's metadata is padded to a fixed size, so its place and length in the file never
+# depend on the user and a fleet writes it in place (toolchain.fleet).
+VERIFIER_METADATA_BYTES = 1024
+
+
+def serialized_metadata(meta: dict) -> str:
+    """The JSON written into a file: compact; a verifier's padded with spaces to a fixed size."""
+    text = compact_json(meta)
+    if meta.get("output") != "logit":
+        return text
+    if len(text.encode()) > VERIFIER_METADATA_BYTES:
+        raise ToolchainError(f"verifier metadata is {len(text.encode())} bytes, more than the fixed "
+                             f"{VERIFIER_METADATA_BYTES} (a user id of at most 64 characters fits)")
+    return text + " " * (VERIFIER_METADATA_BYTES - len(text.encode()))
+
+
+def template_id(*, hypernet_sha256: str | None, calibration_sha256: str | None, fmt: str, precision: str,
+                versions: dict, model_kwargs: dict) -> str | None:
+    """Which template a verifier file can be written from (toolchain.fleet): the same hypernet,
+    calibration set (int8), format, precision and tool versions. None without the hypernet's hash."""
+    if not hypernet_sha256:
+        return None
+    key = {"hypernet": hypernet_sha256, "calibration": calibration_sha256 if precision == "int8" else None,
+           "format": fmt, "precision": precision, "model_kwargs": model_kwargs, "tools": versions}
+    return hashlib.sha256(compact_json(key).encode()).hexdigest()[:16]
 
 
 def pte_constant_methods(meta: dict) -> dict:
@@ -85,7 +118,7 @@ def pte_constant_methods(meta: dict) -> dict:
     q_out = (meta.get("output_tensor") or {}).get("quantization") or \
         (meta.get("internal_quantization") or {}).get("output") or {}
     methods = {
-        PTE_METADATA_METHOD: compact_json(meta),
+        PTE_METADATA_METHOD: serialized_metadata(meta),
         "quant_params": [float(q_in.get("scale", 0.0)), float(q_in.get("zero_point", 0)),
                          float(q_out.get("scale", 0.0)), float(q_out.get("zero_point", 0))],
     }
@@ -101,7 +134,7 @@ def embed_tflite_metadata(buf: bytes, meta: dict) -> bytes:
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(buf, 0)
-    payload = compact_json(meta).encode("utf-8")
+    payload = serialized_metadata(meta).encode("utf-8")
     model.metadata = [m for m in (model.metadata or []) if m.name not in (TFLITE_METADATA_NAME.encode(),
                                                                           TFLITE_METADATA_NAME)]
     entry_buf = schema.BufferT()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -120,7 +121,7 @@ def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: l
         for p in precisions:
             if not files[p].is_file():
                 raise ToolchainError(f"onnx2tf did not write {files[p].name}")
-            result[p] = files[p].read_bytes()
+            result[p] = canonical_tensor_names(files[p].read_bytes())
         return result
 
 
@@ -171,6 +172,76 @@ def export_tflite_litert_torch(model: nn.Module, example: torch.Tensor, precisio
         except Exception as exc:  # noqa: BLE001
             raise ToolchainError(f"litert-torch conversion failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
         return path.read_bytes()
+
+
+def _load(buf: bytes):
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema, schema.ModelT.InitFromPackedBuf(buf, 0)
+
+
+def _pack(model, size_hint: int) -> bytes:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size_hint + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+# Keras numbers layers per process (model_1/..., tf.math.add_13): a second conversion in one
+# process names the same tensors differently. Stripping the counters makes a conversion's bytes
+# depend on the model only, so a full export equals a file written from a template.
+_KERAS_COUNTER = re.compile(r"(?<=[A-Za-z])_\d+(?=[/;:]|$)")
+
+
+def canonical_tensor_names(buf: bytes) -> bytes:
+    """The flatbuffer with Keras's per-process layer counters removed from tensor names."""
+    _, model = _load(buf)
+    for sub in model.subgraphs:
+        for t in sub.tensors:
+            if t.name is not None:
+                name = t.name.decode() if isinstance(t.name, bytes) else t.name
+                t.name = _KERAS_COUNTER.sub("", name)
+    return _pack(model, len(buf))
+
+
+def _op_name(schema, model, op) -> str:
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    code = model.operatorCodes[op.opcodeIndex]
+    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
+
+
+def _set_quant(tensor, scales, zero_points) -> None:
+    q = tensor.quantization
+    q.scale = [float(x) for x in np.atleast_1d(scales).astype(np.float32)]
+    q.zeroPoint = [int(x) for x in np.atleast_1d(zero_points)]
+    q.min = q.max = None  # calibration ranges the converter may keep: they would be the previous user's
+
+
+def write_head_quant_tflite(buf: bytes, compute_head) -> tuple[bytes, dict]:
+    """Write a verifier's per-user head quantisation (`compute_head(feature_scale)`, see
+    toolchain.quantize.head) into an int8 .tflite: the last FULLY_CONNECTED ops are the head's
+    layers, in order. Their int8 weights, int32 biases, the scales of both and their output
+    quantisation take the values computed. Returns (bytes, {"head", "feature_scale"})."""
+    schema, model = _load(buf)
+    sub = model.subgraphs[0]
+    fcs = [op for op in sub.operators if _op_name(schema, model, op) == "FULLY_CONNECTED"]
+    if len(fcs) < 2:
+        raise ToolchainError(f"int8 .tflite: expected the head's FULLY_CONNECTED layers, found {len(fcs)}")
+    feature = sub.tensors[int(fcs[-2].inputs[0])]
+    feature_scale = float(feature.quantization.scale[0])
+    head = compute_head(feature_scale)
+    ops = fcs[-len(head.layers):]
+    for q, op in zip(head.layers, ops):
+        w, b, y = (sub.tensors[int(i)] for i in (op.inputs[1], op.inputs[2], op.outputs[0]))
+        if tuple(w.shape) != q.weight_q.shape or int(b.shape[0]) != len(q.bias_q):
+            raise ToolchainError(f"int8 .tflite: {q.name} has shape {tuple(w.shape)}, the model {q.weight_q.shape}")
+        model.buffers[w.buffer].data = np.frombuffer(np.ascontiguousarray(q.weight_q).tobytes(), np.uint8)
+        model.buffers[b.buffer].data = np.frombuffer(q.bias_q.astype("<i4").tobytes(), np.uint8)
+        _set_quant(w, q.weight_scale, np.zeros(len(q.weight_scale), np.int64))
+        _set_quant(b, q.bias_scale, np.zeros(len(q.bias_scale), np.int64))
+        _set_quant(y, q.output_scale, q.output_zero_point)
+    return _pack(model, len(buf)), {"head": head, "feature_scale": feature_scale}
 
 
 # Ops whose kernels read their output tensor's scale and zero-point when the interpreter (or

@@ -210,8 +210,10 @@ class HyperNetwork(nn.Module):
 class HypernetBundle:
     """Everything enrollment needs, from one hypernet checkpoint: h_bb, h_gen and the threshold."""
 
-    def __init__(self, hypernet: HyperNetwork, backbone: nn.Module, threshold: float, meta: dict) -> None:
+    def __init__(self, hypernet: HyperNetwork, backbone: nn.Module, threshold: float, meta: dict,
+                 sha256: str | None = None) -> None:
         self.hypernet, self.backbone, self.threshold, self.meta = hypernet, backbone, threshold, meta
+        self.sha256 = sha256  # of the checkpoint file: names the fleet templates its users share
 
     @property
     def flip(self) -> bool:
@@ -242,4 +244,8 @@ def load_hypernet(path) -> HypernetBundle:
     meta["backbone"] = {k: v for k, v in bb.items() if k != "state_dict"}
     for p in list(hypernet.parameters()) + list(backbone.parameters()):
         p.requires_grad_(False)
-    return HypernetBundle(hypernet.eval(), backbone.eval(), float(payload["threshold"]), meta)
+    import hashlib
+
+    with open(path, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return HypernetBundle(hypernet.eval(), backbone.eval(), float(payload["threshold"]), meta, sha256=sha256)

@@ -375,6 +375,8 @@ def _stage_export(ctx: RunContext) -> StageOutput:
     out_root = ctx.path("export")
     artifacts, files = [], []
     jobs: list[tuple[str | None, Any, Path, Any]] = []
+    if _fleet_export(ctx):
+        return _stage_export_fleet(ctx)
     if ctx.recipe.kind == "verifier":
         users = ctx.results["enroll"]["users"]
         for user in users[:cfg.users] if cfg.users else users:
@@ -407,6 +409,57 @@ def _stage_export(ctx: RunContext) -> StageOutput:
             files.append(Path(r.path))
         files += [p for p in out_dir.iterdir() if p.is_file() and p.suffix in (".json", ".pt")]
     return StageOutput(files=files, data={"artifacts": artifacts})
+
+
+def _fleet_export(ctx: RunContext) -> bool:
+    """Several users' verifiers are written from templates (toolchain.fleet), one user's exported
+    in full. The fleet enrolls from one image and converts with onnx2tf."""
+    cfg = ctx.recipe.export
+    return (ctx.recipe.kind == "verifier" and (cfg.users is None or cfg.users > 1)
+            and ctx.recipe.enroll.enroll_images == 1 and cfg.tflite_backend == "onnx2tf")
+
+
+def _stage_export_fleet(ctx: RunContext) -> StageOutput:
+    """Every exported user through `toolchain.fleet.run_fleet`: their enrollment images as a
+    users folder, and one calibration set shared by all (the verification pairs' impostor images)."""
+    from PIL import Image
+
+    from toolchain.fleet import run_fleet
+    from toolchain.quantize.calibration import build_calibration_set
+
+    cfg = ctx.recipe.export
+    out_root = ctx.path("export")
+    users = ctx.results["enroll"]["users"]
+    users = users[:cfg.users] if cfg.users else users
+    src = out_root / ".fleet_users"
+    negatives = None
+    for user in users:
+        enroll, images, labels = _user_probes(ctx, user)
+        negatives = images[~labels]
+        (src / user["user"]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(enroll[0]).save(src / user["user"] / "0.png")
+    calib_path = out_root / ".fleet_calibration.npy"
+    np.save(calib_path, build_calibration_set("backbone", images=negatives, size=cfg.calibration_images,
+                                              seed=ctx.recipe.seed))
+    result = run_fleet(ctx.path(ctx.results["train_hypernet"]["checkpoint"]), src, out_root,
+                       calibration=calib_path, calibration_size=cfg.calibration_images, seed=ctx.recipe.seed,
+                       formats=cfg.formats, precisions=cfg.precisions)
+    if result.problems:
+        raise ToolchainError("fleet export: " + "; ".join(result.problems))
+    manifest = json.loads((out_root / "fleet_manifest.json").read_text())
+    artifacts, files = [], [out_root / "fleet_manifest.json"]
+    for e in manifest["users"]:
+        source = next(u for u in users if u["user"] == e["user"])["dir"]
+        for f in e["files"]:
+            path = out_root / f["path"]
+            artifacts.append({"path": ctx.rel(path), "format": f["format"], "precision": f["precision"],
+                              "bytes": int(f["bytes"]), "sha256": f["sha256"],
+                              "backend": "xnnpack" if f["format"] == "executorch" else "onnx2tf", "model": "verifier",
+                              "source": source, "outside": {}, "user": e["user"], "mode": e["mode"]})
+            files.append(path)
+    return StageOutput(files=files, data={"artifacts": artifacts, "fleet": {
+        "templates": manifest["templates"], "fallbacks": result.fallbacks,
+        "seconds": {k: round(v, 3) for k, v in result.timings.items() if isinstance(v, float)}}})
 
 
 def _outside(checks: dict) -> dict[str, int]:
@@ -563,7 +616,7 @@ def default_stages(recipe: Recipe) -> list[Stage]:
             Stage("train_hypernet", _stage_train_hypernet, title="train hypernetwork (h_gen)",
                   after=("data", "train_backbone"), external=_external_data, workdir="train/hypernet",
                   config=lambda ctx: _train_config(ctx.recipe.train.hypernet)),
-            Stage("enroll", _stage_enroll, title="enroll users",
+            Stage("enroll", _stage_enroll, title="enroll users", version=2,
                   after=("data", *(("pairs",) if recipe.data.source == "folder" else ()), "train_hypernet"),
                   external=_external_data, workdir="users",
                   config=lambda ctx: {"enroll": ctx.recipe.enroll.model_dump(mode="json"),
@@ -573,7 +626,7 @@ def default_stages(recipe: Recipe) -> list[Stage]:
     stages += [
         Stage("evaluate", _stage_evaluate, title="evaluate on the pairs", after=("data", *trained), version=2,
               external=_external_data, config=lambda ctx: ctx.recipe.evaluate.model_dump(mode="json")),
-        Stage("export", _stage_export, title="quantize + export", after=("data", *trained),
+        Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=2,
               external=_external_data, workdir="export",
               config=lambda ctx: {"export": ctx.recipe.export.model_dump(mode="json"), "seed": ctx.recipe.seed}),
         Stage("profile", _stage_profile, title="profile + budgets", after=("export", *trained),

@@ -111,6 +111,49 @@ def align_output_qparams(converted: nn.Module, threshold: float) -> tuple[float,
     return scale, zp
 
 
+def write_head_quant(converted: nn.Module, compute_head) -> dict:
+    """Replace the converted graph's per-user head quantisation with `compute_head(feature_scale)`
+    (a toolchain.quantize.head.HeadQuant; feature_scale: the int8 scale of the head's input here).
+    The head's linear layers are found by their bias parameters' names (head.*.bias); their int8
+    weights and per-channel scales, and the quantise/dequantise pairs after each, take the values
+    computed. Returns {"head": HeadQuant, "feature_scale": float}."""
+    import torch
+
+    linears = {}
+    for n in converted.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.linear.default and len(n.args) > 2 \
+                and getattr(n.args[2], "op", "") == "get_attr" and str(n.args[2].target).startswith("head."):
+            linears[str(n.args[2].target).rsplit(".", 1)[0]] = n
+    if not linears:
+        raise ToolchainError("int8 export: no per-user head (head.*) linear layers in the converted graph")
+    first = linears[min(linears, key=lambda k: int(k.split(".")[1]))]
+    deq_in = through_plumbing(first.args[0])
+    if "dequantize_per_tensor" not in str(getattr(deq_in, "target", "")):
+        raise ToolchainError("int8 export: the head's input is not an int8 dequantise")
+    head = compute_head(float(deq_in.args[1]))
+    for q in head.layers:
+        node = linears.get(q.name)
+        if node is None:
+            raise ToolchainError(f"int8 export: per-user layer {q.name} not found in the converted graph")
+        deq_w = node.args[1]
+        if "dequantize_per_channel" not in str(getattr(deq_w, "target", "")):
+            raise ToolchainError(f"int8 export: {q.name}'s weight is not per-channel int8")
+        weight_attr, scale_attr = deq_w.args[0].target, deq_w.args[1].target
+        setattr(converted, weight_attr, torch.from_numpy(q.weight_q.copy()))
+        setattr(converted, scale_attr, torch.from_numpy(q.weight_scale.astype(np.float32).copy()))
+        # The activation this layer writes: through its ReLU (if any) to the quantise/dequantise.
+        after = next(iter(node.users))
+        if after.target == torch.ops.aten.relu.default:
+            after = next(iter(after.users))
+        if "quantize_per_tensor" not in str(after.target):
+            raise ToolchainError(f"int8 export: {q.name}'s output is not quantised")
+        pair = [after] + [u for u in after.users if "dequantize_per_tensor" in str(u.target)]
+        for n in pair:
+            n.args = (n.args[0], float(q.output_scale), int(q.output_zero_point), *n.args[3:])
+    converted.recompile()
+    return {"head": head, "feature_scale": float(deq_in.args[1])}
+
+
 def _own_pool_range(base):
     """The XNNPACK quantizer, except that a global average pool's output gets its own observer.
 
@@ -138,7 +181,7 @@ def _own_pool_range(base):
 def quantize_xnnpack_int8(model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
                           mean, std, report: dict | None = None,
                           input_qparams: tuple[float, int] | None = None,
-                          output_threshold: float | None = None) -> nn.Module:
+                          output_threshold: float | None = None, compute_head=None) -> nn.Module:
     """PT2E int8 with ExecuTorch's XNNPACK quantizer (pooled features get their own range);
     see quantize_pt2e for the arguments."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -148,16 +191,19 @@ def quantize_xnnpack_int8(model: nn.Module, example: torch.Tensor, calibration: 
 
     quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(get_symmetric_quantization_config(is_per_channel=True))
     return quantize_pt2e(model, example, calibration, mean, std, quantizer, report=report,
-                         input_qparams=input_qparams, output_threshold=output_threshold)
+                         input_qparams=input_qparams, output_threshold=output_threshold, compute_head=compute_head)
 
 
 def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, mean, std, quantizer,
                   report: dict | None = None, input_qparams: tuple[float, int] | None = None,
-                  output_threshold: float | None = None, fold_quantize: bool = True) -> nn.Module:
+                  output_threshold: float | None = None, fold_quantize: bool = True,
+                  compute_head=None) -> nn.Module:
     """Return the converted (fake-quantized) graph module, ready for a second torch.export.
     If `report` is a dict, it receives `float_ops` and `float_prefix_ops` (see float_ops()).
     `input_qparams` (scale, zero_point) replaces the calibrated quantisation of the input;
-    `output_threshold` aligns the output's with a verifier's decision threshold."""
+    `output_threshold` aligns the output's with a verifier's decision threshold; `compute_head`
+    (see write_head_quant) replaces a verifier's per-user head quantisation, output included,
+    and `report["head"]` then holds what was written."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     # Calibrate at the batch size of the export (1), so batch-dependent shapes stay static.
@@ -171,6 +217,12 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarr
     converted = convert_pt2e(prepared, fold_quantize=fold_quantize)
     if input_qparams is not None and pin_input_qparams(converted, *input_qparams) != 2:
         raise ToolchainError("int8 export: could not find the input quantise/dequantise pair to pin")
-    if output_threshold is not None:
+    if compute_head is not None:
+        if not fold_quantize:
+            raise ToolchainError("int8 export: the per-user head is written into folded int8 weights")
+        written = write_head_quant(converted, compute_head)
+        if report is not None:
+            report.update(written)
+    elif output_threshold is not None:
         align_output_qparams(converted, output_threshold)
     return converted

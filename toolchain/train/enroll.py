@@ -73,7 +73,7 @@ def enroll_images(hypernet_ckpt: str | Path | HypernetBundle, images: np.ndarray
     return save_enrollment(
         out_dir, verifier, bundle.hypernet.verifier_kwargs, bundle.threshold,
         user=user if user is not None else Path(out_dir).name, num_images=int(len(images)),
-        hypernet=source, backbone=bundle.meta["backbone"]["model"],
+        hypernet=source, hypernet_sha256=bundle.sha256, backbone=bundle.meta["backbone"]["model"],
         threshold_source="held-out identities at hypernet training (max balanced accuracy)",
         calibration={k: calibration[k] for k in ("balanced_accuracy", "auc", "eer", "identities") if k in calibration},
     )

@@ -1,0 +1,100 @@
+"""`toolchain fleet`: every user's verifier files from templates; `toolchain fleet merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from toolchain.errors import CheckFailed
+
+
+@click.group("fleet", invoke_without_command=True)
+@click.option("--hypernet", "hypernet", type=click.Path(dir_okay=False), help="Hypernet checkpoint (hypernet.pt).")
+@click.option("--users", "users_src", type=click.Path(), help="A folder with one sub-folder per user (its first "
+              "image, sorted, enrolls the user), or a file of `user_id<TAB>image_path` lines.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder: DIR/<user>/verifier_* "
+              "and DIR/fleet_manifest.json. A rerun skips the users already there.")
+@click.option("--calibration", type=click.Path(), help="Calibration images shared by every user (.npy/.npz, an "
+              "image folder or a pairs file); part of the template's key.")
+@click.option("--calibration-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--formats", default="executorch,tflite", show_default=True)
+@click.option("--precisions", default="int8,fp32", show_default=True)
+@click.option("--shard", default=None, metavar="I/N", help="Only the I-th of N hash shards of the users "
+              "(run the shards on several machines, then `toolchain fleet merge`).")
+@click.option("--parity", "parity_users", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run K sampled users' int8 files in their runtimes against their float models.")
+@click.pass_context
+def fleet(ctx, hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions, shard,
+          parity_users) -> None:
+    """Write every user's verifier files by putting that user's per-user tensors, their int8
+    parameters and metadata into one template per format and precision. Files are byte-identical
+    to `toolchain enroll` + `toolchain export` of the same user with the same calibration set.
+    Exit 1 when a user was skipped (named by line), 0 otherwise."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [n for n, v in (("--hypernet", hypernet), ("--users", users_src), ("--out", out_dir),
+                              ("--calibration", calibration)) if not v]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)}")
+    from toolchain.cli.common import run_logged
+    from toolchain.fleet.run import parse_shard
+
+    shard_spec = parse_shard(shard)
+    log = Path(out_dir).parent / f"{Path(out_dir).name}.fleet.log"
+    with run_logged(ctx, log):
+        result = _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions,
+                      shard_spec, parity_users)
+    _summary(result, out_dir)
+
+
+def _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions, shard, parity_users):
+    from toolchain.fleet.quality import write_fleet_report
+    from toolchain.fleet.run import MANIFEST, run_fleet
+    from toolchain.train.common import progress_bar
+
+    result = run_fleet(hypernet, users_src, out_dir, calibration=calibration, calibration_size=calibration_size,
+                       formats=formats, precisions=precisions, shard=shard, parity_users=parity_users,
+                       progress=click.echo, progress_bar=lambda what, n: progress_bar(what, n))
+    import json
+
+    manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    result.report = write_fleet_report(Path(out_dir), result, manifest)
+    return result
+
+
+def _summary(result, out_dir) -> None:
+    t = result.timings
+    click.echo(f"fleet: {result.users} user(s) written, {result.skipped_done} already done, "
+               f"{len(result.fallbacks)} full export(s) (fallback), {len(result.problems)} skipped")
+    if t.get("write_seconds") is not None and result.users:
+        click.echo(f"  per user: {1000 * t['embed_seconds'] / result.users:.1f} ms embedding + generation, "
+                   f"{1000 * t['write_seconds'] / result.users:.2f} ms quantising + writing; "
+                   f"templates {t.get('template_seconds', 0):.1f} s")
+    for f in result.fallbacks[:10]:
+        click.echo(f"  full export: {f}")
+    parity_failed = [r for r in result.parity if not r["passed"]]
+    if result.parity:
+        click.echo(f"  parity: {len(result.parity) - len(parity_failed)}/{len(result.parity)} int8 files within "
+                   "the bounds")
+    click.echo(f"manifest: {Path(out_dir) / 'fleet_manifest.json'}; report: {result.report}")
+    for p in result.problems:
+        click.echo(f"skipped: {p}", err=True)
+    if result.problems:
+        raise CheckFailed(f"{len(result.problems)} user(s) skipped (listed above); the others are complete")
+    if parity_failed:
+        raise CheckFailed(f"{len(parity_failed)} sampled int8 file(s) outside the parity bounds (see {result.report})")
+
+
+@fleet.command("merge")
+@click.argument("shard_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Where the joined fleet_manifest.json goes.")
+def merge(shard_dirs, out_dir) -> None:
+    """Join the manifests of fleet shards and check them (same templates, every shard once, no
+    user twice, every file's sha256)."""
+    from toolchain.fleet.merge import merge_manifests
+
+    merged = merge_manifests(shard_dirs, out_dir)
+    click.echo(f"merged {len(merged['users'])} users from {len(shard_dirs)} shard(s): "
+               f"{Path(out_dir) / 'fleet_manifest.json'}")
