@@ -165,3 +165,4 @@ def test_shards_merge(fleet_out, hypernet_ckpt, users_dir, tmp_path, capsys):
     victim.write_bytes(bytes(data))
     assert main(["fleet", "merge", *map(str, dirs), "--out", str(tmp_path / "bad")]) == 1
     assert "sha256" in capsys.readouterr().err
+

@@ -35,38 +35,6 @@ def _face(seed: int) -> np.ndarray:
     return SyntheticFaces(seed=5).render(seed, 0)
 
 
-@pytest.fixture(scope="module")
-def hypernet_ckpt(tmp_path_factory):
-    """A few steps of MobileFaceNet and h_gen on synthetic faces (a registered backbone, so the
-    server process can load the checkpoint)."""
-    import torch
-
-    from toolchain.train import BackboneConfig, HypernetConfig, train_backbone, train_hypernet
-
-    class Faces(torch.utils.data.Dataset):
-        def __init__(self):
-            from toolchain.data.synthetic import SyntheticFaces
-
-            gen = SyntheticFaces(seed=9)
-            self.labels = np.repeat(np.arange(12), 4)
-            imgs = gen.render_batch(self.labels, np.tile(np.arange(4), 12))
-            self.images = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-            self.num_classes = 12
-
-        def __len__(self):
-            return len(self.labels)
-
-        def __getitem__(self, i):
-            return self.images[i], int(self.labels[i])
-
-    out = tmp_path_factory.mktemp("serve-hn")
-    data = Faces()
-    bb = train_backbone(BackboneConfig(model="mobilefacenet", embedding_size=32, max_steps=3, batch_size=8,
-                                       warmup_steps=1, progress=False), data, out / "bb")
-    return train_hypernet(HypernetConfig(steps=6, identities_per_batch=4, probes_per_identity=1, val_identities=0.3,
-                                         kcs_recluster_every=3, checkpoint_every=3, progress=False), bb, data, out / "hn")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,10 +67,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(hypernet_ckpt, tmp_path_factory):
+def server(registry_hypernet_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     (root / "token").write_text(TOKEN)
-    srv = Server(hypernet_ckpt, root / "store", root / "token")
+    srv = Server(registry_hypernet_ckpt, root / "store", root / "token")
     srv.root = root
     yield srv
     srv.stop()
@@ -117,7 +85,7 @@ def _enroll(client, image: bytes, **data):
     return client.post("/v1/users", files={"image": ("face.png", image, "image/png")}, data=data)
 
 
-def test_enroll_download_verify_run(server, hypernet_ckpt, tmp_path):
+def test_enroll_download_verify_run(server, registry_hypernet_ckpt, tmp_path):
     from toolchain.fleet import run_fleet
     from toolchain.runtime import load_runner
     from toolchain.serve.signing import verify
@@ -142,7 +110,7 @@ def test_enroll_download_verify_run(server, hypernet_ckpt, tmp_path):
     (users / "0.png").write_bytes(_png(face))
     out = tmp_path / "fleet"
     shutil.copytree(server.root / "store" / ".templates", out / ".templates")
-    run_fleet(hypernet_ckpt, users.parent, out, calibration=server.root / "store" / "calibration.npy",
+    run_fleet(registry_hypernet_ckpt, users.parent, out, calibration=server.root / "store" / "calibration.npy",
               calibration_size=512, precisions=["int8"])
     for name, data in files.items():
         assert (out / uid / name).read_bytes() == data, name
@@ -200,19 +168,19 @@ def test_delete_idempotency_and_concurrency(server):
                 assert hashlib.sha256(c.get(f["url"]).content).hexdigest() == f["sha256"]
 
 
-def test_restart_serves_enrolled_users(server, hypernet_ckpt, tmp_path):
+def test_restart_serves_enrolled_users(server, registry_hypernet_ckpt, tmp_path):
     (tmp_path / "token").write_text(TOKEN)
     (tmp_path / "store").mkdir()
     for name in (".templates", "calibration.npy"):  # the first start reuses them: no rebuild
         src = server.root / "store" / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / "store" / name)
-    first = Server(hypernet_ckpt, tmp_path / "store", tmp_path / "token")
+    first = Server(registry_hypernet_ckpt, tmp_path / "store", tmp_path / "token")
     try:
         with _client(first) as c:
             body = _enroll(c, _png(_face(7))).json()
     finally:
         first.stop()
-    second = Server(hypernet_ckpt, tmp_path / "store", tmp_path / "token")
+    second = Server(registry_hypernet_ckpt, tmp_path / "store", tmp_path / "token")
     try:
         with _client(second) as c:
             for f in body["files"]:
@@ -221,8 +189,8 @@ def test_restart_serves_enrolled_users(server, hypernet_ckpt, tmp_path):
         second.stop()
 
 
-def test_refuses_to_start_without_a_token(hypernet_ckpt, tmp_path):
+def test_refuses_to_start_without_a_token(registry_hypernet_ckpt, tmp_path):
     env = {**os.environ, "TOOLCHAIN_TOKEN": ""}
-    res = subprocess.run([sys.executable, "-m", "toolchain", "serve", "--hypernet", str(hypernet_ckpt), "--store",
+    res = subprocess.run([sys.executable, "-m", "toolchain", "serve", "--hypernet", str(registry_hypernet_ckpt), "--store",
                           str(tmp_path / "s")], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and "no bearer token" in res.stderr

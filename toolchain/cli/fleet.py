@@ -24,9 +24,12 @@ from toolchain.errors import CheckFailed
               "(run the shards on several machines, then `toolchain fleet merge`).")
 @click.option("--parity", "parity_users", type=click.IntRange(min=0), default=0, show_default=True,
               help="Run K sampled users' int8 files in their runtimes against their float models.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine, each a hash shard of the users; their manifests are joined.")
+@click.option("--manifest-name", default="fleet_manifest.json", hidden=True)
 @click.pass_context
 def fleet(ctx, hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions, shard,
-          parity_users) -> None:
+          parity_users, workers, manifest_name) -> None:
     """Write every user's verifier files by putting that user's per-user tensors, their int8
     parameters and metadata into one template per format and precision. Files are byte-identical
     to `toolchain enroll` + `toolchain export` of the same user with the same calibration set.
@@ -41,25 +44,76 @@ def fleet(ctx, hypernet, users_src, out_dir, calibration, calibration_size, form
     from toolchain.fleet.run import parse_shard
 
     shard_spec = parse_shard(shard)
+    if workers > 1 and shard_spec is not None:
+        raise click.UsageError("--workers splits this machine's users; --shard picks one machine's: use one")
     log = Path(out_dir).parent / f"{Path(out_dir).name}.fleet.log"
     with run_logged(ctx, log):
-        result = _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions,
-                      shard_spec, parity_users)
+        if workers > 1:
+            result = _run_workers(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions,
+                                  parity_users, workers)
+        else:
+            result = _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions,
+                          shard_spec, parity_users, manifest_name)
     _summary(result, out_dir)
 
 
-def _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions, shard, parity_users):
+def _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions, shard, parity_users,
+         manifest_name):
     from toolchain.fleet.quality import write_fleet_report
-    from toolchain.fleet.run import MANIFEST, run_fleet
+    from toolchain.fleet.run import run_fleet
     from toolchain.train.common import progress_bar
 
     result = run_fleet(hypernet, users_src, out_dir, calibration=calibration, calibration_size=calibration_size,
                        formats=formats, precisions=precisions, shard=shard, parity_users=parity_users,
-                       progress=click.echo, progress_bar=lambda what, n: progress_bar(what, n))
+                       progress=click.echo, progress_bar=lambda what, n: progress_bar(what, n),
+                       manifest_name=manifest_name)
     import json
 
-    manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    manifest = json.loads((Path(out_dir) / manifest_name).read_text())
     result.report = write_fleet_report(Path(out_dir), result, manifest)
+    return result
+
+
+def _run_workers(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions, parity_users,
+                 workers):
+    """`workers` processes, each `toolchain fleet --shard i/N` into the same folder with its own
+    manifest; then their manifests are joined into fleet_manifest.json. Each process enrolls with
+    torch's default threads, as `toolchain enroll` does, so the files stay byte-identical."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from toolchain.fleet.merge import merge_manifests
+    from toolchain.fleet.quality import fleet_parity, write_fleet_report
+    from toolchain.fleet.run import MANIFEST, FleetResult, load_engine, read_users
+
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    engine = load_engine(hypernet, calibration, calibration_size, 0, formats, precisions, out / ".templates",
+                         say=click.echo)  # built once here; the workers read the cache
+    result = FleetResult(out, timings={"template_seconds": time.perf_counter() - t0})
+    names = [f"fleet_manifest.worker-{i}.json" for i in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", "toolchain", "fleet", "--hypernet", str(hypernet), "--users",
+                               str(users_src), "--out", str(out), "--calibration", str(calibration),
+                               "--calibration-size", str(calibration_size), "--formats", formats, "--precisions",
+                               precisions, "--shard", f"{i}/{workers}", "--manifest-name", names[i]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(workers)]
+    click.echo(f"{workers} workers started")
+    for p in procs:
+        _, err = p.communicate()
+        result.problems += [line[len("skipped: "):] for line in err.splitlines() if line.startswith("skipped: ")]
+        if p.returncode not in (0, 1):
+            raise CheckFailed(f"a fleet worker failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
+    merged = merge_manifests([out / n for n in names], out)
+    result.users = len(merged["users"])
+    result.fallbacks = [f"{e['user']}: {e.get('reason')}" for e in merged["users"] if e["mode"] == "full"]
+    result.timings["total_seconds"] = time.perf_counter() - t0
+    if parity_users:
+        users, _ = read_users(users_src)
+        done = [u for u in users if u.user in {e["user"] for e in merged["users"]}]
+        result.parity = fleet_parity(engine.bundle, done, users, out, parity_users, say=click.echo)
+    result.report = write_fleet_report(out, result, json.loads((out / MANIFEST).read_text()))
     return result
 
 

@@ -42,7 +42,10 @@ def serve(ctx, hypernet, store_dir, host, port, workers, token_file, insecure_no
     if not token and not insecure_no_auth:
         raise ToolchainError("no bearer token: set TOOLCHAIN_TOKEN or pass --token-file (or --insecure-no-auth "
                              "for a local experiment)")
+    from toolchain.serve.signing import Signer
+
     store = Store(store_dir)
+    Signer(store.root / "keys")  # the key pair exists before any worker starts
     calib = calibration or str(_default_calibration(store.root))
     settings = Settings(hypernet=str(Path(hypernet).resolve()), store=str(store.root.resolve()),
                         calibration=str(Path(calib).resolve()), token=token or None, max_body_bytes=max_body,

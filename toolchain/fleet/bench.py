@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import CheckFailed
+from toolchain.errors import CheckFailed, ToolchainError
 
 
 def write_synthetic_users(folder: Path, n: int, seed: int = 1234, calibration: int = 512) -> Path:
@@ -48,6 +48,9 @@ def bench_fleet(hypernet: str | Path, n_users: int, out: str | Path, *, formats=
     from toolchain.train.enroll import enroll_images, read_image
 
     out = Path(out)
+    if (out / "fleet").exists():
+        raise ToolchainError(f"{out / 'fleet'} exists: the benchmark builds its templates and writes every user "
+                             "from scratch; choose another --out")
     t0 = time.perf_counter()
     users = write_synthetic_users(out / "data", n_users, calibration=calibration_size)
     render_seconds = time.perf_counter() - t0

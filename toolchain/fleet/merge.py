@@ -17,13 +17,15 @@ from toolchain.errors import CheckFailed, ToolchainError
 from toolchain.fleet.run import MANIFEST, MANIFEST_SCHEMA
 
 
-def merge_manifests(shard_dirs, out: str | Path) -> dict:
+def merge_manifests(shards, out: str | Path) -> dict:
+    """shards: fleet output folders (their fleet_manifest.json) or manifest files."""
     out = Path(out)
     heads, users, problems = [], {}, []
-    for d in map(Path, shard_dirs):
-        path = d / MANIFEST
+    for shard in map(Path, shards):
+        path = shard if shard.is_file() else shard / MANIFEST
+        d = path.parent
         if not path.is_file():
-            raise ToolchainError(f"{d}: no {MANIFEST} (not a fleet output folder)")
+            raise ToolchainError(f"{shard}: no {MANIFEST} (not a fleet output folder)")
         try:
             m = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -64,6 +66,6 @@ def merge_manifests(shard_dirs, out: str | Path) -> dict:
         files = [{**f, "path": os.path.relpath(d / f["path"], out)} for f in e["files"]]
         merged_users.append({**e, "files": files})
     merged = {k: first.get(k) for k in ("schema", *keys, "tool_versions")}
-    merged.update(shard=None, merged_from=[str(d) for d, _ in heads], users=merged_users)
+    merged.update(shard=None, merged_from=[str(shard) for shard in shards], users=merged_users)
     write_json_atomic(out / MANIFEST, merged)
     return merged

@@ -17,6 +17,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,10 @@ def create_app(settings: Settings | None = None):
     signer = Signer(store.root / "keys")
     engine = load_engine(settings.hypernet, settings.calibration, settings.calibration_size, 0, settings.formats,
                          settings.precisions, store.templates)
+    # Every torch call of this process runs on one thread: OpenMP keeps one team of threads per
+    # calling thread, and FastAPI's thread pool would otherwise start a new team per request
+    # thread, all spinning against each other on the same cores.
+    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enroll")
     key_locks: dict[str, threading.Lock] = {}
     key_locks_guard = threading.Lock()
     bearer = HTTPBearer(auto_error=False)
@@ -164,8 +169,8 @@ def create_app(settings: Settings | None = None):
                 if done:
                     return _response(store.record(done))
             user_id = new_user_id()
-            record = _enroll_one(engine, wanted, signer, store, user_id, pixels,
-                                 data if settings.keep_images else None)
+            record = compute.submit(_enroll_one, engine, wanted, signer, store, user_id, pixels,
+                                    data if settings.keep_images else None).result()
             if idempotency_key:
                 store.remember_key(idempotency_key, user_id)
             return _response(record)

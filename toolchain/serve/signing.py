@@ -22,16 +22,7 @@ class Signer:
         key_dir = Path(key_dir)
         private_path, public_path = key_dir / "ed25519_private.pem", key_dir / "ed25519_public.pem"
         if not private_path.is_file():
-            key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-
-            def write_private(tmp):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(pem)
-
-            atomic_write_bytes(private_path, write_private)
+            _create_key(private_path)
         self._key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
         self.public_pem = self._key.public_key().public_bytes(serialization.Encoding.PEM,
                                                               serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -40,6 +31,26 @@ class Signer:
 
     def sign(self, data: bytes) -> str:
         return base64.b64encode(self._key.sign(data)).decode()
+
+
+def _create_key(path: Path) -> None:
+    """A new private key at `path`, unless another process made one first: written under a
+    temporary name and hard-linked into place, which fails if the name exists. Every process
+    then loads the one key on disk."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def verify(public_pem: bytes, data: bytes, signature_b64: str) -> bool:
