@@ -1,7 +1,7 @@
 """Load benchmark of the enrollment service (`toolchain serve`), on 127.0.0.1 only.
 
     python benchmarks/bench_serve.py --hypernet artifacts/demo/train/hypernet/hypernet.pt \
-        [--clients 4] [--requests 25] [--workers 2] [--store DIR]
+        [--clients 1] [--requests 25] [--workers 1] [--store DIR]
 
 Starts the server (its own store and token), then for int8 `.tflite` and for int8 `.pte` runs C
 concurrent clients with R enrollments each (one synthetic 112x112 face per request; the
@@ -46,10 +46,12 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hypernet", default="artifacts/demo/train/hypernet/hypernet.pt")
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=1)
     ap.add_argument("--requests", type=int, default=25, help="per client and format")
-    ap.add_argument("--workers", type=int, default=2, help="server processes")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="server processes (on 2 cores one is fastest: each uses both cores for its embedding)")
     ap.add_argument("--store", default=None, help="store folder (default: a temporary one; templates built there)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args()
     if not Path(args.hypernet).is_file():
         print(f"error: {args.hypernet}: no hypernet checkpoint (run `make demo` first)", file=sys.stderr)
@@ -141,6 +143,14 @@ def main() -> int:
     Console().print(table)
     total = sum(r[1] for r in rows)
     print(f"accepted {len(accepted)}/{total}; files missing or failing their signature: {bad}")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "clients": args.clients, "requests": args.requests, "workers": args.workers, "cpu": describe_cpu(),
+            "accepted": len(accepted), "total": total, "bad_files": bad,
+            "rows": [{"files": f, "requests": c, "rps": rps, "p50_ms": p50, "p99_ms": p99}
+                     for f, c, rps, p50, p99 in rows]}, indent=2))
     return 0 if bad == 0 and len(accepted) == total else 1
 
 
