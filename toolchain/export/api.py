@@ -22,7 +22,7 @@ from toolchain.errors import CheckFailed, ToolchainError
 from toolchain.export.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
 from toolchain.export.row_stem import with_row_stem
 from toolchain.atomic import atomic_write_bytes, write_json_atomic
-from toolchain.export.metadata import build_metadata, template_id, tool_versions
+from toolchain.export.metadata import backend_versions, build_metadata, template_id, tool_versions
 
 FORMATS = ("executorch", "tflite")
 PRECISIONS = ("int8", "fp32")
@@ -165,12 +165,6 @@ def trunk_features(model: nn.Module, images: np.ndarray, spec, batch: int = 256)
                                for i in range(0, len(images), batch)]).astype(np.float32)
 
 
-def _backend_versions(versions: dict, backend: str) -> dict:
-    from toolchain.export.metadata import _TOOLS_BY_BACKEND
-
-    return {k: v for k, v in versions.items() if k == "toolchain" or k in _TOOLS_BY_BACKEND.get(backend, ())}
-
-
 def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str = FORMATS,
                  precisions: Sequence[str] | str = PRECISIONS, calibration_images=None, *,
                  calibration_size: int = 128, tflite_backend: str = "onnx2tf",
@@ -213,7 +207,7 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
         if user is None:
             return None
         return template_id(hypernet_sha256=meta.get("hypernet_sha256"), calibration_sha256=calib_sha, fmt=fmt,
-                           precision=precision, versions=_backend_versions(versions, backend),
+                           precision=precision, versions=backend_versions(versions, backend),
                            model_kwargs=meta.get("model_kwargs", {}))
 
     out = Path(out_dir)

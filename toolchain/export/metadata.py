@@ -34,6 +34,11 @@ def tool_versions(backend: str | None = None) -> dict:
     return out
 
 
+def backend_versions(versions: dict, backend: str) -> dict:
+    """The versions of the tools that make `backend`'s files (and the toolchain's own)."""
+    return {k: v for k, v in versions.items() if k == "toolchain" or k in _TOOLS_BY_BACKEND.get(backend, _TOOLS)}
+
+
 def build_metadata(*, model_name: str, spec, fmt: str, precision: str, backend: str,
                    input_shape: list[int], layout: str, input_dtype: str,
                    input_quant: dict | None, output_quant: dict | None, output_dtype: str,
@@ -61,8 +66,7 @@ def build_metadata(*, model_name: str, spec, fmt: str, precision: str, backend: 
         # Provenance in brief (the manifest holds full paths and digests): the verifier's int8
         # file has a 40 KB budget and every byte of metadata counts against it.
         "source": {k: (Path(v).name if k == "path" else v) for k, v in source.items() if k != "sha256"},
-        "tool_versions": {k: v for k, v in (versions or tool_versions()).items()
-                          if k == "toolchain" or k in _TOOLS_BY_BACKEND.get(backend, _TOOLS)},
+        "tool_versions": backend_versions(versions or tool_versions(), backend),
     }
     if user is not None:  # a verifier: whose it is, and the fleet template it can be written from
         meta["user"] = str(user)

@@ -26,12 +26,11 @@ def fleet_parity(bundle, done_users, all_users, out: Path, k: int, seed: int = 0
     rng = np.random.default_rng(seed)
     sample = [done_users[i] for i in sorted(rng.choice(len(done_users), min(k, len(done_users)), replace=False))]
     hw = (112, 112)
-    pool = [u for u in all_users]
-    pick = rng.choice(len(pool), min(len(pool), MAX_IMPOSTORS + k), replace=False)
+    pick = rng.choice(len(all_users), min(len(all_users), MAX_IMPOSTORS + k), replace=False)
     impostor_pool = []
     for i in pick:
         try:
-            impostor_pool.append((pool[i].user, _read_image(pool[i].image, hw)))
+            impostor_pool.append((all_users[i].user, _read_image(all_users[i].image, hw)))
         except Exception:  # noqa: BLE001 - an unreadable image was reported already
             continue
     rows = []

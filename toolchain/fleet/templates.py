@@ -166,15 +166,14 @@ def template_ids(bundle, calibration: np.ndarray, formats, precisions) -> dict[t
     """The id every (format, precision) template has: the one a full export embeds."""
     import hashlib
 
-    from toolchain.export.api import _backend_versions
-    from toolchain.export.metadata import template_id, tool_versions
+    from toolchain.export.metadata import backend_versions, template_id, tool_versions
 
     if not bundle.sha256:
         raise ToolchainError("the hypernet checkpoint's sha256 is unknown (load it with load_hypernet)")
     calib_sha = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest()
     versions = tool_versions()
     return {(f, p): template_id(hypernet_sha256=bundle.sha256, calibration_sha256=calib_sha, fmt=f, precision=p,
-                                versions=_backend_versions(versions, BACKEND[f]),
+                                versions=backend_versions(versions, BACKEND[f]),
                                 model_kwargs=dict(bundle.hypernet.verifier_kwargs))
             for f in formats for p in precisions}
 
