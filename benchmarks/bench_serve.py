@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=1)
     ap.add_argument("--requests", type=int, default=25, help="per client and format")
     ap.add_argument("--workers", type=int, default=1,
-                    help="server processes (on 2 cores one is fastest: each uses both cores for its embedding)")
+                    help="server processes (each embeds on one intra-op thread; on 2 cores one measured fastest)")
     ap.add_argument("--store", default=None, help="store folder (default: a temporary one; templates built there)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args()

@@ -57,6 +57,28 @@ def test_enrollment_loads_into_verifier_and_runs(hypernet_ckpt, toy_data, tmp_pa
     assert not torch.equal(sa["head.0.weight"], sb["head.0.weight"])
 
 
+def test_user_theta_same_floats_on_any_thread_count(hypernet_ckpt, toy_data):
+    """Enrollment must give the same floats on every machine (fleet and serve files are compared
+    byte for byte), and oneDNN's convolutions round differently with 1 and 2 threads."""
+    from toolchain.train.enroll import user_theta
+
+    bundle, image = load_hypernet(hypernet_ckpt), _uint8(toy_data, [3])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = user_theta(bundle, image)
+        torch.set_num_threads(2)
+        two = user_theta(bundle, image)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    # The fused embedder (BatchNorm folded, channels-last) is h_bb within float rounding.
+    x = nhwc_uint8_to_input(image)
+    with torch.no_grad():
+        assert torch.allclose(embed(bundle.embedder, x), embed(bundle.backbone, x), atol=1e-5)
+
+
 def test_enroll_bad_images(hypernet_ckpt, tmp_path):
     with pytest.raises(ToolchainError, match="aligned crops"):
         enroll_images(hypernet_ckpt, np.zeros((1, 64, 64, 3), np.uint8), tmp_path / "x")

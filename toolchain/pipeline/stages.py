@@ -616,7 +616,7 @@ def default_stages(recipe: Recipe) -> list[Stage]:
             Stage("train_hypernet", _stage_train_hypernet, title="train hypernetwork (h_gen)",
                   after=("data", "train_backbone"), external=_external_data, workdir="train/hypernet",
                   config=lambda ctx: _train_config(ctx.recipe.train.hypernet)),
-            Stage("enroll", _stage_enroll, title="enroll users", version=2,
+            Stage("enroll", _stage_enroll, title="enroll users", version=3,
                   after=("data", *(("pairs",) if recipe.data.source == "folder" else ()), "train_hypernet"),
                   external=_external_data, workdir="users",
                   config=lambda ctx: {"enroll": ctx.recipe.enroll.model_dump(mode="json"),

@@ -100,6 +100,21 @@ def nhwc_uint8_to_input(images: np.ndarray, channels_last: bool = False) -> torc
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def one_intraop_thread():
+    """Run torch on one intra-op thread inside the block. oneDNN's convolutions round differently
+    with 1 and 2 threads (measured), so anything that must give the same floats on every machine
+    (enrollment: its files are compared byte for byte) runs on exactly one."""
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+
+
 def embed(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128, flip: bool = True,
           channels_last: bool = True, device: torch.device | None = None) -> torch.Tensor:
     """L2-normalised embeddings of normalised images (N,3,H,W), optionally of image + its mirror
@@ -114,8 +129,10 @@ def embed(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128, f
         x = (from_uint8(x) if x.dtype == torch.uint8 else x.float()).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        e = model(x)
-        if flip:
-            e = e + model(torch.flip(x, dims=[3]))
+        if flip:  # image and mirror in one batch: one forward pass instead of two
+            both = model(torch.cat([x, torch.flip(x, dims=[3])]))
+            e = both[:len(x)] + both[len(x):]
+        else:
+            e = model(x)
         out.append(F.normalize(e.float(), dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0)

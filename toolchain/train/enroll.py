@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from toolchain.errors import ToolchainError
 from toolchain.models.hypernet import HypernetBundle, load_hypernet
 from toolchain.models.io import save_enrollment
-from toolchain.train.common import embed, nhwc_uint8_to_input, progress_bar
+from toolchain.train.common import embed, nhwc_uint8_to_input, one_intraop_thread, progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -54,9 +54,10 @@ def user_theta(bundle: HypernetBundle, images: np.ndarray) -> dict[str, torch.Te
     spec = getattr(bundle.backbone, "spec", None)
     size = tuple(spec.input_size[1:]) if spec is not None else (112, 112)
     images = _check_images(images, size)
-    e = embed(bundle.backbone, nhwc_uint8_to_input(images), flip=bundle.flip)
-    mean = F.normalize(e.mean(0, keepdim=True), dim=1)
-    theta = bundle.hypernet(mean)
+    with one_intraop_thread():  # the same floats, so the same files, whatever the core count
+        e = embed(bundle.embedder, nhwc_uint8_to_input(images), flip=bundle.flip)
+        mean = F.normalize(e.mean(0, keepdim=True), dim=1)
+        theta = bundle.hypernet(mean)
     return {k: v[0] for k, v in theta.items()}
 
 
