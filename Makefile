@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 # onnx2tf shells out to the `onnxsim` command: the environment's bin/ must be on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install test test-fast demo doctor profile clean
+.PHONY: install test test-fast demo doctor profile clean arm-env
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ demo: install
 	@# A broken environment stops here, with what to fix, not six minutes into the run.
 	@$(BIN)/toolchain doctor --artifacts artifacts
 	@$(BIN)/toolchain run recipes/verifier.yaml --out artifacts/demo
+
+# aarch64 LiteRT under qemu user-mode emulation, for `toolchain parity --arch arm64` (README, ARM).
+arm-env: install
+	@PYTHON=$(BIN)/python bash scripts/arm-env.sh .arm-env
 
 clean:
 	rm -rf $(VENV) artifacts/demo .pytest_cache

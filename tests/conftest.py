@@ -6,6 +6,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +39,21 @@ def registry_hypernet_ckpt(tmp_path_factory):
                                        warmup_steps=1, progress=False), data, out / "bb")
     return train_hypernet(HypernetConfig(steps=6, identities_per_batch=4, probes_per_identity=1, val_identities=0.3,
                                          kcs_recluster_every=3, checkpoint_every=3, progress=False), bb, data, out / "hn")
+
+
+@pytest.fixture(scope="module")
+def enrolled_random_verifier():
+    """A factory: (model, user folder, rng) for a random-init verifier enrolled under `root` with
+    `threshold`, and 8 calibration images saved as root/calib.npy (rng continues after them)."""
+    from toolchain.models import build_model
+    from toolchain.models.io import save_enrollment
+
+    def make(root, threshold):
+        torch.manual_seed(0)
+        model = build_model("verifier").eval()
+        user = save_enrollment(root / "user", model, {}, threshold=threshold)
+        rng = np.random.default_rng(0)
+        np.save(root / "calib.npy", rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8))
+        return model, user, rng
+
+    return make

@@ -160,6 +160,11 @@ class ParitySection(_Strict):
     # Verifier route: each user's artifacts run on the user's own probes plus this many
     # verification-pair images as negatives (agreement resolution is 1/(probes)).
     max_negatives: int = Field(1000, ge=2)
+    # x86 against ARM: each .tflite also runs on XNNPACK's aarch64 kernels under emulation
+    # (`make arm-env`), on a seeded sample of the probes or pairs, because emulation is slow.
+    arm64: bool = False
+    arm64_sample: int = Field(200, ge=10)
+    arm64_cpu: Optional[str] = Field(None, description="qemu CPU model; default max (sdot, i8mm)")
 
 
 class ReportSection(_Strict):

@@ -84,10 +84,22 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
               help="Percent of decisions equal to the float model's.")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Latency repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (scores included).")
+@click.option("--arch", type=click.Choice(["x86_64", "arm64"]), default="x86_64", show_default=True,
+              help="arm64: run each .tflite on XNNPACK's ARM kernels under emulation (`make arm-env`) "
+                   "and compare with x86 and the float model.")
+@click.option("--sample", type=click.IntRange(min=10), default=200, show_default=True,
+              help="With --arch arm64: probes or pairs sampled (seeded) from the set; emulation is slow.")
+@click.option("--arm-cpu", default=None, help="With --arch arm64: qemu's CPU model (default max: sdot and "
+              "i8mm; cortex-a53: neither).")
 @logged("parity.log", None)
-def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, repeats, as_json) -> None:
+def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, repeats, as_json, arch, sample,
+           arm_cpu) -> None:
     """Run each artifact in its own runtime against the float model; exit 1 if a bound fails."""
     from toolchain.evaluate.parity import ParityBounds, check_parity, run_parity
+
+    if arch == "arm64":
+        return _parity_arm64(artifacts, eval_set, reference, ParityBounds(max_accuracy_drop, min_agreement),
+                             sample, arm_cpu, as_json)
 
     rows = run_parity(artifacts, eval_set, reference, ParityBounds(max_accuracy_drop, min_agreement),
                       repeats=repeats)
@@ -109,6 +121,34 @@ def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, rep
                       "yes" if r["passed"] else f"NO: {r['reason']}")
         _console().print(t)
     check_parity(rows)
+
+
+def _parity_arm64(artifacts, eval_set, reference, bounds, sample, cpu, as_json) -> None:
+    from toolchain.evaluate.arm64 import arm_parity, check_arm
+
+    rows = arm_parity(artifacts, eval_set, reference, bounds, sample=sample, cpu=cpu)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"x86 against ARM (aarch64 under qemu, CPU model {cpu or 'max'}), {rows[0]['num']} "
+                        "probes or pairs sampled")
+        for col in ("artifact", "identical outputs", "max int8 step diff", "agree ARM/x86 %", "agree ARM/float %",
+                    "agree x86/float %", "acc ARM / x86 / float", "passed"):
+            t.add_column(col)
+        for r in rows:
+            if "skipped" in r:
+                t.add_row(r["file"], *["-"] * 6, r["skipped"])
+                continue
+            t.add_row(r["file"], f"{r['identical_outputs']}/{r['outputs']}",
+                      "-" if r["max_step_diff"] is None else str(r["max_step_diff"]),
+                      f"{r['agreement_arm_x86']:.2f}", f"{r['agreement_arm_float']:.2f}",
+                      f"{r['agreement_x86_float']:.2f}",
+                      f"{r['accuracy_arm']:.2f} / {r['accuracy_x86']:.2f} / {r['accuracy_float']:.2f}",
+                      "yes" if r["passed"] else f"NO: {r['reason']}")
+        _console().print(t)
+    check_arm(rows)
 
 
 @click.command("bench")

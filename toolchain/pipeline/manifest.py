@@ -57,6 +57,9 @@ def failures(core: dict) -> list[str]:
     for p in core.get("parity", []):
         if not p.get("passed", True):
             out.append(f"parity {p['artifact']}: {p.get('reason', 'bound not met')}")
+    for p in core.get("parity_arm64", []):
+        if p.get("passed") is False:
+            out.append(f"ARM parity {p['artifact']}: {p.get('reason')}")
     return out
 
 
@@ -126,6 +129,7 @@ def manifest_core(ctx: RunContext) -> dict[str, Any]:
         "budgets": r.get("profile", {}).get("budgets", []),
         "comparison": comparison(recipe, r),
         "parity": r.get("parity", {}).get("rows", []),
+        "parity_arm64": r.get("parity", {}).get("arm64", []),
         "versions": tool_versions(),
         "environment": environment_facts(),
         "latency_cpu": r.get("parity", {}).get("cpu"),  # where the parity latencies were measured

@@ -549,7 +549,7 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
 
     p = ctx.recipe.parity
     bounds = {"max_accuracy_drop": p.max_accuracy_drop, "min_decision_agreement": p.min_decision_agreement}
-    rows, scores = [], {}
+    rows, scores, arm_rows = [], {}, []
     groups: dict[str, list[dict]] = {}
     for a in ctx.results["export"]["artifacts"]:
         groups.setdefault(a.get("user") or "", []).append(a)
@@ -564,6 +564,14 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
             reference = _embedding_source(ctx)
         results = run_parity([ctx.path(a["path"]) for a in group], eval_set, reference, bounds,
                              repeats=p.latency_runs)
+        if p.arm64:
+            from toolchain.evaluate.arm64 import arm_parity
+
+            tflite = [a for a in group if a["format"] == "tflite"]
+            for a, res in zip(tflite, arm_parity([ctx.path(a["path"]) for a in tflite], eval_set, reference, bounds,
+                                                 sample=p.arm64_sample, cpu=p.arm64_cpu)):
+                arm_rows.append({**{k: _jsonable(v) for k, v in res.items()}, "artifact": a["path"],
+                                 **({"user": a["user"]} if a.get("user") else {})})
         for a, res in zip(group, results):
             row = {k: _jsonable(v) for k, v in res.items() if k not in ("scores", "float_scores", "issame")}
             row["artifact"] = a["path"]
@@ -579,6 +587,8 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
     data: dict[str, Any] = {"rows": rows, "units": "accuracy, float_accuracy, decision_agreement in percent; "
                                                    "accuracy_drop in points",
                             "cpu": cpu_facts()}  # the latencies were measured here
+    if p.arm64:
+        data["arm64"] = arm_rows
     if scores:
         out = ctx.path("parity/scores.json")
         out.parent.mkdir(parents=True, exist_ok=True)

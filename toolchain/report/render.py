@@ -148,11 +148,28 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
         probes = {p.get("num") for p in parity if p.get("num")}
         if probes:
             out += [f"Evaluated on {', '.join(str(n) for n in sorted(probes))} inputs per artifact.", ""]
+    out += _arm64_lines(core.get("parity_arm64", []))
     if scatter:
         out += [f"![parity scatter: float score vs artifact score]({scatter})", ""]
     if roc:
         out += [f"![ROC curves: float and each artifact]({roc})", ""]
     return out
+
+
+def _arm64_lines(arm: list) -> list[str]:
+    """x86 against ARM (toolchain.evaluate.arm64), when the recipe asked for it."""
+    if not arm:
+        return []
+    rows = [[p["artifact"], "-", "-", "-", "-", "-", p["skipped"]] if "skipped" in p else
+            [p["artifact"], f"{p['identical_outputs']}/{p['outputs']}", _num(p.get("max_step_diff"), 0),
+             _pct(p.get("agreement_arm_x86")), _pct(p.get("agreement_arm_float")), _pct(p.get("agreement_x86_float")),
+             _verdict(p.get("passed", True))] for p in arm]
+    cpu = arm[0].get("cpu", "max")
+    return ["### x86 against ARM", "",
+            f"Each .tflite on XNNPACK's aarch64 kernels (qemu user-mode emulation, CPU model {cpu}) and on x86, "
+            f"{arm[0].get('num')} sampled inputs; step differences are in int8 output steps.", "",
+            _table(["artifact", "identical outputs", "max step diff", "agreement ARM / x86",
+                    "agreement ARM / float", "agreement x86 / float", "verdict"], rows), ""]
 
 
 def _users_section(core: Mapping) -> list[str]:

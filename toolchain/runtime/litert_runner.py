@@ -9,7 +9,7 @@ import numpy as np
 from toolchain.errors import ToolchainError
 from toolchain.runtime.base import InputInfo, Runner
 from toolchain.runtime.metadata import read_embedded_metadata
-from toolchain.runtime.preprocess import dequantize, normalise, quantize, to_nchw
+from toolchain.runtime.preprocess import check_images, dequantize, normalise, quantize, to_nchw
 
 
 class LiteRTRunner(Runner):
@@ -44,13 +44,24 @@ class LiteRTRunner(Runner):
             return quantize(x, self.in_scale, self.in_zp, dtype)
         return x.astype(dtype)
 
-    def _run_batch(self, images: np.ndarray) -> np.ndarray:
+    def raw(self, images: np.ndarray) -> np.ndarray:
+        """The output tensors as the runtime gives them (int8 for an int8 file), stacked."""
+        images = check_images(images, (self.info.height, self.info.width), what=f"input of {self.name}")
+        step = self.info.batch or 64
+        return np.concatenate([self._raw_batch(images[i:i + step]) for i in range(0, len(images), step)])
+
+    def dequantize(self, raw: np.ndarray) -> np.ndarray:
+        if raw.dtype in (np.int8, np.uint8):
+            return dequantize(raw, self.out_scale, self.out_zp)
+        return raw.astype(np.float32)
+
+    def _raw_batch(self, images: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.inp["index"], self._input(images))
         self.interpreter.invoke()
-        y = self.interpreter.get_tensor(self.out["index"])
-        if y.dtype in (np.int8, np.uint8):
-            return dequantize(y, self.out_scale, self.out_zp)
-        return y.astype(np.float32)
+        return self.interpreter.get_tensor(self.out["index"]).copy()
+
+    def _run_batch(self, images: np.ndarray) -> np.ndarray:
+        return self.dequantize(self._raw_batch(images))
 
     def _timed_call(self, image: np.ndarray):
         self.interpreter.set_tensor(self.inp["index"], self._input(image))
