@@ -1,5 +1,5 @@
 """End to end for a zoo backbone (MobileFaceNet, random init: the export is what is tested):
-both formats, int8 and fp32, one shared export. PReLU must show up in the reports."""
+both formats, int8 and fp32, one shared export. The int8 files run PReLU in int8."""
 
 import numpy as np
 import pytest
@@ -40,16 +40,16 @@ def test_manifest_and_reference(exported):
     assert np.allclose(ref, load_runner(exported["model"]).run(exported["images"]), atol=1e-5)
 
 
-def test_prelu_is_reported_not_hidden(exported):
+def test_prelu_runs_in_int8(exported):
+    """toolchain.export.int8_prelu: no PReLU left in float in either int8 file."""
     rec = exported["records"]
     d8 = rec[("executorch", "int8")].checks["delegation"]
-    # Whatever stays outside XNNPACK is named; a PReLU model in int8 is never silently "full".
-    if not d8["fully_delegated"]:
-        assert d8["ops_outside"], d8
-    assert d8["float_ops"].get("prelu", 0) > 0, d8  # PReLU left in float, and said so
+    assert d8["float_ops"] == {} and d8["partitions"] == 1 and not d8["ops_outside"], d8
     t8 = rec[("tflite", "int8")].checks["tflite"]
     assert t8["is_int8"], t8["problems"]
-    assert t8["xnnpack_unsupported"].get("PRELU", 0) > 0  # int8 PRELU: LiteRT's XNNPACK refuses it
+    assert not t8["xnnpack_unsupported"], t8["xnnpack_unsupported"]
+    # The fp32 files keep the plain PReLU.
+    assert rec[("executorch", "fp32")].checks["delegation"]["partitions"] >= 1
 
 
 def test_outputs_close_to_eager(exported):

@@ -20,6 +20,7 @@ from torch import nn
 
 from toolchain.errors import CheckFailed, ToolchainError
 from toolchain.export.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
+from toolchain.export.int8_prelu import with_int8_prelu
 from toolchain.export.row_stem import with_row_stem
 from toolchain.atomic import atomic_write_bytes, write_json_atomic
 from toolchain.export.metadata import backend_versions, build_metadata, template_id, tool_versions
@@ -197,6 +198,8 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     # int8 artifacts compute a patchify stem in the layout XNNPACK's int8 kernels run fastest
     # (toolchain.export.row_stem); fp32 ones keep the plain convolution.
     int8_model = with_row_stem(model, spec.input_size[2]) or model
+    # ... and every PReLU on ops that run in int8 in both runtimes (toolchain.export.int8_prelu).
+    int8_model = with_int8_prelu(int8_model) or int8_model
     calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
     versions = tool_versions()
     calib_sha = None if calib is None else hashlib.sha256(calib.tobytes()).hexdigest()

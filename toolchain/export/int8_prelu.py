@@ -1,0 +1,70 @@
+"""The int8 artifacts' form of PReLU: the same function on ops both runtimes run in int8.
+
+PReLU stays in float inside ExecuTorch's int8 XNNPACK partition (its quantizer does not annotate
+it), and LiteRT's XNNPACK delegate refuses an int8 PRELU: each one was a float island, a
+dequantise and a quantise, in the backbones' int8 files (MobileFaceNet has 33). Per channel,
+
+    prelu(x) = a*x + (1 - a)*relu(x),   and (1 - a)*relu(x) = s*relu(|1 - a|*x),  s = sign(1 - a)
+
+so PReLU becomes a depthwise 1x1 convolution (weights a), plus a depthwise 1x1 convolution
+(weights |1 - a|) with a fused ReLU, summed: conv, conv+relu and add, which both quantizers
+annotate and both delegates run in int8. Where some 1 - a < 0, a third depthwise 1x1 (weights
+s = +-1) follows the ReLU. Exact in float (up to summation order). A PReLU on a 2-D tensor runs
+on an (N, C, 1, 1) view. A PReLU with one shared slope is left as it is (the backbones here have
+per-channel slopes). The fp32 artifacts keep the plain PReLU, which is one float op.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def _depthwise_1x1(weights: torch.Tensor) -> nn.Conv2d:
+    c = len(weights)
+    conv = nn.Conv2d(c, c, 1, groups=c, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(weights.view(c, 1, 1, 1))
+    return conv
+
+
+class Int8PReLU(nn.Module):
+    """prelu(x) as a*x + s*relu(|1 - a|*x) on depthwise 1x1 convolutions (module docstring)."""
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        a = prelu.weight.detach().float().flatten()
+        self.linear = _depthwise_1x1(a)
+        self.positive = _depthwise_1x1((1 - a).abs())
+        sign = torch.where(1 - a < 0, -1.0, 1.0)
+        self.sign = _depthwise_1x1(sign) if bool((sign < 0).any()) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.dim() == 2
+        if flat:
+            x = x[:, :, None, None]
+        pos = torch.relu(self.positive(x))
+        if self.sign is not None:
+            pos = self.sign(pos)
+        y = self.linear(x) + pos
+        return y.flatten(1) if flat else y
+
+
+def with_int8_prelu(model: nn.Module) -> nn.Module | None:
+    """A copy of `model` with every per-channel PReLU rewritten (see module docstring), or None
+    when it has none."""
+    if not any(isinstance(m, nn.PReLU) and m.num_parameters > 1 for m in model.modules()):
+        return None
+    rewritten = copy.deepcopy(model)
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.PReLU) and child.num_parameters > 1:
+                setattr(parent, name, Int8PReLU(child))
+            else:
+                visit(child)
+
+    visit(rewritten)
+    return rewritten.eval()
