@@ -99,7 +99,6 @@ def nhwc_uint8_to_input(images: np.ndarray, channels_last: bool = False) -> torc
     return from_uint8(t, channels_last)
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def one_intraop_thread():
     """Run torch on one intra-op thread inside the block. oneDNN's convolutions round differently
@@ -115,6 +114,7 @@ def one_intraop_thread():
             torch.set_num_threads(threads)
 
 
+@torch.no_grad()
 def embed(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128, flip: bool = True,
           channels_last: bool = True, device: torch.device | None = None) -> torch.Tensor:
     """L2-normalised embeddings of normalised images (N,3,H,W), optionally of image + its mirror
