@@ -29,12 +29,14 @@ def _no_artifacts(out):
 
 
 class TinyPReLU(nn.Module):
-    """A small embedding model with a PReLU: XNNPACK's int8 path leaves PReLU in float."""
+    """A small embedding model with a PReLU of one shared slope, which the int8 rewrite
+    (toolchain.export.int8_prelu, per-channel slopes only) leaves alone: XNNPACK's int8 path then
+    keeps it in float, and these tests check that the reports say so."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, 4, 1)
-        self.act = nn.PReLU(8)
+        self.act = nn.PReLU()  # one shared slope: not rewritten
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(8, 4)
         self.spec = ModelSpec(name="tiny-prelu", output="embedding", output_dim=4)

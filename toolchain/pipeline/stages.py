@@ -636,7 +636,7 @@ def default_stages(recipe: Recipe) -> list[Stage]:
     stages += [
         Stage("evaluate", _stage_evaluate, title="evaluate on the pairs", after=("data", *trained), version=2,
               external=_external_data, config=lambda ctx: ctx.recipe.evaluate.model_dump(mode="json")),
-        Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=2,
+        Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=3,
               external=_external_data, workdir="export",
               config=lambda ctx: {"export": ctx.recipe.export.model_dump(mode="json"), "seed": ctx.recipe.seed}),
         Stage("profile", _stage_profile, title="profile + budgets", after=("export", *trained),
