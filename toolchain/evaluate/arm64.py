@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from toolchain.errors import CheckFailed, ToolchainError
-from toolchain.evaluate.parity import (ParityBounds, ProbeSet, _l2, _metrics, _reference_source, _scores,
+from toolchain.evaluate.parity import (ParityBounds, ProbeSet, _flip, _l2, _metrics, _reference_source, _scores,
                                        load_eval_set)
 
 PTE_SKIPPED = ("not run: ExecuTorch is not in the ARM environment (its Python runtime imports torch, and "
@@ -47,8 +47,7 @@ def _images(data) -> np.ndarray:
     """Every image the artifact must see, in the order `_decide` reads them back."""
     if isinstance(data, ProbeSet):
         return data.images
-    flip = lambda a: np.ascontiguousarray(a[:, :, ::-1])  # noqa: E731
-    return np.concatenate([data.images_a, flip(data.images_a), data.images_b, flip(data.images_b)])
+    return np.concatenate([data.images_a, _flip(data.images_a), data.images_b, _flip(data.images_b)])
 
 
 def _pair_scores(out: np.ndarray, n: int) -> np.ndarray:
