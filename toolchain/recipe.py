@@ -131,6 +131,15 @@ Format = Literal["executorch", "tflite"]
 Precision = Literal["fp32", "int8"]
 
 
+class Int8Section(_Strict):
+    """int8 accuracy recovery (toolchain.quantize.int8_options): how activation ranges are
+    calibrated, and whether biases absorb the int8 graph's mean error. PT2E artifacts (.pte,
+    litert-torch .tflite) follow it; onnx2tf's .tflite is calibrated min-max by the TFLite converter."""
+    calibration: Literal["mse", "minmax", "percentile"] = "mse"
+    percentile: float = Field(99.99, gt=50, le=100, description="percentile: the share of values kept in range")
+    bias_correction: bool = False
+
+
 class ExportSection(_Strict):
     # Embedding route: the zoo model to export; verifier route: the enrolled users' verifiers.
     model: Optional[str] = None
@@ -138,6 +147,7 @@ class ExportSection(_Strict):
     precisions: list[Precision] = Field(default_factory=lambda: ["int8", "fp32"], min_length=1)
     calibration_images: int = Field(64, ge=1)
     tflite_backend: Literal["onnx2tf", "litert-torch"] = "onnx2tf"
+    int8: Int8Section = Field(default_factory=Int8Section)
     users: Optional[int] = Field(1, ge=1, description="how many enrolled users to export (null: all)")
 
 

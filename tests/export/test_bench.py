@@ -27,6 +27,10 @@ def test_bench_verifier_row(tmp_path, capsys, backend):
     assert a["backend"] == backend
     assert 0 < a["int8_bytes"] < a["fp32_bytes"] and a["int8_bytes"] <= 40 * 1024
     assert a["int8_ms"] > 0 and a["fp32_ms"] > 0 and a["ratio"] == pytest.approx(a["int8_ms"] / a["fp32_ms"])
+    # In-runtime time, with the Python call apart: never more than the wall time around it.
+    assert a["int8_ms"] <= a["int8_wall_ms"] and a["call_overhead_ms"] >= 0
+    assert a["latency_source"].startswith("invoke()")
+    assert "target" in out and ("met" in out or "MISSED" in out)
     assert a["outside"] == {}  # the verifier: nothing left outside int8
 
 
@@ -46,6 +50,7 @@ def test_bench_table_hides_accuracy_of_random_weights():
     from toolchain.export.bench import render_table
 
     art = {"int8_bytes": 1024, "fp32_bytes": 4096, "int8_ms": 1.0, "fp32_ms": 2.0, "ratio": 0.5, "eager_ms": 3.0,
+           "call_overhead_ms": 0.01,
            "accuracy_drop": 12.34, "decision_agreement": 56.7, "cosine_mean": None, "cosine_min": None,
            "outside": {}, "backend": "onnx2tf"}
     rows = [{"model": "rand", "random_init": True, "artifacts": {"tflite": art}},
@@ -55,3 +60,21 @@ def test_bench_table_hides_accuracy_of_random_weights():
     lines = {ln.split("│")[1].strip(): ln for ln in console.export_text().splitlines() if ln.count("│") > 3}
     assert "+12.34" not in lines["rand (random init)"] and "56.7" not in lines["rand (random init)"]
     assert "+12.34" in lines["trained"] and "56.7" in lines["trained"]
+
+
+@pytest.mark.parametrize("int8_dot,ratio,verdict", [(True, 0.6, "met"), (True, 0.61, "MISSED"),
+                                                    (False, 0.99, "met"), (False, 1.0, "MISSED")])
+def test_bench_target_depends_on_the_cpu(int8_dot, ratio, verdict):
+    """At most 0.6 x fp32 with int8 dot products; strictly faster than fp32 without."""
+    from rich.console import Console
+
+    from toolchain.export.bench import render_table
+
+    art = {"int8_bytes": 1024, "fp32_bytes": 4096, "int8_ms": ratio, "fp32_ms": 1.0, "ratio": ratio, "eager_ms": 3.0,
+           "call_overhead_ms": 0.01, "accuracy_drop": 0.0, "decision_agreement": 100.0, "cosine_mean": None,
+           "cosine_min": None, "outside": {}, "backend": "onnx2tf"}
+    cpu = {"model": "test CPU", "arch": "x86_64", "cores": 2, "int8_features": [], "int8_dot": int8_dot}
+    console = Console(record=True, width=250)
+    console.print(render_table([{"model": "m", "random_init": True, "artifacts": {"tflite": art}}], cpu))
+    row = next(ln for ln in console.export_text().splitlines() if ln.startswith("│ m"))
+    assert verdict in row and ("MISSED" in row) == (verdict == "MISSED")

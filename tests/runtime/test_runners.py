@@ -79,6 +79,10 @@ def test_executorch_runner_hides_layout(tmp_path):
     imgs = _imgs(3)
     assert np.allclose(runner.run(imgs), load_runner(model).run(imgs), atol=1e-5)
     assert read_embedded_metadata(rec.path)["model"] == "verifier"
+    # In-runtime latency from ETDump: positive, and inside the wall time of the same calls.
+    lat = runner.runtime_latency(repeats=5, warmup=2)
+    assert lat["source"] == "ETDump Method::execute"
+    assert 0 < lat["runtime_ms"] <= lat["wall_ms"] and lat["overhead_ms"] == lat["wall_ms"] - lat["runtime_ms"]
     # Without toolchain metadata a runner refuses to guess the normalisation.
     bare = tmp_path / "bare.pte"
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -100,3 +104,17 @@ def test_read_embedded_metadata_errors(tmp_path):
     (tmp_path / "bad.tflite").write_bytes(b"not a flatbuffer at all")
     with pytest.raises(ToolchainError):
         read_embedded_metadata(tmp_path / "bad.tflite")
+
+
+def test_one_op_tflite_runs_and_times_the_call():
+    """The one-op model LiteRT's call overhead is measured on is a valid .tflite computing RELU."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from toolchain.runtime.litert_runner import invoke_overhead_ms, one_op_tflite
+
+    interpreter = Interpreter(model_content=one_op_tflite(), num_threads=1)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], np.array([[-1, 2, -3, 4]], np.float32))
+    interpreter.invoke()
+    assert interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).tolist() == [[0, 2, 0, 4]]
+    assert 0 < invoke_overhead_ms(repeats=50) < 1.0  # a call, not an inference: well under a millisecond

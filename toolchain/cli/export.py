@@ -32,13 +32,18 @@ def _console():
               help="At most this many calibration images.")
 @click.option("--tflite-backend", type=click.Choice(["onnx2tf", "litert-torch"]), default="onnx2tf",
               show_default=True, help="TFLite converter.")
+@click.option("--calibration-method", type=click.Choice(["mse", "minmax", "percentile"]), default="mse",
+              show_default=True, help="How int8 activation ranges are chosen (PT2E files: .pte, litert-torch .tflite).")
+@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
+              help="--calibration-method percentile: the share of values kept in range.")
+@click.option("--bias-correction", is_flag=True, help="Biases absorb the int8 graph's mean error (PT2E files).")
 @click.option("--threshold", type=float, help="Decision threshold of a verifier (default: enrollment.json's).")
 @click.option("--require-full-delegation/--allow-partial-delegation", default=None,
               help="Fail unless everything runs in XNNPACK (default: only for the verifier).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact records as JSON.")
 @logged("export.log")
-def export(source, out_dir, formats, precisions, calibration, calibration_size, tflite_backend, threshold,
-           require_full_delegation, as_json) -> None:
+def export(source, out_dir, formats, precisions, calibration, calibration_size, tflite_backend, calibration_method,
+           percentile, bias_correction, threshold, require_full_delegation, as_json) -> None:
     """Export a float model to ExecuTorch (.pte) and TFLite, int8 and fp32, with checks.
 
     Writes DIR/<model>_<precision>.pte|.tflite and DIR/export_manifest.json (sha256, bytes,
@@ -49,7 +54,9 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
 
     records = export_model(source, out_dir, formats, precisions, calibration, calibration_size=calibration_size,
                            tflite_backend=tflite_backend, threshold=threshold,
-                           require_full_delegation=require_full_delegation, progress=not as_json)
+                           require_full_delegation=require_full_delegation, progress=not as_json,
+                           int8={"calibration": calibration_method, "percentile": percentile,
+                                 "bias_correction": bias_correction})
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in records], indent=2))
         return
@@ -207,7 +214,7 @@ def bench(models, out_dir, formats, repeats, pairs, calibration_size, tflite_bac
                      pairs=pairs, calibration_size=calibration_size, tflite_backend=tflite_backend,
                      progress=True, on_row=partial)
     cpu = cpu_facts()
-    table = render_table(rows)
+    table = render_table(rows, cpu)
     table.caption = f"{table.caption}\nCPU: {describe_cpu(cpu)}"
     _console().print(table)
     if json_path:

@@ -171,14 +171,19 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                  calibration_size: int = 128, tflite_backend: str = "onnx2tf",
                  threshold: float | None = None, require_full_delegation: bool | None = None,
                  model_kwargs: dict | None = None, seed: int = 0, progress: bool = True,
-                 name: str | None = None) -> list[ArtifactRecord]:
+                 name: str | None = None, int8=None) -> list[ArtifactRecord]:
     """Export `source` (nn.Module with .spec, checkpoint, user folder or registry name) to
     `out_dir`, one file per format x precision, and write `export_manifest.json` there.
 
     require_full_delegation: None means True for the `verifier` (one XNNPACK partition, nothing
     outside, and no op LiteRT's XNNPACK refuses in int8) and False for zoo models, whose
     report then lists what stays outside.
+    int8: calibration method and bias correction (toolchain.quantize.int8_options.Int8Options or
+    a dict; None: the defaults). Each int8 artifact records the method it was made with.
     """
+    from toolchain.quantize.int8_options import Int8Options
+
+    int8 = Int8Options.from_any(int8)
     formats = _parse_list(formats, FORMATS, "format")
     precisions = _parse_list(precisions, PRECISIONS, "precision")
     if tflite_backend not in TFLITE_BACKENDS:
@@ -211,7 +216,7 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
             return None
         return template_id(hypernet_sha256=meta.get("hypernet_sha256"), calibration_sha256=calib_sha, fmt=fmt,
                            precision=precision, versions=backend_versions(versions, backend),
-                           model_kwargs=meta.get("model_kwargs", {}))
+                           model_kwargs=meta.get("model_kwargs", {}), int8=int8)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,13 +229,14 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                 for p in precisions:
                     records.append(_export_pte(int8_model if p == "int8" else model, spec, model_name, example, p,
                                                calib, threshold, source_rec, versions, require_full_delegation,
-                                               staging, compute_head, user, template("executorch", p, "xnnpack")))
+                                               staging, compute_head, user, template("executorch", p, "xnnpack"),
+                                               int8))
                     advance(f"executorch {p}")
             if "tflite" in formats:
                 records += _export_tflite(model, int8_model, spec, model_name, example, precisions, calib,
                                           threshold, source_rec, versions, require_full_delegation, staging,
                                           tflite_backend, compute_head, user,
-                                          {p: template("tflite", p, tflite_backend) for p in precisions})
+                                          {p: template("tflite", p, tflite_backend) for p in precisions}, int8)
                 advance("tflite " + ",".join(precisions))
         reference = _save_float_reference(float_model, meta, staging) if source_rec["kind"] in ("module", "registry") \
             else source_rec.get("path")
@@ -251,6 +257,7 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
         "reference": reference,
         "threshold": threshold,
         "calibration": None if calib is None else {"images": int(len(calib)), "sha256": calib_sha},
+        "int8": int8.to_dict() if calib is not None else None,
         "tool_versions": versions,
         "artifacts": _merge_previous(out, source_rec, [r.to_dict() for r in records]),
     }
@@ -297,9 +304,12 @@ class _progress:
         return False
 
 
-def _checks(checks: dict, head_feature_scale: float | None) -> dict:
+def _checks(checks: dict, head_feature_scale: float | None, int8_method: dict | None = None) -> dict:
     """An artifact's checks; an int8 verifier's also say where its per-user head was written from
-    (toolchain.quantize.head): the int8 scale of the head's input, which templates share."""
+    (toolchain.quantize.head): the int8 scale of the head's input, which templates share. An int8
+    artifact's `int8_method` says how its ranges were calibrated, and by what."""
+    if int8_method is not None:
+        checks["int8_method"] = int8_method
     if head_feature_scale is not None:
         checks["head_quant"] = {"function": "toolchain.quantize.head.quantize_head",
                                 "feature_scale": float(head_feature_scale)}
@@ -318,7 +328,7 @@ def _record(staging: Path, fname: str, data: bytes, meta: dict, fmt: str, precis
 
 
 def _export_pte(model, spec, model_name, example, precision, calib, threshold, source_rec, versions,
-                require_full, staging, compute_head=None, user=None, template=None) -> ArtifactRecord:
+                require_full, staging, compute_head=None, user=None, template=None, int8=None) -> ArtifactRecord:
     from toolchain.export.executorch import export_executorch
 
     t0 = time.perf_counter()
@@ -336,29 +346,32 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
     data, meta, report = export_executorch(model, example, precision, calib, spec.mean, spec.std,
                                            require_full, metadata_fn, input_qparams=pin,
                                            output_threshold=threshold if spec.output == "logit" else None,
-                                           compute_head=compute_head if precision == "int8" else None)
+                                           compute_head=compute_head if precision == "int8" else None, int8=int8)
+    method = {**int8.to_dict(), "by": "PT2E (torchao)"} if precision == "int8" else None
     return _record(staging, f"{model_name}_{precision}.pte", data, meta, "executorch", precision, "xnnpack",
-                   _checks({"delegation": report.to_dict()}, report.head_feature_scale), time.perf_counter() - t0)
+                   _checks({"delegation": report.to_dict()}, report.head_feature_scale, method),
+                   time.perf_counter() - t0)
 
 
 def _export_tflite(model, int8_model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
                    require_full, staging, backend, compute_head=None, user=None,
-                   templates: dict | None = None) -> list[ArtifactRecord]:
+                   templates: dict | None = None, int8=None) -> list[ArtifactRecord]:
     from toolchain.export.metadata import embed_tflite_metadata
     from toolchain.export.tflite import (
         align_tflite_output, export_tflite_litert_torch, export_tflite_onnx2tf, write_head_quant_tflite,
     )
     from toolchain.export.tflite_check import inspect_tflite
+    from toolchain.quantize.int8_options import TFLITE_CONVERTER_METHOD
 
     t0 = time.perf_counter()
     head_feature_scale = None
     if backend == "onnx2tf":
         if int8_model is model or "int8" not in precisions:
             blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
-                                          exact_input=_exact_input(spec))
+                                          exact_input=_exact_input(spec), int8=int8)
         else:  # two forms of the model: one conversion each
             blobs = export_tflite_onnx2tf(int8_model, example, ["int8"], calib, spec.mean, spec.std,
-                                          exact_input=_exact_input(spec))
+                                          exact_input=_exact_input(spec), int8=int8)
             if "fp32" in precisions:
                 blobs.update(export_tflite_onnx2tf(model, example, ["fp32"], None, spec.mean, spec.std))
         if "int8" in blobs and compute_head is not None:
@@ -373,7 +386,8 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
         out_thr = threshold if spec.output == "logit" else None
         blobs = {p: export_tflite_litert_torch(int8_model if p == "int8" else model, example, p, calib,
                                                spec.mean, spec.std,
-                                               input_qparams=pin, output_threshold=out_thr) for p in precisions}
+                                               input_qparams=pin, output_threshold=out_thr, int8=int8)
+                 for p in precisions}
     seconds = (time.perf_counter() - t0) / max(1, len(blobs))
     records = []
     for precision in precisions:
@@ -395,7 +409,11 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
                               threshold=threshold, source=source_rec, versions=versions, user=user,
                               template=(templates or {}).get(precision))
         data = embed_tflite_metadata(blobs[precision], meta)
+        method = None
+        if precision == "int8":
+            method = {**int8.to_dict(), "by": "PT2E (torchao)"} if backend != "onnx2tf" else \
+                {**int8.to_dict(), **TFLITE_CONVERTER_METHOD}
         records.append(_record(staging, f"{model_name}_{precision}.tflite", data, meta, "tflite", precision,
                                backend, _checks({"tflite": report.to_dict()},
-                                                head_feature_scale if precision == "int8" else None), seconds))
+                                                head_feature_scale if precision == "int8" else None, method), seconds))
     return records

@@ -30,6 +30,7 @@ class DelegationReport:
     head_feature_scale: float | None = None  # int8 verifier: the scale of the per-user head's input
     float_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float islands inside int8
     float_prefix_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float ops on the input
+    bias_correction: dict | None = None  # int8 model: what toolchain.quantize.bias_correction changed
 
     @property
     def fully_delegated(self) -> bool:
@@ -44,7 +45,8 @@ class DelegationReport:
         return {"backend": "XnnpackBackend", "partitions": self.partitions,
                 "delegated_nodes": self.delegated_nodes, "non_delegated_nodes": self.non_delegated_nodes,
                 "ops_outside": dict(self.ops_outside), "float_ops": dict(self.float_ops),
-                "float_prefix_ops": dict(self.float_prefix_ops), "fully_delegated": self.fully_delegated}
+                "float_prefix_ops": dict(self.float_prefix_ops), "fully_delegated": self.fully_delegated,
+                **({"bias_correction": self.bias_correction} if self.bias_correction else {})}
 
 
 def delegation_report(edge_manager) -> DelegationReport:
@@ -85,12 +87,13 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
                       require_full_delegation: bool, metadata_fn,
                       input_qparams: tuple[float, int] | None = None,
                       output_threshold: float | None = None,
-                      compute_head=None) -> tuple[bytes, dict, DelegationReport]:
+                      compute_head=None, int8=None) -> tuple[bytes, dict, DelegationReport]:
     """Return (pte bytes, metadata, delegation report). `metadata_fn(internal_quant)` builds the
     metadata dict. Raises CheckFailed if full delegation is required and not reached.
     `input_qparams` pins the int8 input quantisation (see toolchain.quantize.exact_input);
     `output_threshold` aligns the int8 output with a decision threshold (toolchain.quantize.decision);
-    `compute_head` writes a verifier's per-user head quantisation (toolchain.quantize.pt2e.write_head_quant)."""
+    `compute_head` writes a verifier's per-user head quantisation (toolchain.quantize.pt2e.write_head_quant);
+    `int8`: the recipe's calibration method and bias correction (toolchain.quantize.int8_options)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
@@ -103,7 +106,7 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
 
         converted = quantize_xnnpack_int8(model, example, calibration, mean, std, report=qreport,
                                          input_qparams=input_qparams, output_threshold=output_threshold,
-                                         compute_head=compute_head)
+                                         compute_head=compute_head, int8=int8)
         q_in, q_out = _first_quant_params(converted)
         internal = {"input": q_in, "output": q_out}
         program = torch.export.export(converted, (example,), strict=False)
@@ -122,6 +125,7 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
     report.float_ops = qreport.get("float_ops", {})
     report.float_prefix_ops = qreport.get("float_prefix_ops", {})
     report.head_feature_scale = qreport.get("feature_scale")
+    report.bias_correction = qreport.get("bias_correction")
     if require_full_delegation and not report.fully_delegated:
         outside = ", ".join(f"{op} x{n}" for op, n in sorted(report.ops_outside.items())) or "none"
         raise CheckFailed(f"{meta['model']} {precision} .pte is not fully delegated to XNNPACK: "

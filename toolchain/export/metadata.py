@@ -97,14 +97,24 @@ def serialized_metadata(meta: dict) -> str:
     return text + " " * (VERIFIER_METADATA_BYTES - len(text.encode()))
 
 
+# Raised whenever the same inputs start to give different file bytes (2: onnx2tf's int8 .tflite is
+# quantised with the recipe's calibration method), so templates cached by earlier code never match.
+FILE_REVISION = 2
+
+
 def template_id(*, hypernet_sha256: str | None, calibration_sha256: str | None, fmt: str, precision: str,
-                versions: dict, model_kwargs: dict) -> str | None:
+                versions: dict, model_kwargs: dict, int8=None) -> str | None:
     """Which template a verifier file can be written from (toolchain.fleet): the same hypernet,
-    calibration set (int8), format, precision and tool versions. None without the hypernet's hash."""
+    calibration set and int8 method (int8), format, precision and tool versions. None without the
+    hypernet's hash. The default int8 method adds nothing to the key, so ids made before it was a
+    choice still match."""
     if not hypernet_sha256:
         return None
     key = {"hypernet": hypernet_sha256, "calibration": calibration_sha256 if precision == "int8" else None,
-           "format": fmt, "precision": precision, "model_kwargs": model_kwargs, "tools": versions}
+           "format": fmt, "precision": precision, "model_kwargs": model_kwargs, "tools": versions,
+           "revision": FILE_REVISION}
+    if precision == "int8" and int8 is not None and not int8.is_default:
+        key["int8"] = int8.to_dict()
     return hashlib.sha256(compact_json(key).encode()).hexdigest()[:16]
 
 

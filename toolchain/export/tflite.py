@@ -1,11 +1,13 @@
 """TFLite export: torch -> ONNX -> onnx2tf (default), or litert-torch (the second backend).
 
-onnx2tf runs fully offline here because of three precautions (shared/STACK.md):
+onnx2tf runs fully offline here because of two precautions (shared/STACK.md):
 - it runs in a temporary working folder that already holds the calibration sample it would
   otherwise download (`calibration_image_sample_data_20x128x128x3_float32.npy`);
-- the environment's bin/ is put first on PATH so its `onnxsim` command is found;
-- mean/std are given explicitly with NHWC calibration data in [0, 1] (its defaults are ImageNet's).
-Only the two final files come out of the temporary folder; nothing else is kept.
+- the environment's bin/ is put first on PATH so its `onnxsim` command is found.
+onnx2tf writes the float file and a saved_model; the int8 file is quantised from that saved_model
+by the TFLite converter with our calibration images, normalised with the model's own mean/std,
+and ranges chosen by the recipe (toolchain.export.tflite_calibration). Only the final files come
+out of the temporary folder; nothing else is kept.
 """
 
 from __future__ import annotations
@@ -48,13 +50,6 @@ def _env_bin_on_path():
         os.environ["PATH"] = prev
 
 
-def _resize_nearest(images: np.ndarray, size: int) -> np.ndarray:
-    h, w = images.shape[1:3]
-    rows = (np.arange(size) * h // size).clip(0, h - 1)
-    cols = (np.arange(size) * w // size).clip(0, w - 1)
-    return images[:, rows][:, :, cols]
-
-
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     try:
         torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["output"],
@@ -81,54 +76,62 @@ def anchor_input_range(calibration: np.ndarray) -> np.ndarray:
 
 def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: list[str],
                           calibration: np.ndarray | None, mean, std, verbose: bool = False,
-                          exact_input: bool = False) -> dict[str, bytes]:
+                          exact_input: bool = False, int8=None) -> dict[str, bytes]:
     """Return {"fp32": bytes, "int8": bytes} for the precisions asked (int8 = full integer, int8 I/O).
-    `exact_input`: anchor the calibration's input range to the full pixel range."""
+    onnx2tf writes the float file and its saved_model; the int8 file comes from that saved_model
+    through the TFLite converter with ranges set by `int8.calibration`
+    (toolchain.export.tflite_calibration). `exact_input`: anchor the calibration's input range
+    to the full pixel range."""
     import onnx2tf
+
+    from toolchain.export.tflite_calibration import quantize_saved_model
 
     want_int8 = "int8" in precisions
     with tempfile.TemporaryDirectory(prefix="toolchain-onnx2tf-") as tmp:
         work = Path(tmp)
         onnx_path = work / "model.onnx"
         export_onnx(model, example, onnx_path)
-        sample = np.zeros((20, 128, 128, 3), np.float32)
-        kwargs = {}
-        if want_int8:
-            if exact_input:
-                calibration = anchor_input_range(calibration)
-            calib = calibration.astype(np.float32) / 255.0  # NHWC in [0, 1]; onnx2tf applies (x-mean)/std
-            np.save(work / "calibration.npy", calib)
-            sample[: min(20, len(calib))] = _resize_nearest(calib[:20], 128)
-            m = np.asarray(mean, np.float32).reshape(1, 1, 1, -1)
-            s = np.asarray(std, np.float32).reshape(1, 1, 1, -1)
-            kwargs = dict(output_integer_quantized_tflite=True, quant_type="per-channel",
-                          input_quant_dtype="int8", output_quant_dtype="int8",
-                          custom_input_op_name_np_data_path=[["input", str(work / "calibration.npy"), m, s]],
-                          quant_norm_mean=str(m.tolist()), quant_norm_std=str(s.tolist()))
         # Present in the working folder, so onnx2tf never tries to download it.
-        np.save(work / _SAMPLE_NAME, sample)
+        np.save(work / _SAMPLE_NAME, np.zeros((20, 128, 128, 3), np.float32))
         out = work / "out"
         sink = io.StringIO()
         try:
+            # Signature defs on: onnx2tf then writes its saved_model through a Keras export
+            # archive. The plain tf.saved_model.save it uses otherwise rejects the root scope of
+            # TorchScript's ONNX names ("/features/features.15/dw/...", SeesawFaceNet) and exits.
             with _in_dir(work), _env_bin_on_path(), contextlib.redirect_stdout(sys.stdout if verbose else sink):
                 onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(out),
-                                non_verbose=not verbose, **kwargs)
+                                non_verbose=not verbose, output_signaturedefs=True)
         except BaseException as exc:  # noqa: BLE001 - onnx2tf may sys.exit on errors
             tail = " | ".join(sink.getvalue().strip().splitlines()[-3:])
             raise ToolchainError(f"onnx2tf conversion failed: {type(exc).__name__}: {exc} {tail}".strip()) from exc
-        files = {"fp32": out / "model_float32.tflite", "int8": out / "model_full_integer_quant.tflite"}
         result = {}
-        for p in precisions:
-            if not files[p].is_file():
-                raise ToolchainError(f"onnx2tf did not write {files[p].name}")
-            result[p] = canonical_tensor_names(files[p].read_bytes())
+        if "fp32" in precisions:
+            path = out / "model_float32.tflite"
+            if not path.is_file():
+                raise ToolchainError(f"onnx2tf did not write {path.name}")
+            result["fp32"] = canonical_tensor_names(path.read_bytes())
+        if want_int8:
+            if exact_input:
+                calibration = anchor_input_range(calibration)
+            m = np.asarray(mean, np.float32).reshape(1, 1, 1, -1)
+            s = np.asarray(std, np.float32).reshape(1, 1, 1, -1)
+            inputs = ((calibration.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
+            try:
+                with contextlib.redirect_stdout(sys.stdout if verbose else sink):
+                    result["int8"] = canonical_tensor_names(quantize_saved_model(str(out), inputs, int8))
+            except ToolchainError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the converter's errors are long C++ traces
+                raise ToolchainError(f"TFLite int8 conversion failed: {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         return result
 
 
 def export_tflite_litert_torch(model: nn.Module, example: torch.Tensor, precision: str,
                                calibration: np.ndarray | None, mean, std,
                                input_qparams: tuple[float, int] | None = None,
-                               output_threshold: float | None = None) -> bytes:
+                               output_threshold: float | None = None, int8=None) -> bytes:
     """litert-torch: direct torch -> TFLite; int8 through its own PT2E quantizer (int8 I/O,
     per-channel weights, histogram-calibrated activations).
 
@@ -154,13 +157,15 @@ def export_tflite_litert_torch(model: nn.Module, example: torch.Tensor, precisio
                     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
                     from litert_torch.quantize.quant_config import QuantConfig
 
+                    from toolchain.quantize.int8_options import Int8Options, with_calibration
                     from toolchain.quantize.pt2e import _own_pool_range, quantize_pt2e
 
-                    quantizer = _own_pool_range(PT2EQuantizer)().set_global(
-                        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+                    int8 = Int8Options.from_any(int8)
+                    quantizer = _own_pool_range(PT2EQuantizer)().set_global(with_calibration(
+                        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False), int8))
                     converted = quantize_pt2e(model, example, calibration, mean, std, quantizer,
                                               input_qparams=input_qparams, output_threshold=output_threshold,
-                                              fold_quantize=False)
+                                              fold_quantize=False, bias_correction=int8.bias_correction)
                     converted.training = False  # exported from eval(); the flag only feeds litert's warning
                     edge = litert_torch.convert(converted, (example,),
                                                 quant_config=QuantConfig(pt2e_quantizer=quantizer))

@@ -398,7 +398,7 @@ def _stage_export(ctx: RunContext) -> StageOutput:
     for user, source, out_dir, calib in jobs:
         records = export_model(source, out_dir, cfg.formats, cfg.precisions, calib,
                                calibration_size=cfg.calibration_images, tflite_backend=cfg.tflite_backend,
-                               seed=ctx.recipe.seed)
+                               seed=ctx.recipe.seed, int8=cfg.int8.model_dump())
         for r in records:
             entry = {"path": ctx.rel(r.path), "format": r.format, "precision": r.precision, "bytes": int(r.bytes),
                      "sha256": r.sha256, "backend": r.backend, "model": r.model, "source": ctx.rel(source)
@@ -636,7 +636,7 @@ def default_stages(recipe: Recipe) -> list[Stage]:
     stages += [
         Stage("evaluate", _stage_evaluate, title="evaluate on the pairs", after=("data", *trained), version=2,
               external=_external_data, config=lambda ctx: ctx.recipe.evaluate.model_dump(mode="json")),
-        Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=3,
+        Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=4,
               external=_external_data, workdir="export",
               config=lambda ctx: {"export": ctx.recipe.export.model_dump(mode="json"), "seed": ctx.recipe.seed}),
         Stage("profile", _stage_profile, title="profile + budgets", after=("export", *trained),

@@ -181,7 +181,7 @@ def _own_pool_range(base):
 def quantize_xnnpack_int8(model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
                           mean, std, report: dict | None = None,
                           input_qparams: tuple[float, int] | None = None,
-                          output_threshold: float | None = None, compute_head=None) -> nn.Module:
+                          output_threshold: float | None = None, compute_head=None, int8=None) -> nn.Module:
     """PT2E int8 with ExecuTorch's XNNPACK quantizer (pooled features get their own range);
     see quantize_pt2e for the arguments."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
@@ -189,25 +189,34 @@ def quantize_xnnpack_int8(model: nn.Module, example: torch.Tensor, calibration: 
         get_symmetric_quantization_config,
     )
 
-    quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    from toolchain.quantize.int8_options import Int8Options, with_calibration
+
+    int8 = Int8Options.from_any(int8)
+    config = with_calibration(get_symmetric_quantization_config(is_per_channel=True), int8)
+    quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(config)
     return quantize_pt2e(model, example, calibration, mean, std, quantizer, report=report,
-                         input_qparams=input_qparams, output_threshold=output_threshold, compute_head=compute_head)
+                         input_qparams=input_qparams, output_threshold=output_threshold, compute_head=compute_head,
+                         bias_correction=int8.bias_correction)
 
 
 def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, mean, std, quantizer,
                   report: dict | None = None, input_qparams: tuple[float, int] | None = None,
                   output_threshold: float | None = None, fold_quantize: bool = True,
-                  compute_head=None) -> nn.Module:
+                  compute_head=None, bias_correction: bool = False) -> nn.Module:
     """Return the converted (fake-quantized) graph module, ready for a second torch.export.
     If `report` is a dict, it receives `float_ops` and `float_prefix_ops` (see float_ops()).
     `input_qparams` (scale, zero_point) replaces the calibrated quantisation of the input;
     `output_threshold` aligns the output's with a verifier's decision threshold; `compute_head`
     (see write_head_quant) replaces a verifier's per-user head quantisation, output included,
-    and `report["head"]` then holds what was written."""
+    and `report["head"]` then holds what was written. `bias_correction` corrects every bias but
+    the model's per-user tensors (toolchain.quantize.bias_correction; `report["bias_correction"]`)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     # Calibrate at the batch size of the export (1), so batch-dependent shapes stay static.
     graph = torch.export.export(model.eval(), (example,), strict=False).module()
+    # The float reference of bias correction: a second export, node names alike (prepare_pt2e
+    # rewrites the first one).
+    float_graph = torch.export.export(model.eval(), (example,), strict=False).module() if bias_correction else None
     prepared = prepare_pt2e(graph, quantizer)
     if report is not None:
         report["float_ops"], report["float_prefix_ops"] = float_ops(prepared)
@@ -217,6 +226,14 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarr
     converted = convert_pt2e(prepared, fold_quantize=fold_quantize)
     if input_qparams is not None and pin_input_qparams(converted, *input_qparams) != 2:
         raise ToolchainError("int8 export: could not find the input quantise/dequantise pair to pin")
+    if bias_correction:
+        from toolchain.quantize.bias_correction import correct_biases
+
+        per_user = model.per_user_tensors() if hasattr(model, "per_user_tensors") else []
+        corrected = correct_biases(converted, float_graph, list(calibration_batches(calibration, mean, std, batch=1)),
+                                   skip=[n for n in per_user if n.endswith(".bias")])
+        if report is not None:
+            report["bias_correction"] = corrected
     if compute_head is not None:
         if not fold_quantize:
             raise ToolchainError("int8 export: the per-user head is written into folded int8 weights")

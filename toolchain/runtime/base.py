@@ -3,7 +3,8 @@
 A runner hides the artifact's layout (NCHW or NHWC) and its quantisation (the input is
 quantised with the input tensor's scale/zero-point, the output dequantised), so a caller
 never handles either. `latency_ms` is the median wall time of one single-image inference,
-single-threaded, after warm-up.
+single-threaded, after warm-up; `runtime_latency` separates the time spent inside the runtime
+from the Python call around it (each runner says how it measures it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def median_ms(call, repeats: int = 50, warmup: int = 5) -> float:
         call()
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
+
+
+def latency_record(wall_ms: float, runtime_ms: float | None, source: str | None) -> dict:
+    return {"wall_ms": float(wall_ms), "runtime_ms": None if runtime_ms is None else float(runtime_ms),
+            "overhead_ms": None if runtime_ms is None else float(wall_ms - runtime_ms), "source": source}
 
 
 @dataclass
@@ -92,14 +98,23 @@ class Runner(ABC):
 
     def latency_ms(self, repeats: int = 50, warmup: int = 5, seed: int = 0) -> float:
         """Median milliseconds of one single-image inference, one thread."""
-        rng = np.random.default_rng(seed)
-        img = rng.integers(0, 256, (1, self.info.height, self.info.width, 3), dtype=np.uint8)
+        img = self._random_image(seed)
         with self._single_thread():
             return median_ms(self._timed_call(img), repeats, warmup)
 
     def _timed_call(self, image: np.ndarray):
         """A zero-argument callable doing one inference; by default the full run() path."""
         return lambda: self._run_batch(image)
+
+    def runtime_latency(self, repeats: int = 50, warmup: int = 5, seed: int = 0) -> dict:
+        """{"wall_ms": the timed Python call, "runtime_ms": the part inside the runtime (None
+        where the runner cannot tell), "overhead_ms": their difference, "source": how runtime_ms
+        was measured}; medians over `repeats` single-image inferences on one thread."""
+        return latency_record(self.latency_ms(repeats, warmup, seed), None, None)
+
+    def _random_image(self, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, 256, (1, self.info.height, self.info.width, 3), dtype=np.uint8)
 
     def describe(self) -> dict:
         return {"runner": self.kind, "name": self.name, "layout": self.info.layout,

@@ -2,6 +2,11 @@
 
 XNNPACK runs on a process-wide threadpool; `_unsafe_reset_threadpool(1)` pins it to one thread
 (the runtime offers no per-program setting), so every ExecuTorch number here is single-threaded.
+
+In-runtime latency comes from the runtime's own event tracer: the program is loaded a second
+time with ETDump on (`Runtime.load_program(enable_etdump=True)`) and the devtools Inspector reads
+its `Method::execute` events. (The older `_load_for_executorch_from_buffer(enable_etdump=True)`
+entry point segfaults in `forward` on XNNPACK programs in ExecuTorch 1.5.1; this one does not.)
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.errors import ToolchainError
-from toolchain.runtime.base import InputInfo, Runner
+from toolchain.runtime.base import InputInfo, Runner, latency_record
 from toolchain.runtime.metadata import read_embedded_metadata
 from toolchain.runtime.preprocess import model_input, normalise
 
@@ -57,3 +62,39 @@ class ExecuTorchRunner(Runner):
     def _timed_call(self, image: np.ndarray):
         x = [self._tensor(image)]
         return lambda: self.method.execute(x)
+
+    def runtime_latency(self, repeats: int = 50, warmup: int = 5, seed: int = 0) -> dict:
+        """Wall time of `execute` from Python, and the runtime's own `Method::execute` time from
+        ETDump for the same calls (medians; warm-up calls dropped from both)."""
+        import logging
+        import tempfile
+        import time
+        import warnings
+
+        from executorch.devtools import Inspector
+        from executorch.runtime import Runtime
+
+        set_executorch_threads(1)
+        program = Runtime.get().load_program(str(self.path), enable_etdump=True)
+        method = program.load_method("forward")
+        x = [self._tensor(self._random_image(seed))]
+        wall = []
+        for i in range(warmup + max(1, repeats)):
+            t0 = time.perf_counter()
+            method.execute(x)
+            if i >= warmup:
+                wall.append(time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory(prefix="toolchain-etdump-") as tmp:
+            etdump = f"{tmp}/run.etdp"
+            program.write_etdump_result_to_file(etdump, f"{tmp}/debug.bin")
+            logging.getLogger("executorch").setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                inspector = Inspector(etdump_path=etdump)  # ETDump ticks are ns; perf_data is in ms
+        events = [e for block in inspector.event_blocks for e in block.events if e.name == "Method::execute"]
+        raw = list(events[0].perf_data.raw) if events and events[0].perf_data else []
+        if len(raw) != warmup + max(1, repeats):
+            raise ToolchainError(f"{self.path}: ETDump holds {len(raw)} Method::execute events for "
+                                 f"{warmup + max(1, repeats)} calls")
+        return latency_record(float(np.median(wall) * 1e3), float(np.median(raw[warmup:])),
+                              "ETDump Method::execute")

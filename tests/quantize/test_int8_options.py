@@ -1,0 +1,108 @@
+"""`export.int8`: calibration methods reach the PT2E observers; bias correction lowers the int8
+graph's mean error; bad settings fail with exit 2 naming the key."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from toolchain.errors import ToolchainError
+from toolchain.models import build_model
+from toolchain.quantize.int8_options import Int8Options
+from toolchain.quantize.pt2e import quantize_xnnpack_int8
+from toolchain.runtime.preprocess import model_input
+
+
+def _images(n=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
+
+
+def _act_scales(converted) -> dict[str, float]:
+    return {n.args[0].name: float(n.args[1]) for n in converted.graph.nodes
+            if n.op == "call_function" and str(n.target).endswith("quantize_per_tensor.default")}
+
+
+def _quantize(model, images, **options):
+    return quantize_xnnpack_int8(model, torch.zeros(1, 3, 112, 112), images, model.spec.mean, model.spec.std,
+                                 int8=Int8Options(**options))
+
+
+def test_calibration_methods_choose_different_ranges():
+    torch.manual_seed(0)
+    model = build_model("verifier", width=4).eval()
+    images = _images()
+    minmax = _act_scales(_quantize(model, images, calibration="minmax"))
+    mse = _act_scales(_quantize(model, images, calibration="mse"))
+    clipped = _act_scales(_quantize(model, images, calibration="percentile", percentile=99.0))
+    assert minmax.keys() == mse.keys() == clipped.keys()
+    # min-max keeps every value in range: no other method has a wider step on any activation.
+    assert all(clipped[k] <= minmax[k] * (1 + 1e-6) for k in minmax)
+    assert all(mse[k] <= minmax[k] * (1 + 1e-6) for k in minmax)
+    # ... and clipping 1% of the tails narrows at least one range.
+    assert any(clipped[k] < minmax[k] * 0.99 for k in minmax)
+
+
+def _conv_net():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, 4)).eval()
+    net.spec = build_model("verifier", width=4).spec
+    return net
+
+
+def test_bias_correction_lowers_the_mean_error_and_leaves_the_float_model_alone():
+    net = _conv_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    images = _images(16)
+    x = torch.from_numpy(model_input(images, net.spec.mean, net.spec.std))
+    with torch.no_grad():
+        ref = net(x)
+    # Clipping 5% of every activation's tail shifts every layer's mean: a systematic error.
+    options = dict(calibration="percentile", percentile=95.0)
+    plain = _quantize(net, images, **options)
+    report: dict = {}
+    corrected = quantize_xnnpack_int8(net, torch.zeros(1, 3, 112, 112), images, net.spec.mean, net.spec.std,
+                                      report=report, int8=Int8Options(**options, bias_correction=True))
+    assert report["bias_correction"]["layers"] == 3 and report["bias_correction"]["mean_abs_shift"] > 0
+    with torch.no_grad():
+        err_plain = torch.cat([plain(x[i:i + 1]) for i in range(len(x))]) - ref
+        err_corr = torch.cat([corrected(x[i:i + 1]) for i in range(len(x))]) - ref
+    # On the images it was measured on, the output's mean error shrinks to the output rounding.
+    assert err_corr.mean(0).abs().mean() < 0.5 * err_plain.mean(0).abs().mean()
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_bias_correction_skips_the_per_user_tensors():
+    torch.manual_seed(0)
+    model = build_model("verifier", width=4, film=True).eval()
+    report: dict = {}
+    quantize_xnnpack_int8(model, torch.zeros(1, 3, 112, 112), _images(), model.spec.mean, model.spec.std,
+                          report=report, int8=Int8Options(bias_correction=True))
+    assert report["bias_correction"]["skipped"] == ["features.12.bias", "head.0.bias", "head.2.bias"]
+    assert report["bias_correction"]["layers"] >= 5
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ToolchainError, match="unknown int8 calibration method 'kl'"):
+        Int8Options(calibration="kl")
+    with pytest.raises(ToolchainError, match="percentile"):
+        Int8Options(calibration="percentile", percentile=20)
+    assert Int8Options.from_any({"calibration": "minmax"}).to_dict() == {"calibration": "minmax",
+                                                                         "bias_correction": False}
+    assert Int8Options().is_default and not Int8Options(bias_correction=True).is_default
+
+
+@pytest.mark.parametrize("override,key", [("export.int8.calibration=kl", "export.int8.calibration"),
+                                          ("export.int8.percentile=20", "export.int8.percentile"),
+                                          ("export.int8.bias_correction=maybe", "export.int8.bias_correction"),
+                                          ("export.int8.qat_step=3", "export.int8.qat_step")])
+def test_recipe_with_a_bad_int8_setting_exits_2(tmp_path, capsys, override, key):
+    from pathlib import Path
+
+    from toolchain.cli import main
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "mobilefacenet.yaml"
+    rc = main(["run", str(recipe), "--out", str(tmp_path / "out"), override])
+    err = capsys.readouterr().err
+    assert rc == 2 and key in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

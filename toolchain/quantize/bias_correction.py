@@ -1,0 +1,95 @@
+"""Empirical bias correction of a converted PT2E int8 graph (Nagel et al., "Data-Free Quantization
+Through Weight Equalization and Bias Correction", ICCV 2019, section 4.2, the empirical variant).
+
+Rounding weights and activations shifts the mean of a layer's output; the shift adds up through
+the layers, and a verifier's logit moves against its threshold. For every convolution and linear
+layer with a bias, the mean of (int8 graph's output - float graph's output) per output channel
+over the calibration images is subtracted from the bias. Layers are corrected in graph order, each
+measured after the ones before it were corrected (one pass of the int8 graph per layer), so a
+correction never double-counts a shift an earlier layer already removed.
+
+Biases the caller names in `skip` keep their value: a verifier's per-user tensors, whose int8
+values the fleet path computes without running the graph (toolchain.quantize.head).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+_LAYERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def _biased_layers(gm: nn.Module) -> dict[str, str]:
+    """{node name: bias attribute} of the conv/linear nodes whose bias is a module attribute."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _LAYERS and len(n.args) > 2 \
+                and getattr(n.args[2], "op", "") == "get_attr":
+            out[n.name] = str(n.args[2].target)
+    return out
+
+
+def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
+    *path, leaf = target.split(".")
+    owner = gm
+    for p in path:
+        owner = getattr(owner, p)
+    return owner, leaf
+
+
+def _tapped(gm: nn.Module, names: list[str]) -> nn.Module:
+    """A copy of `gm` that returns the outputs of the nodes `names`, in that order."""
+    gm = copy.deepcopy(gm)
+    gm.graph._codegen = torch.fx.graph.CodeGen()  # plain positional in, tuple out (no export pytree specs)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (tuple(nodes[k] for k in names),)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _channel_means(gm: nn.Module, names: list[str], inputs) -> list[np.ndarray]:
+    tapped = _tapped(gm, names)
+    sums: list[np.ndarray | None] = [None] * len(names)
+    count = 0
+    with torch.no_grad():
+        for x in inputs:
+            outs = tapped(x)
+            for i, y in enumerate(outs):
+                dims = [d for d in range(y.dim()) if d != 1] if y.dim() > 2 else [0]
+                m = y.double().mean(dim=dims).numpy() * y.shape[0]
+                sums[i] = m if sums[i] is None else sums[i] + m
+            count += int(outs[0].shape[0])
+    return [s / max(count, 1) for s in sums]
+
+
+def correct_biases(converted: nn.Module, float_graph: nn.Module, inputs, skip=()) -> dict:
+    """Correct `converted`'s biases in place against `float_graph` (the same model exported in
+    float, node names alike) on `inputs` (an iterable of input batches; consumed twice, so a
+    list). Returns {"layers": n corrected, "mean_abs_shift": mean |correction| over channels,
+    "skipped": [bias names left alone]}."""
+    inputs = list(inputs)
+    q_layers, f_layers = _biased_layers(converted), _biased_layers(float_graph)
+    skipped = sorted(b for b in q_layers.values() if any(b == s or b.startswith(s + ".") for s in skip))
+    names = [n for n, b in q_layers.items() if n in f_layers and b not in skipped]
+    if not names:
+        return {"layers": 0, "mean_abs_shift": 0.0, "skipped": skipped}
+    f_means = _channel_means(float_graph, names, inputs)
+    shifts = []
+    for name, fm in zip(names, f_means):
+        qm = _channel_means(converted, [name], inputs)[0]
+        owner, leaf = _owner(converted, q_layers[name])
+        bias = getattr(owner, leaf)
+        corrected = (bias.detach() - torch.from_numpy((qm - fm).astype(np.float32)).to(bias.dtype)).clone()
+        # A new tensor, never an in-place edit: the exported graph shares its parameters with
+        # the caller's float model.
+        setattr(owner, leaf, nn.Parameter(corrected, requires_grad=False) if isinstance(bias, nn.Parameter)
+                else corrected)
+        shifts.append(np.abs(qm - fm))
+    converted.recompile()
+    return {"layers": len(names), "mean_abs_shift": float(np.mean(np.concatenate(shifts))), "skipped": skipped}

@@ -1,0 +1,111 @@
+"""The int8 choices a recipe makes under `export.int8`, and how they reach the PT2E quantizers.
+
+- `calibration`: how an activation's int8 range is chosen from the calibration images.
+  - `mse` (default): the histogram search that minimises the L2 quantisation error
+    (torchao's HistogramObserver; what ExecuTorch's XNNPACK quantizer uses out of the box).
+  - `minmax`: the observed minimum and maximum (MinMaxObserver); nothing is clipped.
+  - `percentile`: the `percentile`-th and (100 - `percentile`)-th percentiles of the histogram;
+    the tails beyond them are clipped.
+- `bias_correction`: after conversion, each convolution's and linear layer's bias absorbs the
+  mean error its int8 output shows against the float model on the calibration images
+  (toolchain.quantize.bias_correction).
+
+The calibration method applies to every int8 file: PT2E's observers make the ExecuTorch `.pte`
+and the litert-torch `.tflite`, and the same observers set the ranges of onnx2tf's `.tflite`
+before the TFLite converter quantises it (toolchain.export.tflite_calibration). Bias correction
+needs the PT2E graph: onnx2tf's `.tflite` has none, and its artifacts record that (`int8_method`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+CALIBRATION_METHODS = ("mse", "minmax", "percentile")
+# onnx2tf's .tflite: the converter quantises, with ranges from the same observers; no bias correction.
+TFLITE_CONVERTER_METHOD = {"bias_correction": False, "by": "TFLite converter (ranges: torchao observers)"}
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    calibration: str = "mse"
+    percentile: float = 99.99
+    bias_correction: bool = False
+
+    def __post_init__(self):
+        from toolchain.errors import ToolchainError
+
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ToolchainError(f"unknown int8 calibration method {self.calibration!r} "
+                                 f"({', '.join(CALIBRATION_METHODS)})")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ToolchainError(f"int8 calibration percentile {self.percentile} is not in (50, 100]")
+
+    @classmethod
+    def from_any(cls, value) -> "Int8Options":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if hasattr(value, "model_dump"):
+            value = value.model_dump()
+        return cls(**dict(value))
+
+    def to_dict(self) -> dict:
+        out = {"calibration": self.calibration, "bias_correction": self.bias_correction}
+        if self.calibration == "percentile":
+            out["percentile"] = float(self.percentile)
+        return out
+
+    @property
+    def is_default(self) -> bool:
+        return self == Int8Options()
+
+
+def percentile_observer():
+    """HistogramObserver whose range is two percentiles of its histogram (built lazily: torchao
+    is imported only where an int8 export runs)."""
+    import torch
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
+    class PercentileObserver(HistogramObserver):
+        def __init__(self, *args, percentile: float = 99.99, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.percentile = float(percentile)
+
+        def _non_linear_param_search(self):
+            hist = self.histogram.to(torch.float64)
+            total = hist.sum()
+            if total <= 0:
+                return self.min_val, self.max_val
+            edges = torch.linspace(float(self.min_val), float(self.max_val), self.bins + 1, dtype=torch.float64)
+            cdf = torch.cumsum(hist, 0) / total
+            tail = (100.0 - self.percentile) / 100.0
+            lo_bin = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=torch.float64)))
+            hi_bin = int(torch.searchsorted(cdf, torch.tensor(1.0 - tail, dtype=torch.float64)))
+            lo = edges[min(lo_bin, self.bins)] if tail > 0 else edges[0]
+            hi = edges[min(hi_bin + 1, self.bins)] if tail > 0 else edges[-1]
+            return lo.to(self.min_val.dtype), hi.to(self.max_val.dtype)
+
+    return PercentileObserver
+
+
+def with_calibration(config, options: Int8Options):
+    """`config` (a PT2E QuantizationConfig) with its activation observers set by `options`."""
+    if options.calibration == "mse":
+        return config  # the quantizers' own HistogramObserver
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    def swap(spec):
+        if spec is None or getattr(spec, "is_dynamic", False):
+            return spec
+        ctor = spec.observer_or_fake_quant_ctr
+        kwargs = dict(getattr(ctor, "keywords", {}) or {})  # keeps the quantizer's eps
+        if options.calibration == "minmax":
+            new = MinMaxObserver.with_args(**kwargs)
+        else:
+            new = percentile_observer().with_args(percentile=float(options.percentile), **kwargs)
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=new)
+
+    return dataclasses.replace(config, input_activation=swap(config.input_activation),
+                               output_activation=swap(config.output_activation))
