@@ -251,3 +251,19 @@ def test_resolved_paths_are_relative(tmp_path):
     m = json.loads(res.manifest.read_text())
     assert not Path(m["artifacts"][0]["path"]).is_absolute()
     assert str(tmp_path) not in json.dumps(m["artifacts"])
+
+
+def test_fleet_export_only_with_the_default_int8_method():
+    """The fleet's templates use the default int8 method; other settings export each user in full."""
+    from types import SimpleNamespace
+
+    from toolchain.pipeline.stages import _fleet_export
+
+    import yaml
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[2] / "recipes" / "verifier.yaml").read_text())
+    base["export"]["users"] = None
+    assert _fleet_export(SimpleNamespace(recipe=validate_recipe(base)))
+    for int8 in ({"bias_correction": True}, {"calibration": "minmax"}):
+        recipe = validate_recipe({**base, "export": {**base["export"], "int8": int8}})
+        assert not _fleet_export(SimpleNamespace(recipe=recipe))

@@ -413,10 +413,12 @@ def _stage_export(ctx: RunContext) -> StageOutput:
 
 def _fleet_export(ctx: RunContext) -> bool:
     """Several users' verifiers are written from templates (toolchain.fleet), one user's exported
-    in full. The fleet enrolls from one image and converts with onnx2tf."""
+    in full. The fleet enrolls from one image, converts with onnx2tf and builds its templates with
+    the default int8 method; other `export.int8` settings export every user in full."""
     cfg = ctx.recipe.export
     return (ctx.recipe.kind == "verifier" and (cfg.users is None or cfg.users > 1)
-            and ctx.recipe.enroll.enroll_images == 1 and cfg.tflite_backend == "onnx2tf")
+            and ctx.recipe.enroll.enroll_images == 1 and cfg.tflite_backend == "onnx2tf"
+            and cfg.int8 == type(cfg.int8)())
 
 
 def _stage_export_fleet(ctx: RunContext) -> StageOutput:
