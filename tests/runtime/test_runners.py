@@ -79,10 +79,11 @@ def test_executorch_runner_hides_layout(tmp_path):
     imgs = _imgs(3)
     assert np.allclose(runner.run(imgs), load_runner(model).run(imgs), atol=1e-5)
     assert read_embedded_metadata(rec.path)["model"] == "verifier"
-    # In-runtime latency from ETDump: positive, and inside the wall time of the same calls.
+    # In-runtime latency from ETDump, and the Python call apart (wall time of the untraced program).
     lat = runner.runtime_latency(repeats=5, warmup=2)
     assert lat["source"] == "ETDump Method::execute"
-    assert 0 < lat["runtime_ms"] <= lat["wall_ms"] and lat["overhead_ms"] == lat["wall_ms"] - lat["runtime_ms"]
+    assert lat["runtime_ms"] > 0 and lat["wall_ms"] > 0
+    assert lat["overhead_ms"] == pytest.approx(lat["wall_ms"] - lat["runtime_ms"])
     # Without toolchain metadata a runner refuses to guess the normalisation.
     bare = tmp_path / "bare.pte"
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
