@@ -347,7 +347,7 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
                                            require_full, metadata_fn, input_qparams=pin,
                                            output_threshold=threshold if spec.output == "logit" else None,
                                            compute_head=compute_head if precision == "int8" else None, int8=int8)
-    method = {**int8.to_dict(), "by": "PT2E (torchao)"} if precision == "int8" else None
+    method = int8.applied(pt2e=True) if precision == "int8" else None
     return _record(staging, f"{model_name}_{precision}.pte", data, meta, "executorch", precision, "xnnpack",
                    _checks({"delegation": report.to_dict()}, report.head_feature_scale, method),
                    time.perf_counter() - t0)
@@ -361,7 +361,6 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
         align_tflite_output, export_tflite_litert_torch, export_tflite_onnx2tf, write_head_quant_tflite,
     )
     from toolchain.export.tflite_check import inspect_tflite
-    from toolchain.quantize.int8_options import TFLITE_CONVERTER_METHOD
 
     t0 = time.perf_counter()
     head_feature_scale = None
@@ -411,8 +410,7 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
         data = embed_tflite_metadata(blobs[precision], meta)
         method = None
         if precision == "int8":
-            method = {**int8.to_dict(), "by": "PT2E (torchao)"} if backend != "onnx2tf" else \
-                {**int8.to_dict(), **TFLITE_CONVERTER_METHOD}
+            method = int8.applied(pt2e=backend != "onnx2tf")
         records.append(_record(staging, f"{model_name}_{precision}.tflite", data, meta, "tflite", precision,
                                backend, _checks({"tflite": report.to_dict()},
                                                 head_feature_scale if precision == "int8" else None, method), seconds))

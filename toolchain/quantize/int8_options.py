@@ -57,6 +57,11 @@ class Int8Options:
             out["percentile"] = float(self.percentile)
         return out
 
+    def applied(self, pt2e: bool) -> dict:
+        """What an int8 artifact records as its method (`checks.int8_method`): PT2E applies every
+        option; onnx2tf's converter path applies the calibration method only."""
+        return {**self.to_dict(), "by": "PT2E (torchao)"} if pt2e else {**self.to_dict(), **TFLITE_CONVERTER_METHOD}
+
     @property
     def is_default(self) -> bool:
         return self == Int8Options()
