@@ -124,3 +124,24 @@ def third_party_log(log_path: str | Path | None, verbose: bool = False):
         os.dup2(saved[2], 2)
         for fd in (*saved.values(), log_fd):
             os.close(fd)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, completed: int = 0, enabled: bool = True):
+    """A rich progress bar; yields `advance(n, **fields)` (a no-op when disabled)."""
+    if not enabled:
+        yield lambda n=1, **kw: None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(description, total=total, completed=completed, info="")
+
+        def advance(n: int = 1, **fields) -> None:
+            info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+            progress.update(task, advance=n, info=info)
+
+        yield advance

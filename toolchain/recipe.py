@@ -133,11 +133,19 @@ Precision = Literal["fp32", "int8"]
 
 class Int8Section(_Strict):
     """int8 accuracy recovery (toolchain.quantize.int8_options): how activation ranges are
-    calibrated, and whether biases absorb the int8 graph's mean error. PT2E artifacts (.pte,
-    litert-torch .tflite) follow it; onnx2tf's .tflite is calibrated min-max by the TFLite converter."""
+    calibrated (every int8 file), whether biases absorb the int8 graph's mean error (PT2E files),
+    quantization-aware fine-tuning of an embedding model (both runtimes), and the accuracy-aware
+    fallback that keeps the fewest layers in float until the parity bounds hold."""
     calibration: Literal["mse", "minmax", "percentile"] = "mse"
     percentile: float = Field(99.99, gt=50, le=100, description="percentile: the share of values kept in range")
     bias_correction: bool = False
+    qat_steps: int = Field(0, ge=0, le=100_000, description="PT2E QAT steps on the identity images (0: off)")
+    qat_lr: float = Field(1e-5, gt=0, le=1, description="QAT learning rate (Adam)")
+    qat_batch: int = Field(16, ge=2, le=512, description="QAT images per step")
+    fallback: bool = Field(False, description="rank the layers by int8 sensitivity and keep the fewest in float "
+                                              "until the parity bounds hold (ExecuTorch files)")
+    max_float_layers: int = Field(8, ge=1, le=1000, description="fallback: most layers kept in float")
+    float_layers: list[str] = Field(default_factory=list, description="modules kept in float (names)")
 
 
 class ExportSection(_Strict):
@@ -165,6 +173,11 @@ class BudgetSection(_Strict):
 class ParitySection(_Strict):
     max_accuracy_drop: float = Field(0.3, ge=0, description="percentage points")
     min_decision_agreement: float = Field(99.5, ge=0, le=100, description="percent")
+    # Optional bounds (null: not checked): TAR at FAR=1e-3 lost, in points; and, for an embedding
+    # model, each image's embedding cosine to the float model's (mean over the pairs' images, minimum).
+    max_tar_drop: Optional[float] = Field(None, ge=0, description="points of TAR@FAR=1e-3")
+    min_embedding_cosine_mean: Optional[float] = Field(None, ge=-1, le=1)
+    min_embedding_cosine_min: Optional[float] = Field(None, ge=-1, le=1)
     latency_runs: int = Field(20, ge=1)
     max_pairs: Optional[int] = Field(None, ge=2, description="embedding route: pairs scored per artifact")
     # Verifier route: each user's artifacts run on the user's own probes plus this many

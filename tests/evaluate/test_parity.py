@@ -46,6 +46,11 @@ def test_bounds_from_recipe_dict():
     b = ParityBounds.from_any({"max_accuracy_drop": 0.5, "min_decision_agreement": 98})
     assert b.max_accuracy_drop == 0.5 and b.min_agreement == 98
     assert ParityBounds.from_any(None) == ParityBounds(0.3, 99.5)
+    b = ParityBounds.from_any({"max_tar_drop": 1, "min_embedding_cosine_mean": 0.999,
+                               "min_embedding_cosine_min": None})
+    assert (b.max_tar_drop, b.min_cosine_mean, b.min_cosine_min) == (1.0, 0.999, None)
+    assert b.to_dict() == {"max_accuracy_drop": 0.3, "min_agreement": 99.5, "max_tar_drop": 1.0,
+                           "min_cosine_mean": 0.999}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +97,22 @@ def test_failed_bound_raises(tiny_exports):
     assert not rows[0]["passed"] and "accuracy drop" in rows[0]["reason"]
     with pytest.raises(CheckFailed, match="parity failed"):
         check_parity(rows)
+
+
+@pytest.mark.slow
+def test_cosine_and_tar_bounds(tiny_exports):
+    model, paths, pairs = tiny_exports
+    loose = run_parity([paths["int8"]], pairs, reference=model, repeats=1,
+                       bounds=ParityBounds(100, 0, max_tar_drop=100, min_cosine_mean=-1, min_cosine_min=-1))[0]
+    assert loose["passed"] and loose["tar_drop"] is not None and loose["bounds"]["max_tar_drop"] == 100
+    # Bounds just above what the int8 file measures fail, each naming itself.
+    strict = ParityBounds(100, 0, max_tar_drop=loose["tar_drop"] - 0.01,
+                          min_cosine_mean=loose["embedding_cosine_mean"] + 1e-6,
+                          min_cosine_min=loose["embedding_cosine_min"] + 1e-6)
+    row = run_parity([paths["int8"]], pairs, reference=model, bounds=strict, repeats=1)[0]
+    assert not row["passed"]
+    for text in ("TAR@FAR=1e-3 drop", "embedding cosine mean", "embedding cosine min"):
+        assert text in row["reason"]
 
 
 @pytest.mark.slow

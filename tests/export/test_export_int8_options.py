@@ -34,3 +34,41 @@ def test_template_id_changes_only_for_a_non_default_int8_method():
     assert template_id(**key, int8=Int8Options(bias_correction=True)) != plain
     assert template_id(**{**key, "precision": "fp32"}, int8=Int8Options(bias_correction=True)) == \
         template_id(**{**key, "precision": "fp32"})
+
+
+class _Embedder(torch.nn.Module):
+    def __init__(self):
+        from toolchain.models.registry import ModelSpec
+
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 16, 3, 2, 1), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1))
+        self.emb = torch.nn.Linear(16, 32)
+        self.spec = ModelSpec(name="tiny-embedder", output="embedding", output_dim=32)
+
+    def forward(self, x):
+        return self.emb(self.body(x))
+
+
+def test_fallback_and_qat_reach_the_pte_and_the_manifest(tmp_path):
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (24, 112, 112, 3), dtype=np.uint8)
+    # An unreachable target: the fallback keeps its one allowed layer in float.
+    recs = export_model(_Embedder().eval(), tmp_path, "executorch", "int8", images[:8], progress=False,
+                        identity_images=images, int8={"qat_steps": 2, "qat_batch": 4, "fallback": True,
+                                                      "max_float_layers": 1},
+                        fallback_targets={"min_cosine_mean": 1.5})
+    rec = recs[0]
+    # Not int8 end to end, so not named as if it were.
+    assert rec.file == "tiny-embedder_int8_mixed.pte" and (tmp_path / rec.file).is_file()
+    kept = rec.checks["int8_method"]["float_layers"]
+    assert len(kept) == 1 and rec.checks["int8_method"]["qat_steps"] == 2
+    assert rec.checks["delegation"]["float_ops"]  # the kept layer computes in float inside the file
+    manifest = json.loads((tmp_path / "export_manifest.json").read_text())
+    recovery = manifest["int8_recovery"]
+    assert recovery["qat"]["steps"] == 2 and recovery["fallback"]["float_layers"] == kept
+    lat = recovery["fallback"]["latency"]
+    assert lat["with_float_layers"] > 0 and lat["all_int8"] > 0 and lat["ratio"] > 0
+    # The all-int8 file measured for the comparison is not left behind.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pte") == ["tiny-embedder_int8_mixed.pte"]

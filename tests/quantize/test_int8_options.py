@@ -90,12 +90,24 @@ def test_bad_options_are_refused():
     assert Int8Options.from_any({"calibration": "minmax"}).to_dict() == {"calibration": "minmax",
                                                                          "bias_correction": False}
     assert Int8Options().is_default and not Int8Options(bias_correction=True).is_default
+    for bad in ({"qat_steps": -1}, {"qat_lr": 0.0}, {"qat_batch": 1}, {"max_float_layers": 0}):
+        with pytest.raises(ToolchainError):
+            Int8Options(**bad)
+    tuned = Int8Options(qat_steps=5, float_layers=["a.b"])
+    assert tuned.to_dict()["qat_steps"] == 5 and tuned.to_dict()["float_layers"] == ["a.b"]
+    # onnx2tf's .tflite records no float layers: the converter quantises every layer.
+    assert "float_layers" not in tuned.applied(pt2e=False) and tuned.applied(pt2e=True)["float_layers"] == ["a.b"]
 
 
 @pytest.mark.parametrize("override,key", [("export.int8.calibration=kl", "export.int8.calibration"),
                                           ("export.int8.percentile=20", "export.int8.percentile"),
                                           ("export.int8.bias_correction=maybe", "export.int8.bias_correction"),
-                                          ("export.int8.qat_step=3", "export.int8.qat_step")])
+                                          ("export.int8.qat_step=3", "export.int8.qat_step"),
+                                          ("export.int8.qat_steps=-1", "export.int8.qat_steps"),
+                                          ("export.int8.qat_lr=0", "export.int8.qat_lr"),
+                                          ("export.int8.qat_batch=1", "export.int8.qat_batch"),
+                                          ("export.int8.max_float_layers=0", "export.int8.max_float_layers"),
+                                          ("export.int8.fallback=sometimes", "export.int8.fallback")])
 def test_recipe_with_a_bad_int8_setting_exits_2(tmp_path, capsys, override, key):
     from pathlib import Path
 

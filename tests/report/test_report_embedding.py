@@ -27,3 +27,29 @@ def test_embedding_report_shows_cosine_and_outside(tmp_path):
     assert "| `export/m_int8.pte` | executorch | int8 | 10 | abababababababab | prelu (float) x33 |" in md
     assert "| tflite | int8 | 10 | cdcdcdcdcdcdcdcd | PRELU (not XNNPACK) x33 |" in md
     assert "| efefefefefefefef | none |" in md
+
+
+def test_report_shows_qat_sensitivity_and_fallback(tmp_path):
+    layers = [{"layer": "head.3", "op": "linear", "cosine_mean": 0.9995, "cosine_min": 0.995, "gain_mean": 0.0025,
+               "gain_min": 0.02},
+              {"layer": "features.0.0", "op": "conv2d", "cosine_mean": 0.9972, "cosine_min": 0.976,
+               "gain_mean": 0.0002, "gain_min": 0.001}]
+    recovery = {"qat": {"steps": 60, "batch": 16, "lr": 1e-5, "loss_first": 0.004, "loss_last": 0.002,
+                        "fake_quant_cosine_before": 0.996, "fake_quant_cosine_after": 0.998},
+                "sensitivity": {"all_int8": {"cosine_mean": 0.997, "cosine_min": 0.975}, "layers": layers,
+                                "images": 64},
+                "fallback": {"float_layers": ["head.3"], "met": True, "targets": {"min_cosine_mean": 0.999,
+                                                                                  "min_cosine_min": None},
+                             "trail": [{"layers": 0, "cosine_mean": 0.997, "cosine_min": 0.975},
+                                       {"layers": 1, "cosine_mean": 0.9995, "cosine_min": 0.995}],
+                             "latency": {"with_float_layers": 1.2, "all_int8": 1.0, "ratio": 1.2,
+                                         "source": "ETDump Method::execute"}}}
+    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
+            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+    written = write_report(core, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## int8 accuracy recovery" in md and "QAT (PT2E fake quantisation" in md
+    assert "| `head.3` | linear | 0.9995 | 0.995 | +0.00250 |" in md
+    assert "1 layer(s) kept in float: `head.3`." in md and "1.20 x" in md
+    assert "![int8 sensitivity per layer](report_files/int8_sensitivity.png)" in md
+    assert any(p.name == "int8_sensitivity.png" and p.stat().st_size > 1000 for p in written)

@@ -37,13 +37,25 @@ def _console():
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
               help="--calibration-method percentile: the share of values kept in range.")
 @click.option("--bias-correction", is_flag=True, help="Biases absorb the int8 graph's mean error (PT2E files).")
+@click.option("--qat-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Embedding models: PT2E QAT steps towards the float embeddings, on the calibration images.")
+@click.option("--qat-lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="QAT learning rate (Adam).")
+@click.option("--fallback-cosine-mean", type=click.FloatRange(-1, 1), default=None,
+              help="Embedding models: keep the most sensitive layers in float (.pte) until the mean embedding "
+                   "cosine to float reaches this.")
+@click.option("--fallback-cosine-min", type=click.FloatRange(-1, 1), default=None,
+              help="... and the lowest one reaches this.")
+@click.option("--max-float-layers", type=click.IntRange(min=1), default=8, show_default=True,
+              help="The fallback keeps at most this many layers in float.")
 @click.option("--threshold", type=float, help="Decision threshold of a verifier (default: enrollment.json's).")
 @click.option("--require-full-delegation/--allow-partial-delegation", default=None,
               help="Fail unless everything runs in XNNPACK (default: only for the verifier).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact records as JSON.")
 @logged("export.log")
 def export(source, out_dir, formats, precisions, calibration, calibration_size, tflite_backend, calibration_method,
-           percentile, bias_correction, threshold, require_full_delegation, as_json) -> None:
+           percentile, bias_correction, qat_steps, qat_lr, fallback_cosine_mean, fallback_cosine_min,
+           max_float_layers, threshold, require_full_delegation, as_json) -> None:
     """Export a float model to ExecuTorch (.pte) and TFLite, int8 and fp32, with checks.
 
     Writes DIR/<model>_<precision>.pte|.tflite and DIR/export_manifest.json (sha256, bytes,
@@ -56,7 +68,11 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
                            tflite_backend=tflite_backend, threshold=threshold,
                            require_full_delegation=require_full_delegation, progress=not as_json,
                            int8={"calibration": calibration_method, "percentile": percentile,
-                                 "bias_correction": bias_correction})
+                                 "bias_correction": bias_correction, "qat_steps": qat_steps, "qat_lr": qat_lr,
+                                 "fallback": fallback_cosine_mean is not None or fallback_cosine_min is not None,
+                                 "max_float_layers": max_float_layers},
+                           fallback_targets={"min_cosine_mean": fallback_cosine_mean,
+                                             "min_cosine_min": fallback_cosine_min})
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in records], indent=2))
         return
@@ -89,6 +105,12 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
 @click.option("--max-accuracy-drop", type=float, default=0.3, show_default=True, help="Points.")
 @click.option("--min-agreement", type=float, default=99.5, show_default=True,
               help="Percent of decisions equal to the float model's.")
+@click.option("--max-tar-drop", type=click.FloatRange(min=0), default=None,
+              help="Points of TAR at FAR=1e-3 (default: not checked).")
+@click.option("--min-cosine-mean", type=click.FloatRange(-1, 1), default=None,
+              help="Embedding models: mean embedding cosine to float (default: not checked).")
+@click.option("--min-cosine-min", type=click.FloatRange(-1, 1), default=None,
+              help="Embedding models: lowest embedding cosine to float (default: not checked).")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Latency repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (scores included).")
 @click.option("--arch", type=click.Choice(["x86_64", "arm64"]), default="x86_64", show_default=True,
@@ -99,17 +121,16 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
 @click.option("--arm-cpu", default=None, help="With --arch arm64: qemu's CPU model (default max: sdot and "
               "i8mm; cortex-a53: neither).")
 @logged("parity.log", None)
-def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, repeats, as_json, arch, sample,
-           arm_cpu) -> None:
+def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, max_tar_drop, min_cosine_mean,
+           min_cosine_min, repeats, as_json, arch, sample, arm_cpu) -> None:
     """Run each artifact in its own runtime against the float model; exit 1 if a bound fails."""
     from toolchain.evaluate.parity import ParityBounds, check_parity, run_parity
 
+    bounds = ParityBounds(max_accuracy_drop, min_agreement, max_tar_drop, min_cosine_mean, min_cosine_min)
     if arch == "arm64":
-        return _parity_arm64(artifacts, eval_set, reference, ParityBounds(max_accuracy_drop, min_agreement),
-                             sample, arm_cpu, as_json)
+        return _parity_arm64(artifacts, eval_set, reference, bounds, sample, arm_cpu, as_json)
 
-    rows = run_parity(artifacts, eval_set, reference, ParityBounds(max_accuracy_drop, min_agreement),
-                      repeats=repeats)
+    rows = run_parity(artifacts, eval_set, reference, bounds, repeats=repeats)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

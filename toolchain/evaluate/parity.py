@@ -16,6 +16,7 @@ All accuracies and the decision agreement are in percent; the accuracy drop is i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,18 @@ PROBE_SCHEMA = "toolchain.probe_set/1"
 class ParityBounds:
     max_accuracy_drop: float = 0.3  # points
     min_agreement: float = 99.5  # percent of decisions equal to the float model's
+    # Optional (None: not checked). TAR at FAR=1e-3 lost against the float model, in points;
+    # an embedding model's per-image embedding cosine to the float model's, mean and minimum.
+    max_tar_drop: float | None = None
+    min_cosine_mean: float | None = None
+    min_cosine_min: float | None = None
+
+    # The recipe's spellings (toolchain.recipe.ParitySection) of the fields above.
+    _RECIPE_KEYS = {"min_decision_agreement": "min_agreement", "min_embedding_cosine_mean": "min_cosine_mean",
+                    "min_embedding_cosine_min": "min_cosine_min"}
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_any(cls, bounds) -> "ParityBounds":
@@ -40,10 +53,9 @@ class ParityBounds:
         if isinstance(bounds, cls):
             return bounds
         if isinstance(bounds, dict):
-            d = dict(bounds)
-            if "min_decision_agreement" in d:  # the recipe's spelling
-                d["min_agreement"] = d.pop("min_decision_agreement")
-            return cls(**{k: float(v) for k, v in d.items() if k in ("max_accuracy_drop", "min_agreement")})
+            d = {cls._RECIPE_KEYS.get(k, k): v for k, v in bounds.items()}
+            fields = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: float(v) for k, v in d.items() if k in fields and v is not None})
         raise ToolchainError(f"parity bounds must be a dict or ParityBounds, got {type(bounds).__name__}")
 
 
@@ -214,6 +226,7 @@ def run_parity(artifacts: Sequence, eval_set, reference=None, bounds=None, *, re
         row["accuracy_drop"] = row["float_accuracy"] - row["accuracy"]
         row["tar_at_far"] = m["tar_at_far"] if m else None
         row["float_tar_at_far"] = fm["tar_at_far"] if fm else None
+        row["tar_drop"] = (fm["tar_at_far"]["1e-3"] - m["tar_at_far"]["1e-3"]) * 100 if m and fm else None
         row["auc"] = m["auc"] if m else None
         row["float_auc"] = fm["auc"] if fm else None
         row["decision_agreement"] = float(np.mean(dec == fdec) * 100)
@@ -228,9 +241,10 @@ def run_parity(artifacts: Sequence, eval_set, reference=None, bounds=None, *, re
             reasons.append(f"accuracy drop {row['accuracy_drop']:.3f} > {bounds.max_accuracy_drop} points")
         if row["decision_agreement"] < bounds.min_agreement - 1e-9:
             reasons.append(f"decision agreement {row['decision_agreement']:.2f}% < {bounds.min_agreement}%")
+        reasons += _optional_bound_failures(row, bounds)
         row["passed"] = not reasons
         row["reason"] = "; ".join(reasons) or None
-        row["bounds"] = {"max_accuracy_drop": bounds.max_accuracy_drop, "min_agreement": bounds.min_agreement}
+        row["bounds"] = bounds.to_dict()
         row["scores"] = [float(v) for v in a]
         row["float_scores"] = [float(v) for v in f]
         row["issame"] = [bool(v) for v in y]
@@ -238,6 +252,20 @@ def run_parity(artifacts: Sequence, eval_set, reference=None, bounds=None, *, re
     if raise_on_fail:
         check_parity(rows)
     return rows
+
+
+def _optional_bound_failures(row: dict, bounds: ParityBounds) -> list[str]:
+    """The bounds a recipe may add: TAR@FAR=1e-3 drop, and an embedding model's cosine to float."""
+    out = []
+    if bounds.max_tar_drop is not None:
+        if row["tar_drop"] is None:
+            out.append("TAR@FAR=1e-3 not measurable on this set")
+        elif row["tar_drop"] > bounds.max_tar_drop + 1e-9:
+            out.append(f"TAR@FAR=1e-3 drop {row['tar_drop']:.2f} > {bounds.max_tar_drop} points")
+    for key, limit in (("embedding_cosine_mean", bounds.min_cosine_mean), ("embedding_cosine_min", bounds.min_cosine_min)):
+        if limit is not None and key in row and row[key] < limit - 1e-12:
+            out.append(f"{key.replace('_', ' ')} {row[key]:.5f} < {limit}")
+    return out
 
 
 def check_parity(rows: list[dict]) -> None:

@@ -7,6 +7,7 @@ the output folder never holds a partial or unchecked file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import tempfile
@@ -171,15 +172,20 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                  calibration_size: int = 128, tflite_backend: str = "onnx2tf",
                  threshold: float | None = None, require_full_delegation: bool | None = None,
                  model_kwargs: dict | None = None, seed: int = 0, progress: bool = True,
-                 name: str | None = None, int8=None) -> list[ArtifactRecord]:
+                 name: str | None = None, int8=None, identity_images=None,
+                 fallback_targets: dict | None = None) -> list[ArtifactRecord]:
     """Export `source` (nn.Module with .spec, checkpoint, user folder or registry name) to
     `out_dir`, one file per format x precision, and write `export_manifest.json` there.
 
     require_full_delegation: None means True for the `verifier` (one XNNPACK partition, nothing
     outside, and no op LiteRT's XNNPACK refuses in int8) and False for zoo models, whose
     report then lists what stays outside.
-    int8: calibration method and bias correction (toolchain.quantize.int8_options.Int8Options or
-    a dict; None: the defaults). Each int8 artifact records the method it was made with.
+    int8: calibration method, bias correction, QAT and the fallback
+    (toolchain.quantize.int8_options.Int8Options or a dict; None: the defaults). Each int8
+    artifact records the method it was made with; QAT and the fallback (toolchain.quantize.recovery)
+    train on / measure with `identity_images` (uint8 NHWC; default: the calibration images), the
+    fallback towards `fallback_targets` ({"min_cosine_mean", "min_cosine_min"}). What they did is
+    in the manifest's `int8_recovery`.
     """
     from toolchain.quantize.int8_options import Int8Options
 
@@ -206,6 +212,16 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     # ... and every PReLU on ops that run in int8 in both runtimes (toolchain.export.int8_prelu).
     int8_model = with_int8_prelu(int8_model) or int8_model
     calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
+    recovery: dict = {}
+    if calib is not None:
+        from toolchain.quantize.recovery import recover_int8
+        from toolchain.runtime.preprocess import check_images
+
+        identity = None if identity_images is None else check_images(identity_images, spec.input_size[1:],
+                                                                      what="identity images")
+        int8_model, int8, recovery = recover_int8(model, int8_model, calib, identity, spec.mean, spec.std, int8,
+                                                  targets=fallback_targets, embedding=spec.output == "embedding",
+                                                  seed=seed, progress=progress)
     versions = tool_versions()
     calib_sha = None if calib is None else hashlib.sha256(calib.tobytes()).hexdigest()
     compute_head = _head_quantizer(model, spec, calib, threshold) if calib is not None else None
@@ -238,6 +254,12 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                                           tflite_backend, compute_head, user,
                                           {p: template("tflite", p, tflite_backend) for p in precisions}, int8)
                 advance("tflite " + ",".join(precisions))
+        if int8.float_layers and "executorch" in formats and "int8" in precisions:
+            recovery["fallback"]["latency"] = _fallback_latency(
+                next(r for r in records if r.format == "executorch" and r.precision == "int8"),
+                lambda: _export_pte(int8_model, spec, model_name, example, "int8", calib, threshold, source_rec,
+                                    versions, require_full_delegation, staging, None, user, None,
+                                    dataclasses.replace(int8, float_layers=()), file_name=".all_int8.pte"), staging)
         reference = _save_float_reference(float_model, meta, staging) if source_rec["kind"] in ("module", "registry") \
             else source_rec.get("path")
         # All artifacts passed: move them into place, then record them.
@@ -258,11 +280,27 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
         "threshold": threshold,
         "calibration": None if calib is None else {"images": int(len(calib)), "sha256": calib_sha},
         "int8": int8.to_dict() if calib is not None else None,
+        "int8_recovery": recovery or None,
         "tool_versions": versions,
         "artifacts": _merge_previous(out, source_rec, [r.to_dict() for r in records]),
     }
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return records
+
+
+def _fallback_latency(kept: ArtifactRecord, all_int8, staging: Path) -> dict:
+    """What keeping layers in float costs: in-runtime latency of the exported .pte against the
+    same model with every layer int8 (exported aside, measured, deleted)."""
+    from toolchain.runtime import load_runner
+
+    full = all_int8()
+    try:
+        ms = {"with_float_layers": load_runner(staging / kept.file).runtime_latency(repeats=30),
+              "all_int8": load_runner(staging / full.file).runtime_latency(repeats=30)}
+    finally:
+        (staging / full.file).unlink(missing_ok=True)
+    out = {k: v["runtime_ms"] if v.get("runtime_ms") is not None else v["wall_ms"] for k, v in ms.items()}
+    return {**out, "ratio": out["with_float_layers"] / out["all_int8"], "source": ms["all_int8"].get("source")}
 
 
 def _merge_previous(out: Path, source_rec: dict, new: list[dict]) -> list[dict]:
@@ -328,7 +366,10 @@ def _record(staging: Path, fname: str, data: bytes, meta: dict, fmt: str, precis
 
 
 def _export_pte(model, spec, model_name, example, precision, calib, threshold, source_rec, versions,
-                require_full, staging, compute_head=None, user=None, template=None, int8=None) -> ArtifactRecord:
+                require_full, staging, compute_head=None, user=None, template=None, int8=None,
+                file_name: str | None = None) -> ArtifactRecord:
+    """One .pte; an int8 one with layers kept in float (the fallback) is named `*_int8_mixed.pte`:
+    a file that is not int8 end to end is not called int8."""
     from toolchain.export.executorch import export_executorch
 
     t0 = time.perf_counter()
@@ -348,7 +389,9 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
                                            output_threshold=threshold if spec.output == "logit" else None,
                                            compute_head=compute_head if precision == "int8" else None, int8=int8)
     method = int8.applied(pt2e=True) if precision == "int8" else None
-    return _record(staging, f"{model_name}_{precision}.pte", data, meta, "executorch", precision, "xnnpack",
+    mixed = precision == "int8" and int8.float_layers
+    file_name = file_name or f"{model_name}_{precision}{'_mixed' if mixed else ''}.pte"
+    return _record(staging, file_name, data, meta, "executorch", precision, "xnnpack",
                    _checks({"delegation": report.to_dict()}, report.head_feature_scale, method),
                    time.perf_counter() - t0)
 

@@ -125,6 +125,7 @@ def manifest_core(ctx: RunContext) -> dict[str, Any]:
         "users": r.get("enroll", {}).get("users", []),
         "evaluation": r.get("evaluate", {}),
         "artifacts": r.get("export", {}).get("artifacts", []),
+        "int8_recovery": r.get("export", {}).get("int8_recovery"),  # QAT, sensitivity, fallback
         "profile": r.get("profile", {}).get("profile", {}),
         "budgets": r.get("profile", {}).get("budgets", []),
         "comparison": comparison(recipe, r),

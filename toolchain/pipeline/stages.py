@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import ToolchainError
-from toolchain.pipeline.core import RunContext, Stage, StageOutput
+from toolchain.pipeline.core import RunContext, Stage, StageOutput, read_json
 from toolchain.recipe import Recipe
 
 # Config fields that change how a stage runs, not what it produces: excluded from cache keys.
@@ -375,6 +375,7 @@ def _stage_export(ctx: RunContext) -> StageOutput:
     out_root = ctx.path("export")
     artifacts, files = [], []
     jobs: list[tuple[str | None, Any, Path, Any]] = []
+    identity = None  # identity images for QAT and the int8 fallback
     if _fleet_export(ctx):
         return _stage_export_fleet(ctx)
     if ctx.recipe.kind == "verifier":
@@ -394,11 +395,16 @@ def _stage_export(ctx: RunContext) -> StageOutput:
             pick = rng.choice(len(ds), min(len(ds), cfg.calibration_images), replace=False)
             calib = build_calibration_set("backbone", images=np.stack([ds.get_uint8(int(i)) for i in np.sort(pick)]),
                                           size=cfg.calibration_images, seed=ctx.recipe.seed)
+            if cfg.int8.qat_steps or cfg.int8.fallback:  # they train on / measure with the identity images
+                identity = np.stack([ds.get_uint8(i) for i in range(len(ds))])
         jobs.append((None, _embedding_source(ctx), out_root, calib))
+    p = ctx.recipe.parity
     for user, source, out_dir, calib in jobs:
         records = export_model(source, out_dir, cfg.formats, cfg.precisions, calib,
                                calibration_size=cfg.calibration_images, tflite_backend=cfg.tflite_backend,
-                               seed=ctx.recipe.seed, int8=cfg.int8.model_dump())
+                               seed=ctx.recipe.seed, int8=cfg.int8.model_dump(), identity_images=identity,
+                               fallback_targets={"min_cosine_mean": p.min_embedding_cosine_mean,
+                                                 "min_cosine_min": p.min_embedding_cosine_min})
         for r in records:
             entry = {"path": ctx.rel(r.path), "format": r.format, "precision": r.precision, "bytes": int(r.bytes),
                      "sha256": r.sha256, "backend": r.backend, "model": r.model, "source": ctx.rel(source)
@@ -407,8 +413,10 @@ def _stage_export(ctx: RunContext) -> StageOutput:
                 entry["user"] = user
             artifacts.append(entry)
             files.append(Path(r.path))
-        files += [p for p in out_dir.iterdir() if p.is_file() and p.suffix in (".json", ".pt")]
-    return StageOutput(files=files, data={"artifacts": artifacts})
+        files += [f for f in out_dir.iterdir() if f.is_file() and f.suffix in (".json", ".pt")]
+    recovery = (read_json(out_root / "export_manifest.json") or {}).get("int8_recovery") \
+        if ctx.recipe.kind == "embedding" else None
+    return StageOutput(files=files, data={"artifacts": artifacts, **({"int8_recovery": recovery} if recovery else {})})
 
 
 def _fleet_export(ctx: RunContext) -> bool:
@@ -550,7 +558,8 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
     from toolchain.evaluate.parity import ProbeSet, run_parity
 
     p = ctx.recipe.parity
-    bounds = {"max_accuracy_drop": p.max_accuracy_drop, "min_decision_agreement": p.min_decision_agreement}
+    bounds = {k: getattr(p, k) for k in ("max_accuracy_drop", "min_decision_agreement", "max_tar_drop",
+                                         "min_embedding_cosine_mean", "min_embedding_cosine_min")}
     rows, scores, arm_rows = [], {}, []
     groups: dict[str, list[dict]] = {}
     for a in ctx.results["export"]["artifacts"]:
@@ -603,6 +612,14 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
 # -------------------------------------------------------------------------------------- the list
 
 
+def _fallback_targets_key(ctx: RunContext) -> dict:
+    """The int8 fallback aims at the parity section's cosine bounds: they key the export stage."""
+    p = ctx.recipe.parity
+    if not ctx.recipe.export.int8.fallback:
+        return {}
+    return {"fallback_targets": [p.min_embedding_cosine_mean, p.min_embedding_cosine_min]}
+
+
 def _train_config(section) -> dict:
     return section.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
 
@@ -640,7 +657,8 @@ def default_stages(recipe: Recipe) -> list[Stage]:
               external=_external_data, config=lambda ctx: ctx.recipe.evaluate.model_dump(mode="json")),
         Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=4,
               external=_external_data, workdir="export",
-              config=lambda ctx: {"export": ctx.recipe.export.model_dump(mode="json"), "seed": ctx.recipe.seed}),
+              config=lambda ctx: {"export": ctx.recipe.export.model_dump(mode="json"), "seed": ctx.recipe.seed,
+                                  **_fallback_targets_key(ctx)}),
         Stage("profile", _stage_profile, title="profile + budgets", after=("export", *trained),
               config=lambda ctx: {"budgets": ctx.recipe.budgets.model_dump(mode="json"),
                                   "zoo": ctx.recipe.report.compare_backbones}),

@@ -104,6 +104,17 @@ def check_run_dir(path: str | Path, raise_on_fail: bool = True) -> list[CheckRow
             # A lower bound: passed when value >= limit.
             rows.append(CheckRow(f"parity {p['artifact']} decision agreement (%)", agree, limit,
                                  limit is None or agree >= limit - 1e-9, ">="))
+        # The recipe's optional bounds, where it set them.
+        tar_drop = p.get("tar_drop")
+        if tar_drop is not None and bounds.get("max_tar_drop") is not None:
+            limit = bounds["max_tar_drop"]
+            rows.append(CheckRow(f"parity {p['artifact']} TAR@FAR=1e-3 drop (points)", round(tar_drop, 4), limit,
+                                 tar_drop <= limit + 1e-9))
+        for key, name in (("embedding_cosine_mean", "mean"), ("embedding_cosine_min", "min")):
+            limit = bounds.get(f"min_{key}")
+            if p.get(key) is not None and limit is not None:
+                rows.append(CheckRow(f"parity {p['artifact']} embedding cosine {name}", p[key], limit,
+                                     p[key] >= limit - 1e-12, ">="))
 
     failed = [r.name for r in rows if not r.passed]
     if failed and raise_on_fail:

@@ -9,6 +9,10 @@
 - `bias_correction`: after conversion, each convolution's and linear layer's bias absorbs the
   mean error its int8 output shows against the float model on the calibration images
   (toolchain.quantize.bias_correction).
+- `qat_steps` (0: off), `qat_lr`, `qat_batch`: quantization-aware fine-tuning under PT2E fake
+  quantisation before either runtime quantises (toolchain.quantize.qat); embedding models only.
+- `float_layers`: modules kept in float inside the int8 file (the accuracy-aware fallback of
+  toolchain.quantize.sensitivity chooses them; `fallback: true` in a recipe).
 
 The calibration method applies to every int8 file: PT2E's observers make the ExecuTorch `.pte`
 and the litert-torch `.tflite`, and the same observers set the ranges of onnx2tf's `.tflite`
@@ -31,6 +35,12 @@ class Int8Options:
     calibration: str = "mse"
     percentile: float = 99.99
     bias_correction: bool = False
+    qat_steps: int = 0
+    qat_lr: float = 1e-5
+    qat_batch: int = 16
+    float_layers: tuple[str, ...] = ()
+    fallback: bool = False
+    max_float_layers: int = 8
 
     def __post_init__(self):
         from toolchain.errors import ToolchainError
@@ -40,6 +50,12 @@ class Int8Options:
                                  f"({', '.join(CALIBRATION_METHODS)})")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise ToolchainError(f"int8 calibration percentile {self.percentile} is not in (50, 100]")
+        if int(self.max_float_layers) < 1:
+            raise ToolchainError(f"int8 fallback: max_float_layers {self.max_float_layers} must be >= 1")
+        if int(self.qat_steps) < 0 or not float(self.qat_lr) > 0 or int(self.qat_batch) < 2:
+            raise ToolchainError(f"int8 QAT: steps {self.qat_steps} (>= 0), lr {self.qat_lr} (> 0) and batch "
+                                 f"{self.qat_batch} (>= 2) are out of range")
+        object.__setattr__(self, "float_layers", tuple(str(x) for x in self.float_layers))
 
     @classmethod
     def from_any(cls, value) -> "Int8Options":
@@ -49,18 +65,28 @@ class Int8Options:
             return value
         if hasattr(value, "model_dump"):
             value = value.model_dump()
-        return cls(**dict(value))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(value).items() if k in fields})
 
     def to_dict(self) -> dict:
         out = {"calibration": self.calibration, "bias_correction": self.bias_correction}
         if self.calibration == "percentile":
             out["percentile"] = float(self.percentile)
+        if self.qat_steps:
+            out |= {"qat_steps": int(self.qat_steps), "qat_lr": float(self.qat_lr), "qat_batch": int(self.qat_batch)}
+        if self.fallback:
+            out |= {"fallback": True, "max_float_layers": int(self.max_float_layers)}
+        if self.float_layers:
+            out["float_layers"] = list(self.float_layers)
         return out
 
     def applied(self, pt2e: bool) -> dict:
         """What an int8 artifact records as its method (`checks.int8_method`): PT2E applies every
         option; onnx2tf's converter path applies the calibration method only."""
-        return {**self.to_dict(), "by": "PT2E (torchao)"} if pt2e else {**self.to_dict(), **TFLITE_CONVERTER_METHOD}
+        if pt2e:
+            return {**self.to_dict(), "by": "PT2E (torchao)"}
+        # The fallback's float layers are PT2E annotations: onnx2tf's .tflite quantises every layer.
+        return {**{k: v for k, v in self.to_dict().items() if k != "float_layers"}, **TFLITE_CONVERTER_METHOD}
 
     @property
     def is_default(self) -> bool:

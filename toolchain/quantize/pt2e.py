@@ -178,22 +178,71 @@ def _own_pool_range(base):
     return OwnPoolRangeQuantizer
 
 
+def xnnpack_quantizer(int8):
+    """ExecuTorch's XNNPACK quantizer for `int8` (toolchain.quantize.int8_options.Int8Options):
+    its calibration observers, pooled features with their own range, and the modules of
+    `int8.float_layers` left unannotated, so they stay in float."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    from toolchain.quantize.int8_options import with_calibration
+
+    config = with_calibration(get_symmetric_quantization_config(is_per_channel=True), int8)
+    quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(config)
+    if int8.float_layers:
+        quantizer = _FloatLayers(quantizer, int8.float_layers)
+    return quantizer
+
+
+def module_of(node) -> str | None:
+    """The name of the innermost module a graph node was traced from (torch.export's stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else None
+
+
+class _FloatLayers:
+    """A quantizer whose annotations skip the ops of some modules: those ops read and write float,
+    and the int8 ops around them quantise at the boundary (this ExecuTorch's XNNPACKQuantizer
+    refuses `set_module_name(name, None)`)."""
+
+    def __init__(self, inner, names):
+        self.inner, self.names = inner, tuple(names)
+
+    def _inside(self, node) -> bool:
+        name = module_of(node)
+        return name is not None and any(name == n or name.startswith(n + ".") for n in self.names)
+
+    def annotate(self, model):
+        model = self.inner.annotate(model)
+        for n in model.graph.nodes:
+            if n.op == "call_function" and self._inside(n):
+                n.meta.pop("quantization_annotation", None)
+        return model
+
+    def transform_for_annotation(self, model):
+        return self.inner.transform_for_annotation(model)
+
+    def validate(self, model) -> None:
+        return self.inner.validate(model)
+
+    def __getattr__(self, item):
+        return getattr(self.inner, item)
+
+
 def quantize_xnnpack_int8(model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
                           mean, std, report: dict | None = None,
                           input_qparams: tuple[float, int] | None = None,
                           output_threshold: float | None = None, compute_head=None, int8=None) -> nn.Module:
     """PT2E int8 with ExecuTorch's XNNPACK quantizer (pooled features get their own range);
     see quantize_pt2e for the arguments."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-
-    from toolchain.quantize.int8_options import Int8Options, with_calibration
+    from toolchain.quantize.int8_options import Int8Options
 
     int8 = Int8Options.from_any(int8)
-    config = with_calibration(get_symmetric_quantization_config(is_per_channel=True), int8)
-    quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(config)
+    quantizer = xnnpack_quantizer(int8)
+    if report is not None and int8.float_layers:
+        report["float_layers"] = list(int8.float_layers)
     return quantize_pt2e(model, example, calibration, mean, std, quantizer, report=report,
                          input_qparams=input_qparams, output_threshold=output_threshold, compute_head=compute_head,
                          bias_correction=int8.bias_correction)

@@ -86,3 +86,23 @@ def roc_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
     if curves:
         ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
+
+
+def int8_sensitivity(layers: Sequence[Mapping], all_int8: float, kept: Sequence[str], path: Path,
+                     top: int = 25) -> Path:
+    """One bar per layer (the `top` most sensitive): the mean embedding cosine to float with that
+    layer alone in float; the dashed line is all int8, layers the fallback kept in float are orange."""
+    rows = list(layers)[:top]
+    names = [r["layer"] for r in rows]
+    values = [1.0 - float(r["cosine_mean"]) for r in rows]
+    colors = ["tab:orange" if r["layer"] in kept else "tab:blue" for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * max(len(names), 2) + 1.2))
+    y = np.arange(len(names))
+    ax.barh(y, values, color=colors)
+    ax.axvline(1.0 - float(all_int8), color="black", linestyle="--", linewidth=1, label="all layers int8")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("1 - mean embedding cosine to float, with only this layer in float (lower is better)")
+    ax.set_title("int8 sensitivity per layer")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)

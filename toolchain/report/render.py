@@ -134,6 +134,10 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
             for p in parity]
     headers = ["artifact", "float accuracy", "artifact accuracy", "drop (points)",
                "decision agreement", "latency (ms)", "float torch latency (ms)", "verdict"]
+    if any(p.get("tar_drop") is not None for p in parity):
+        headers.insert(4, "TAR@FAR=1e-3 drop (points)")
+        for row, p in zip(rows, parity):
+            row.insert(4, _num(p.get("tar_drop")))
     if any(p.get("embedding_cosine_mean") is not None for p in parity):
         # Embedding models: how close each artifact's embeddings are to the float model's.
         headers.insert(4, "embedding cosine to float (mean / min)")
@@ -142,8 +146,13 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
     out += [_table(headers, rows), ""]
     bounds = core.get("recipe", {}).get("parity", {})
     if bounds:
+        extra = "".join(text for key, text in (
+            ("max_tar_drop", f", TAR@FAR=1e-3 drop <= {bounds.get('max_tar_drop')} points"),
+            ("min_embedding_cosine_mean", f", embedding cosine mean >= {bounds.get('min_embedding_cosine_mean')}"),
+            ("min_embedding_cosine_min", f", embedding cosine min >= {bounds.get('min_embedding_cosine_min')}"))
+            if bounds.get(key) is not None)
         out += [f"Bounds: accuracy drop <= {bounds.get('max_accuracy_drop')} points, decision agreement >= "
-                f"{bounds.get('min_decision_agreement')}%. Latency: median of one single-image inference, "
+                f"{bounds.get('min_decision_agreement')}%{extra}. Latency: median of one single-image inference, "
                 f"one thread, on {_latency_cpu(core)}.", ""]
         probes = {p.get("num") for p in parity if p.get("num")}
         if probes:
@@ -153,6 +162,50 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
         out += [f"![parity scatter: float score vs artifact score]({scatter})", ""]
     if roc:
         out += [f"![ROC curves: float and each artifact]({roc})", ""]
+    return out
+
+
+def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) -> list[str]:
+    """What `export.int8` did before the runtimes quantised: QAT, the per-layer sensitivity, the fallback."""
+    rec = core.get("int8_recovery") or {}
+    if not rec:
+        return []
+    out = ["## int8 accuracy recovery", ""]
+    qat = rec.get("qat")
+    if qat:
+        out += [f"QAT (PT2E fake quantisation, loss 1 - cosine to the float embedding): {qat['steps']} steps, "
+                f"batch {qat['batch']}, lr {qat['lr']:g}; loss {_num(qat['loss_first'], 5)} -> "
+                f"{_num(qat['loss_last'], 5)}; fake-quantised cosine to float on a fixed batch "
+                f"{_num(qat['fake_quant_cosine_before'], 5)} -> {_num(qat['fake_quant_cosine_after'], 5)}.", ""]
+    sens = rec.get("sensitivity")
+    if sens:
+        base = sens["all_int8"]
+        out += [f"Per-layer sensitivity on {sens['images']} identity images (torch's reference int8 graph): "
+                f"all int8, mean / min embedding cosine to float {_num(base['cosine_mean'], 5)} / "
+                f"{_num(base['cosine_min'], 5)}. Each row keeps one layer in float; the {top} most sensitive "
+                f"of {len(sens['layers'])}:", "",
+                _table(["layer", "op", "cosine mean", "cosine min", "mean gained"],
+                       [[f"`{r['layer']}`", r["op"], _num(r["cosine_mean"], 5), _num(r["cosine_min"], 5),
+                         f"{r['gain_mean']:+.5f}"] for r in sens["layers"][:top]]), ""]
+        if plot:
+            out += [f"![int8 sensitivity per layer]({plot})", ""]
+    fb = rec.get("fallback")
+    if fb:
+        kept = fb.get("float_layers") or []
+        targets = ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fb.get("targets") or {}).items()
+                            if v is not None)
+        out += [f"Fallback (target {targets}): " + (f"{len(kept)} layer(s) kept in float: "
+                + ", ".join(f"`{k}`" for k in kept) if kept else "every layer int8 already meets it")
+                + ("." if fb.get("met") else "; the target was NOT met within the allowed layers."), ""]
+        trail = fb.get("trail") or []
+        if len(trail) > 1:
+            out += [_table(["layers in float", "cosine mean", "cosine min"],
+                           [[t["layers"], _num(t["cosine_mean"], 5), _num(t["cosine_min"], 5)] for t in trail]), ""]
+        lat = fb.get("latency")
+        if lat:
+            out += [f"Latency cost ({lat.get('source') or 'wall'}): {_num(lat['with_float_layers'], 4)} ms with "
+                    f"those layers in float against {_num(lat['all_int8'], 4)} ms all int8 "
+                    f"({lat['ratio']:.2f} x), the .pte in ExecuTorch on {_latency_cpu(core)}.", ""]
     return out
 
 
@@ -293,6 +346,14 @@ def write_report(core: Mapping, out_dir: Path, scores: Optional[Mapping[str, Map
         written.append(plots.roc_curves(curves, plot_dir / "roc.png"))
         roc_png = rel(written[-1])
 
+    sensitivity_png = None
+    sens = (core.get("int8_recovery") or {}).get("sensitivity")
+    if sens and sens.get("layers"):
+        kept = ((core.get("int8_recovery") or {}).get("fallback") or {}).get("float_layers", [])
+        written.append(plots.int8_sensitivity(sens["layers"], sens["all_int8"]["cosine_mean"], kept,
+                                              plot_dir / "int8_sensitivity.png"))
+        sensitivity_png = rel(written[-1])
+
     title = (core.get("recipe", {}).get("report", {}) or {}).get("title") or f"Run report: {core.get('name')}"
     verdict = "PASSED" if core.get("passed") else "FAILED"
     lines = [f"# {title}", "", f"**Verdict: {verdict}** ({core.get('kind')} recipe)", ""]
@@ -303,6 +364,7 @@ def write_report(core: Mapping, out_dir: Path, scores: Optional[Mapping[str, Map
     lines += _budget_section(core, budget_png)
     lines += _evaluation_section(core)
     lines += _parity_section(core, scatter_png, roc_png)
+    lines += _int8_recovery_section(core, sensitivity_png)
     lines += _users_section(core)
     lines += _comparison_section(core)
     lines += _artifacts_section(core)

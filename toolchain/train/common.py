@@ -8,27 +8,10 @@ import random
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from toolchain.console import progress_bar  # noqa: F401  (the trainers' progress bars)
 
 MEAN = STD = 0.5  # insightface normalisation, the zoo's ModelSpec default
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int, completed: int = 0, enabled: bool = True):
-    """A rich progress bar; yields `advance(n, **fields)` (a no-op when disabled)."""
-    if not enabled:
-        yield lambda n=1, **kw: None
-        return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(description, total=total, completed=completed, info="")
-
-        def advance(n: int = 1, **fields) -> None:
-            info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-            progress.update(task, advance=n, info=info)
-
-        yield advance
 
 
 @contextlib.contextmanager

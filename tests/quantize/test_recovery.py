@@ -1,0 +1,148 @@
+"""QAT and the accuracy-aware fallback on a tiny embedding model, in seconds."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from toolchain.errors import ToolchainError
+from toolchain.models.registry import ModelSpec
+from toolchain.quantize.int8_options import Int8Options
+from toolchain.quantize.pt2e import float_ops, quantize_xnnpack_int8
+from toolchain.quantize.qat import qat_finetune
+from toolchain.quantize.recovery import recover_int8
+from toolchain.quantize.sensitivity import _embed, choose_float_layers, layer_sensitivity
+
+
+class Embedder(nn.Module):
+    """Three layers; the last one writes the embedding. The first layer's weights have a large
+    outlier tap per channel, so per-channel int8 leaves its other taps few steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.AvgPool2d(4), nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.emb = nn.Linear(16, 32)
+        self.spec = ModelSpec(name="tiny-embedder", output="embedding", output_dim=32)
+        with torch.no_grad():
+            self.stem[1].weight[:, :, 0, 0] *= 40.0  # outliers: one tap per channel
+
+    def forward(self, x):
+        return self.emb(self.pool(self.mid(self.stem(x))))
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Embedder().eval()
+    with torch.no_grad():  # settle BatchNorm's statistics on the images
+        m.train()(torch.from_numpy(_images(64, 9)).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    return m.eval()
+
+
+def _cosine_to_float(m_int8, m_float, images):
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():  # the converted graph was exported at batch 1
+        a, b = torch.cat([m_int8(x[i:i + 1]) for i in range(len(x))]), m_float(x)
+    return nn.functional.cosine_similarity(a, b, dim=1)
+
+
+def test_qat_moves_the_weights_and_closes_the_int8_gap(model):
+    images = _images(48)
+    spec = model.spec
+    tuned, report = qat_finetune(model, images, spec.mean, spec.std, steps=30, lr=1e-3, batch=8, progress=False)
+    assert tuned is not model and set(tuned.state_dict()) == set(model.state_dict())
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), model.state_dict().values()))
+    for p in model.parameters():  # the reference is untouched
+        assert not p.grad_fn
+    # Measured under fake quantisation on a fixed batch drawn like the training ones.
+    assert report["fake_quant_cosine_after"] > report["fake_quant_cosine_before"]
+    assert report["loss_last"] < report["loss_first"]
+    assert report["steps"] == 30 and report["batch"] == 8
+
+
+def test_qat_needs_steps_and_images(model):
+    with pytest.raises(ToolchainError, match="at least one step"):
+        qat_finetune(model, _images(4), model.spec.mean, model.spec.std, steps=0, progress=False)
+    with pytest.raises(ToolchainError, match="identity images"):
+        qat_finetune(model, _images(1), model.spec.mean, model.spec.std, steps=1, progress=False)
+
+
+def test_sensitivity_ranks_layers_and_fallback_meets_its_target(model):
+    images, calib = _images(32, 1), _images(16, 2)
+    spec = model.spec
+    sens = layer_sensitivity(model, calib, images, spec.mean, spec.std, None, batch=8, progress=False)
+    names = [r["layer"] for r in sens["layers"]]
+    assert sorted(names) == ["emb", "mid.0", "stem.1"]
+    gains = [r["gain_mean"] for r in sens["layers"]]
+    assert gains == sorted(gains, reverse=True) and gains[0] > 0
+    base = sens["all_int8"]["cosine_mean"]
+    assert base < 1.0
+    # A target just above all-int8: the top layer in float meets it; a target of 1.0 cannot be met.
+    target = base + 0.5 * sens["layers"][0]["gain_mean"]
+    got = choose_float_layers(model, sens, images, spec.mean, spec.std, min_cosine_mean=target,
+                              min_cosine_min=None, max_layers=3, batch=8)
+    assert got["met"] and got["float_layers"] == [names[0]]
+    assert got["trail"][-1]["cosine_mean"] >= target
+    never = choose_float_layers(model, sens, images, spec.mean, spec.std, min_cosine_mean=1.0 + 1e-9,
+                                min_cosine_min=None, max_layers=2, batch=8)
+    assert not never["met"] and 1 <= len(never["float_layers"]) <= 2  # only layers that gain are tried
+    # The graph the sensitivity edits is restored after each measurement.
+    again = _embed(sens["graph"], images, 8, spec.mean, spec.std)
+    ref = _embed(model, images, 8, spec.mean, spec.std)
+    assert np.sum(again * ref, axis=1).mean() == pytest.approx(base, abs=1e-9)
+
+
+def test_float_layers_stay_float_in_the_pt2e_graph(model):
+    calib = _images(8)
+    spec = model.spec
+    report = {}
+    quantize_xnnpack_int8(model, torch.zeros(1, 3, 112, 112), calib, spec.mean, spec.std, report=report,
+                          int8=Int8Options(float_layers=("mid.0",)))
+    assert report["float_layers"] == ["mid.0"] and report["float_ops"].get("conv2d") == 1, report
+    plain = {}
+    quantize_xnnpack_int8(model, torch.zeros(1, 3, 112, 112), calib, spec.mean, spec.std, report=plain)
+    assert "conv2d" not in plain["float_ops"]
+
+
+def test_recover_int8_reports_and_refuses_a_verifier(model):
+    calib = _images(16)
+    spec = model.spec
+    out_model, options, report = recover_int8(model, model, calib, _images(32, 3), spec.mean, spec.std,
+                                              Int8Options(fallback=True, max_float_layers=1),
+                                              targets={"min_cosine_mean": 1.1}, progress=False)
+    assert out_model is model and len(options.float_layers) == 1
+    assert report["fallback"]["met"] is False and len(report["sensitivity"]["layers"]) == 3
+    assert "graph" not in report["sensitivity"]
+    with pytest.raises(ToolchainError, match="needs a target"):
+        recover_int8(model, model, calib, None, spec.mean, spec.std, Int8Options(fallback=True), progress=False)
+    with pytest.raises(ToolchainError, match="embedding models"):
+        recover_int8(model, model, calib, None, spec.mean, spec.std, Int8Options(qat_steps=2), embedding=False)
+    # Nothing asked: the model and options come back as they were.
+    assert recover_int8(model, model, calib, None, spec.mean, spec.std, Int8Options())[2] == {}
+
+
+def test_fast_reference_computes_what_the_converted_graph_computes(model):
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from toolchain.quantize.pt2e import xnnpack_quantizer
+    from toolchain.quantize.sensitivity import fast_reference
+
+    spec = model.spec
+    x = torch.from_numpy(_images(8, 4)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    prepared = prepare_pt2e(torch.export.export(model, (x,), strict=False).module(), xnnpack_quantizer(Int8Options()))
+    prepared(x)
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    fast = fast_reference(copy.deepcopy(converted))
+    names = {str(n.target) for n in fast.graph.nodes if n.op == "call_function"}
+    assert not any("quantized_decomposed" in n for n in names)  # every q/dq pair rewritten
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), converted(x), rtol=0, atol=1e-5)
+    assert spec.output == "embedding"

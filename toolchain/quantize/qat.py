@@ -1,0 +1,102 @@
+"""Quantization-aware fine-tuning (PT2E QAT) that pulls an int8 model back onto its float one.
+
+The model is exported (eval mode: BatchNorm keeps its running statistics, as in the exported
+file), `prepare_qat_pt2e` inserts fake quantisation with ExecuTorch's XNNPACK scheme
+(per-channel symmetric weights, per-tensor activations), and the weights train for `steps`
+steps to reproduce the float model's embeddings: the loss is 1 - cosine(fake-quantised
+embedding, float embedding) on the recipe's identity images, randomly mirrored. No labels are
+needed, and the target is exactly what the parity bounds measure.
+
+The tuned weights go back into a copy of the eager model (the exported graph keeps the model's
+parameter names), so each runtime's int8 path then quantises them with the recipe's calibration
+method: PT2E for the `.pte`, the TFLite converter for onnx2tf's `.tflite`. The float reference
+of parity stays the original model.
+
+Per-channel weight quantisation is unchanged by BatchNorm folding (folding scales each output
+channel by a constant), so fake-quantising the unfolded convolution's weight trains the same
+int8 grid the folded file uses.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.errors import ToolchainError
+from toolchain.runtime.preprocess import model_input
+
+
+def qat_finetune(model: nn.Module, images: np.ndarray, mean, std, *, steps: int, lr: float = 1e-5,
+                 batch: int = 16, seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict]:
+    """A copy of `model` fine-tuned under int8 fake quantisation towards `model`'s own outputs.
+
+    images: uint8 NHWC identity images. Returns (tuned model, report) where the report holds the
+    steps, the first and last losses, and the mean embedding cosine to float before and after.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from toolchain.console import progress_bar
+
+    if steps < 1:
+        raise ToolchainError(f"QAT needs at least one step, got {steps}")
+    if len(images) < 2:
+        raise ToolchainError(f"QAT needs identity images to train on, got {len(images)}")
+    batch = min(batch, len(images))
+    teacher = model.eval()
+    student = copy.deepcopy(model).eval()
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+
+    def draw() -> torch.Tensor:
+        pick = images[rng.choice(len(images), batch, replace=False)]
+        flip = rng.random(batch) < 0.5
+        pick = np.where(flip[:, None, None, None], pick[:, :, ::-1], pick)
+        return torch.from_numpy(model_input(np.ascontiguousarray(pick), mean, std))
+
+    held_out = draw()  # a fixed batch: cosine before and after, on images drawn like the training ones
+    # A fixed batch size keeps every shape static, as in the exported file.
+    graph = torch.export.export(student, (held_out,), strict=False).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=True))
+    prepared = prepare_qat_pt2e(graph, quantizer)
+    with torch.no_grad():
+        target = teacher(held_out)
+    params = [p for p in prepared.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    def cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cosine_similarity(x.flatten(1), y.flatten(1), dim=1)
+
+    with torch.no_grad():
+        before = float(cosine(prepared(held_out), target).mean())
+    losses = []
+    with progress_bar("QAT (int8 fake quantisation)", steps, enabled=progress) as advance:
+        for _ in range(steps):
+            x = draw()
+            with torch.no_grad():
+                t = teacher(x)
+            loss = (1.0 - cosine(prepared(x), t)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            advance(1, loss=losses[-1])
+    with torch.no_grad():
+        after = float(cosine(prepared(held_out), target).mean())
+
+    # The exported graph keeps the eager model's names; only BatchNorm's step counters are absent.
+    tuned_state = prepared.state_dict()
+    state = student.state_dict()
+    missing = [k for k in state if k not in tuned_state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ToolchainError(f"QAT: the trained graph lacks the model's tensors {missing[:3]}")
+    student.load_state_dict({k: tuned_state.get(k, v) for k, v in state.items()})
+    report = {"steps": steps, "lr": lr, "batch": batch, "loss_first": losses[0], "loss_last": losses[-1],
+              "fake_quant_cosine_before": before, "fake_quant_cosine_after": after}
+    return student.eval(), report

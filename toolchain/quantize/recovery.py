@@ -1,0 +1,59 @@
+"""int8 accuracy recovery before the runtimes quantise: QAT, then the accuracy-aware fallback.
+
+`recover_int8` takes the model the int8 files are made from and the recipe's `export.int8`
+(toolchain.quantize.int8_options.Int8Options) and returns the model to quantise, the options
+with the fallback's float layers filled in, and a report: the QAT losses and cosines
+(toolchain.quantize.qat), the per-layer sensitivity table and the fallback's trail
+(toolchain.quantize.sensitivity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from torch import nn
+
+from toolchain.errors import ToolchainError
+
+SENSITIVITY_IMAGES = 64  # identity images the sensitivity and the fallback measure on
+
+
+def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.ndarray,
+                 identity_images: np.ndarray | None, mean, std, int8, *, targets: dict | None = None,
+                 embedding: bool = True, seed: int = 0, progress: bool = True):
+    """-> (model to quantise, Int8Options with float_layers, report dict). `float_model` is the
+    reference (float outputs equal `int8_model`'s; the latter carries the export rewrites).
+    identity_images: uint8 NHWC, QAT's training images and the fallback's measuring set (None:
+    the calibration images). targets: {"min_cosine_mean", "min_cosine_min"} of the fallback."""
+    report: dict = {}
+    if not (int8.qat_steps or int8.fallback):
+        return int8_model, int8, report
+    if not embedding:
+        raise ToolchainError("export.int8: QAT and the fallback apply to embedding models; a verifier's "
+                             "per-user weights come from the hypernetwork")
+    images = calibration if identity_images is None or len(identity_images) < 2 else identity_images
+    if int8.qat_steps:
+        from toolchain.quantize.qat import qat_finetune
+
+        int8_model, report["qat"] = qat_finetune(int8_model, images, mean, std, steps=int8.qat_steps,
+                                                 lr=int8.qat_lr, batch=int8.qat_batch, seed=seed,
+                                                 progress=progress)
+    if int8.fallback:
+        from toolchain.quantize.sensitivity import choose_float_layers, layer_sensitivity
+
+        targets = targets or {}
+        if targets.get("min_cosine_mean") is None and targets.get("min_cosine_min") is None:
+            raise ToolchainError("export.int8.fallback needs a target: parity.min_embedding_cosine_mean or "
+                                 "parity.min_embedding_cosine_min")
+        rng = np.random.default_rng(seed + 1)
+        measure = images[np.sort(rng.choice(len(images), min(SENSITIVITY_IMAGES, len(images)), replace=False))]
+        sens = layer_sensitivity(int8_model, calibration, measure, mean, std, int8, reference=float_model,
+                                 progress=progress)
+        choice = choose_float_layers(float_model, sens, measure, mean, std, max_layers=int8.max_float_layers,
+                                     min_cosine_mean=targets.get("min_cosine_mean"),
+                                     min_cosine_min=targets.get("min_cosine_min"))
+        int8 = dataclasses.replace(int8, float_layers=tuple(choice["float_layers"]))
+        report["sensitivity"] = {k: v for k, v in sens.items() if k != "graph"}
+        report["fallback"] = {**choice, "targets": targets}
+    return int8_model, int8, report

@@ -1,0 +1,236 @@
+"""Per-layer int8 sensitivity, and the accuracy-aware fallback that keeps the fewest layers in float.
+
+One PT2E calibration and conversion (ExecuTorch's XNNPACK scheme, the recipe's calibration
+method) gives the all-int8 graph in torch's reference form, rewritten to compute the same
+numbers faster: dequantised weights, and one fake-quantise kernel per int8 activation. A layer
+(a convolution or linear module) is made float in that graph (edited in place, then restored)
+by giving its op the float weight and, where its output feeds nothing but the model output, by
+dropping the output's quantisation. That is what the runtime's file does when the layer is left
+out of the quantizer's annotations: its int8 neighbours still quantise at the boundary.
+
+The metric is the one the parity bounds cap: each image's embedding cosine to the float model
+(mean and minimum) on identity images. A layer's sensitivity is how much the mean rises when
+that layer alone stays float. The fallback keeps the top-ranked layers in float, one more at a
+time, until the mean and minimum reach their targets or `max_layers` are float; the exported
+file is then measured in its runtime like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+from torch.fx.node import map_arg
+
+from toolchain.errors import ToolchainError
+from toolchain.quantize.pt2e import module_of, xnnpack_quantizer
+from toolchain.runtime.preprocess import model_input
+
+_LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def _batches(images: np.ndarray, batch: int, mean, std):
+    """Fixed-size batches (the graph's shapes are static); the last one is filled with repeats."""
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, images[np.arange(batch - n) % len(images)]])
+        yield torch.from_numpy(model_input(chunk, mean, std)), n
+
+
+def _embed(module, images: np.ndarray, batch: int, mean, std) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for x, n in _batches(images, batch, mean, std):
+            out.append(module(x)[:n].flatten(1).numpy().astype(np.float64))
+    e = np.concatenate(out)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def _is(node, name: str) -> bool:
+    return getattr(node, "op", "") == "call_function" and str(node.target).endswith(name)
+
+
+def _attr(graph: nn.Module, node) -> torch.Tensor:
+    obj = graph
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def fast_reference(converted: nn.Module) -> nn.Module:
+    """The converted graph (fold_quantize=False) rewritten to compute the same numbers faster,
+    in place: each weight's quantise/dequantise becomes its dequantised constant (the float
+    weight's attribute is named by `meta["float_weight"]` of the op that reads it), and each
+    activation's quantise/dequantise pair one fake-quantise kernel."""
+    g = converted.graph
+    k = 0
+    for dq in list(g.nodes):
+        if not (_is(dq, "dequantize_per_channel.default") and _is(dq.args[0], "quantize_per_channel.default")):
+            continue
+        q = dq.args[0]
+        args = [_attr(converted, a) if getattr(a, "op", "") == "get_attr" else a for a in q.args]
+        w_q = q.target(*args)
+        w_dq = dq.target(w_q, *[_attr(converted, a) if getattr(a, "op", "") == "get_attr" else a for a in dq.args[1:]])
+        name = f"_int8_weight_{k}"
+        k += 1
+        converted.register_buffer(name, w_dq.detach().clone())
+        with g.inserting_before(dq):
+            const = g.get_attr(name)
+        for user in list(dq.users):
+            user.meta["float_weight"] = str(q.args[0].target)  # an attribute name: its node is dropped below
+        dq.replace_all_uses_with(const)
+    for q in list(g.nodes):
+        if not _is(q, "quantize_per_tensor.default"):
+            continue
+        deqs = [u for u in q.users if _is(u, "dequantize_per_tensor.default")]
+        if not deqs or any(isinstance(a, torch.fx.Node) for a in q.args[1:3]):
+            continue
+        x, scale, zero_point, qmin, qmax = q.args[:5]
+        with g.inserting_after(q):
+            fq = g.call_function(torch.fake_quantize_per_tensor_affine,
+                                 (x, float(scale), int(zero_point), int(qmin), int(qmax)))
+        for d in deqs:
+            d.replace_all_uses_with(fq)
+    g.eliminate_dead_code()
+    converted.recompile()
+    return converted
+
+
+def _layer_nodes(converted: nn.Module) -> dict[str, object]:
+    """Module name -> its convolution or linear op in the converted graph, in graph order."""
+    out: dict[str, object] = {}
+    for n in converted.graph.nodes:
+        if n.op == "call_function" and n.target in _LAYER_OPS:
+            name = module_of(n)
+            if name is not None and name not in out:
+                out[name] = n
+    return out
+
+
+def _feeds_only_output(node) -> bool:
+    users = list(node.users)
+    return bool(users) and all(u.op == "output" or (_is(u, "view.default") or _is(u, "reshape.default")
+                                                    or _is(u, "flatten.using_ints")) and _feeds_only_output(u)
+                               for u in users)
+
+
+def _is_fake_quant(node) -> bool:
+    return getattr(node, "op", "") == "call_function" and node.target is torch.fake_quantize_per_tensor_affine
+
+
+@contextlib.contextmanager
+def _float_layers(graph: nn.Module, names):
+    """The fast reference graph (fast_reference) with the layers `names` computing in float,
+    edited in place (a copy per layer costs more than the evaluation) and restored on exit."""
+    nodes = _layer_nodes(graph)
+    saved: list[tuple[object, tuple]] = []
+    added = []
+
+    def rewire(node, args) -> None:
+        saved.append((node, node.args))
+        node.args = args
+
+    for name in names:
+        op = nodes[name]
+        if "float_weight" in op.meta:
+            with graph.graph.inserting_before(op):
+                added.append(graph.graph.get_attr(op.meta["float_weight"]))
+            rewire(op, (op.args[0], added[-1], *op.args[2:]))
+        # The output's own quantisation, when nothing int8 reads it (the embedding layer).
+        after = op
+        while len(after.users) == 1 and not _is_fake_quant(next(iter(after.users))):
+            nxt = next(iter(after.users))
+            if nxt.op != "call_function" or nxt.target in _LAYER_OPS:
+                break
+            after = nxt
+        fq = next((u for u in after.users if _is_fake_quant(u)), None)
+        if fq is not None and _feeds_only_output(fq):
+            for user in list(fq.users):
+                rewire(user, map_arg(user.args, lambda a, fq=fq: after if a is fq else a))
+    graph.recompile()
+    try:
+        yield graph
+    finally:
+        for node, args in reversed(saved):
+            node.args = args
+        for node in added:
+            graph.graph.erase_node(node)
+        graph.recompile()
+
+
+def _cosines(emb: np.ndarray, ref: np.ndarray) -> dict:
+    cos = np.sum(emb * ref, axis=1)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndarray, mean, std, int8,
+                      *, reference: nn.Module | None = None, batch: int = 16, progress: bool = True) -> dict:
+    """Rank the int8 model's layers by the embedding cosine to float each one wins back alone.
+
+    calibration, images: uint8 NHWC (calibration images; identity images measured on).
+    reference: the float model the cosines are to (default: `model` itself).
+    Returns {"all_int8": {cosine_mean, cosine_min}, "layers": [{layer, op, cosine_mean,
+    cosine_min, gain_mean, gain_min}, ...] best first, "images": n, "graph": converted graph}.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from toolchain.console import progress_bar
+    from toolchain.quantize.int8_options import Int8Options
+
+    int8 = Int8Options.from_any(int8)
+    if len(images) < 2:
+        raise ToolchainError("int8 sensitivity needs at least 2 images to measure on")
+    model = model.eval()
+    example = next(_batches(images, batch, mean, std))[0]
+    graph = torch.export.export(model, (example,), strict=False).module()
+    prepared = prepare_pt2e(graph, xnnpack_quantizer(int8))
+    with torch.no_grad():
+        for x, _ in _batches(calibration, batch, mean, std):
+            prepared(x)
+    converted = fast_reference(convert_pt2e(prepared, fold_quantize=False))
+    ref = _embed((reference or model).eval(), images, batch, mean, std)
+    base = _cosines(_embed(converted, images, batch, mean, std), ref)
+    layers = _layer_nodes(converted)
+    rows = []
+    with progress_bar("int8 sensitivity per layer", len(layers), enabled=progress) as advance:
+        for name, node in layers.items():
+            with _float_layers(converted, [name]) as g:
+                c = _cosines(_embed(g, images, batch, mean, std), ref)
+            rows.append({"layer": name, "op": str(node.target).split(".")[-2], **c,
+                         "gain_mean": c["cosine_mean"] - base["cosine_mean"],
+                         "gain_min": c["cosine_min"] - base["cosine_min"]})
+            advance(1)
+    rows.sort(key=lambda r: (-r["gain_mean"], -r["gain_min"]))
+    return {"all_int8": base, "layers": rows, "images": int(len(images)), "graph": converted,
+            "method": int8.to_dict()}
+
+
+def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray, mean, std, *,
+                        min_cosine_mean: float | None, min_cosine_min: float | None, max_layers: int,
+                        batch: int = 16) -> dict:
+    """The fewest top-ranked layers to keep in float so the embedding cosine to float reaches the
+    targets (None: not a target), at most `max_layers`. Returns {"float_layers": [...], "met": bool,
+    "trail": [{layers, cosine_mean, cosine_min}, ...]}."""
+    ref = _embed(model.eval(), images, batch, mean, std)
+
+    def met(c: dict) -> bool:
+        return (min_cosine_mean is None or c["cosine_mean"] >= min_cosine_mean) and \
+               (min_cosine_min is None or c["cosine_min"] >= min_cosine_min)
+
+    trail = [{"layers": 0, **sensitivity["all_int8"]}]
+    chosen: list[str] = []
+    if met(sensitivity["all_int8"]):
+        return {"float_layers": [], "met": True, "trail": trail}
+    ranked = [r["layer"] for r in sensitivity["layers"] if r["gain_mean"] > 0 or r["gain_min"] > 0]
+    for name in ranked[:max_layers]:
+        chosen.append(name)
+        with _float_layers(sensitivity["graph"], chosen) as g:
+            c = _cosines(_embed(g, images, batch, mean, std), ref)
+        trail.append({"layers": len(chosen), **c})
+        if met(c):
+            return {"float_layers": chosen, "met": True, "trail": trail}
+    return {"float_layers": chosen, "met": False, "trail": trail}
