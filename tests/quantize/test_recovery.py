@@ -98,6 +98,20 @@ def test_sensitivity_ranks_layers_and_fallback_meets_its_target(model):
     assert np.sum(again * ref, axis=1).mean() == pytest.approx(base, abs=1e-9)
 
 
+def test_only_the_layers_the_proxy_picks_are_measured(model):
+    images, calib = _images(16, 1), _images(8, 2)
+    spec = model.spec
+    sens = layer_sensitivity(model, calib, images, spec.mean, spec.std, None, batch=8, measure=1, progress=False)
+    measured = [r for r in sens["layers"] if r["cosine_mean"] is not None]
+    assert sens["measured"] == len(measured) == 1 and len(sens["layers"]) == 3
+    # The measured one is the layer where int8 adds the most noise locally.
+    assert measured[0]["local_error"] == max(r["local_error"] for r in sens["layers"]) > 0
+    assert all(r["gain_mean"] is None for r in sens["layers"][1:])
+    got = choose_float_layers(model, sens, images, spec.mean, spec.std, min_cosine_mean=1.1, min_cosine_min=None,
+                              max_layers=3, batch=8)
+    assert len(got["float_layers"]) <= 1  # unmeasured layers are never chosen blind
+
+
 def test_float_layers_stay_float_in_the_pt2e_graph(model):
     calib = _images(8)
     spec = model.spec

@@ -49,7 +49,7 @@ def test_report_shows_qat_sensitivity_and_fallback(tmp_path):
     written = write_report(core, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "## int8 accuracy recovery" in md and "QAT (PT2E fake quantisation" in md
-    assert "| `head.3` | linear | 0.9995 | 0.995 | +0.00250 |" in md
+    assert "| `head.3` | linear | n/a | 0.9995 | 0.995 | +0.00250 |" in md
     assert "1 layer(s) kept in float: `head.3`." in md and "1.20 x" in md
     assert "![int8 sensitivity per layer](report_files/int8_sensitivity.png)" in md
     assert any(p.name == "int8_sensitivity.png" and p.stat().st_size > 1000 for p in written)

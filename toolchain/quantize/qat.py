@@ -58,13 +58,15 @@ def qat_finetune(model: nn.Module, images: np.ndarray, mean, std, *, steps: int,
         pick = images[rng.choice(len(images), batch, replace=False)]
         flip = rng.random(batch) < 0.5
         pick = np.where(flip[:, None, None, None], pick[:, :, ::-1], pick)
-        return torch.from_numpy(model_input(np.ascontiguousarray(pick), mean, std))
+        # NHWC memory: depthwise convolutions' backward runs several times faster on CPU.
+        return torch.from_numpy(model_input(np.ascontiguousarray(pick), mean, std)).contiguous(
+            memory_format=torch.channels_last)
 
     held_out = draw()  # a fixed batch: cosine before and after, on images drawn like the training ones
     # A fixed batch size keeps every shape static, as in the exported file.
     graph = torch.export.export(student, (held_out,), strict=False).module()
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=True))
-    prepared = prepare_qat_pt2e(graph, quantizer)
+    prepared = prepare_qat_pt2e(graph, quantizer).to(memory_format=torch.channels_last)
     with torch.no_grad():
         target = teacher(held_out)
     params = [p for p in prepared.parameters() if p.requires_grad]

@@ -16,7 +16,7 @@ from torch import nn
 
 from toolchain.errors import ToolchainError
 
-SENSITIVITY_IMAGES = 64  # identity images the sensitivity and the fallback measure on
+SENSITIVITY_IMAGES = 32  # identity images the sensitivity and the fallback measure on (one pass per layer)
 
 
 def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.ndarray,

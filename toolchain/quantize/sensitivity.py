@@ -10,7 +10,9 @@ out of the quantizer's annotations: its int8 neighbours still quantise at the bo
 
 The metric is the one the parity bounds cap: each image's embedding cosine to the float model
 (mean and minimum) on identity images. A layer's sensitivity is how much the mean rises when
-that layer alone stays float. The fallback keeps the top-ranked layers in float, one more at a
+that layer alone stays float. Measuring it costs one pass over the images per layer, so a
+one-pass proxy (the noise int8 adds at each layer: its weights, and the output it writes)
+picks the `measure` layers that get measured; the others are listed with the proxy only. The fallback keeps the top-ranked layers in float, one more at a
 time, until the mean and minimum reach their targets or `max_layers` are float; the exported
 file is then measured in its runtime like any other.
 """
@@ -54,9 +56,9 @@ def _is(node, name: str) -> bool:
     return getattr(node, "op", "") == "call_function" and str(node.target).endswith(name)
 
 
-def _attr(graph: nn.Module, node) -> torch.Tensor:
+def _attr(graph: nn.Module, name: str) -> torch.Tensor:
     obj = graph
-    for part in str(node.target).split("."):
+    for part in name.split("."):
         obj = getattr(obj, part)
     return obj
 
@@ -72,9 +74,10 @@ def fast_reference(converted: nn.Module) -> nn.Module:
         if not (_is(dq, "dequantize_per_channel.default") and _is(dq.args[0], "quantize_per_channel.default")):
             continue
         q = dq.args[0]
-        args = [_attr(converted, a) if getattr(a, "op", "") == "get_attr" else a for a in q.args]
+        args = [_attr(converted, str(a.target)) if getattr(a, "op", "") == "get_attr" else a for a in q.args]
         w_q = q.target(*args)
-        w_dq = dq.target(w_q, *[_attr(converted, a) if getattr(a, "op", "") == "get_attr" else a for a in dq.args[1:]])
+        w_dq = dq.target(w_q, *[_attr(converted, str(a.target)) if getattr(a, "op", "") == "get_attr" else a
+                                for a in dq.args[1:]])
         name = f"_int8_weight_{k}"
         k += 1
         converted.register_buffer(name, w_dq.detach().clone())
@@ -162,19 +165,60 @@ def _float_layers(graph: nn.Module, names):
         graph.recompile()
 
 
+def _noise(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Noise-to-signal power of `a` against `b`."""
+    return float(((a - b).float().pow(2).sum() / b.float().pow(2).sum().clamp_min(1e-30)))
+
+
+class _LocalError(torch.fx.Interpreter):
+    """One pass over the fast reference graph that records, per layer, the error int8 adds where
+    it happens: the layer's op with int8 against float weights on the same input, plus the
+    fake quantisation of the output it writes. A cheap proxy that picks which layers to measure."""
+
+    def __init__(self, graph: nn.Module, layer_of: dict):
+        super().__init__(graph)
+        self.layer_of = layer_of  # layer op node -> module name
+        self.error: dict[str, float] = {}
+
+    def _producer(self, node):
+        while getattr(node, "op", "") == "call_function" and node not in self.layer_of:
+            inputs = node.all_input_nodes
+            if len(inputs) != 1:
+                return None
+            node = inputs[0]
+        return self.layer_of.get(node)
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        name = None
+        if n in self.layer_of and "float_weight" in n.meta:
+            args = self.map_nodes_to_values(n.args, n)
+            ref = n.target(args[0], _attr(self.module, n.meta["float_weight"]), *args[2:])
+            name, err = self.layer_of[n], _noise(out, ref)
+        elif _is_fake_quant(n):
+            name, err = self._producer(n.args[0]), _noise(out, self.env[n.args[0]])
+        if name is not None:
+            self.error[name] = self.error.get(name, 0.0) + err
+        return out
+
+
 def _cosines(emb: np.ndarray, ref: np.ndarray) -> dict:
     cos = np.sum(emb * ref, axis=1)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
 def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndarray, mean, std, int8,
-                      *, reference: nn.Module | None = None, batch: int = 16, progress: bool = True) -> dict:
+                      *, reference: nn.Module | None = None, batch: int = 16, measure: int = 16,
+                      progress: bool = True) -> dict:
     """Rank the int8 model's layers by the embedding cosine to float each one wins back alone.
 
     calibration, images: uint8 NHWC (calibration images; identity images measured on).
     reference: the float model the cosines are to (default: `model` itself).
-    Returns {"all_int8": {cosine_mean, cosine_min}, "layers": [{layer, op, cosine_mean,
-    cosine_min, gain_mean, gain_min}, ...] best first, "images": n, "graph": converted graph}.
+    measure: how many layers get the full measurement (one pass over `images` each); every
+    layer gets the local-error proxy (`_LocalError`), which picks those with the largest.
+    Returns {"all_int8": {cosine_mean, cosine_min}, "layers": [{layer, op, local_error,
+    cosine_mean, cosine_min, gain_mean, gain_min}, ...] measured ones first, best first (the
+    others carry None), "images": n, "measured": k, "graph": converted graph}.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -195,18 +239,28 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     ref = _embed((reference or model).eval(), images, batch, mean, std)
     base = _cosines(_embed(converted, images, batch, mean, std), ref)
     layers = _layer_nodes(converted)
-    rows = []
-    with progress_bar("int8 sensitivity per layer", len(layers), enabled=progress) as advance:
-        for name, node in layers.items():
+    local = _LocalError(converted, {node: name for name, node in layers.items()})
+    with torch.no_grad():
+        for x, _ in _batches(images, batch, mean, std):
+            local.run(x)
+    by_proxy = sorted(layers, key=lambda name: -local.error.get(name, 0.0))
+    rows, rest = [], []
+    with progress_bar("int8 sensitivity per layer", min(measure, len(layers)), enabled=progress) as advance:
+        for name in by_proxy[:measure]:
             with _float_layers(converted, [name]) as g:
                 c = _cosines(_embed(g, images, batch, mean, std), ref)
-            rows.append({"layer": name, "op": str(node.target).split(".")[-2], **c,
+            rows.append({"layer": name, "op": str(layers[name].target).split(".")[-2],
+                         "local_error": local.error.get(name, 0.0), **c,
                          "gain_mean": c["cosine_mean"] - base["cosine_mean"],
                          "gain_min": c["cosine_min"] - base["cosine_min"]})
             advance(1)
+    for name in by_proxy[measure:]:
+        rest.append({"layer": name, "op": str(layers[name].target).split(".")[-2],
+                     "local_error": local.error.get(name, 0.0), "cosine_mean": None, "cosine_min": None,
+                     "gain_mean": None, "gain_min": None})
     rows.sort(key=lambda r: (-r["gain_mean"], -r["gain_min"]))
-    return {"all_int8": base, "layers": rows, "images": int(len(images)), "graph": converted,
-            "method": int8.to_dict()}
+    return {"all_int8": base, "layers": rows + rest, "images": int(len(images)), "measured": len(rows),
+            "graph": converted, "method": int8.to_dict()}
 
 
 def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray, mean, std, *,
@@ -225,7 +279,8 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     chosen: list[str] = []
     if met(sensitivity["all_int8"]):
         return {"float_layers": [], "met": True, "trail": trail}
-    ranked = [r["layer"] for r in sensitivity["layers"] if r["gain_mean"] > 0 or r["gain_min"] > 0]
+    ranked = [r["layer"] for r in sensitivity["layers"]
+              if r["gain_mean"] is not None and (r["gain_mean"] > 0 or r["gain_min"] > 0)]
     for name in ranked[:max_layers]:
         chosen.append(name)
         with _float_layers(sensitivity["graph"], chosen) as g:

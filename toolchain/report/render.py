@@ -182,11 +182,14 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
         base = sens["all_int8"]
         out += [f"Per-layer sensitivity on {sens['images']} identity images (torch's reference int8 graph): "
                 f"all int8, mean / min embedding cosine to float {_num(base['cosine_mean'], 5)} / "
-                f"{_num(base['cosine_min'], 5)}. Each row keeps one layer in float; the {top} most sensitive "
-                f"of {len(sens['layers'])}:", "",
-                _table(["layer", "op", "cosine mean", "cosine min", "mean gained"],
-                       [[f"`{r['layer']}`", r["op"], _num(r["cosine_mean"], 5), _num(r["cosine_min"], 5),
-                         f"{r['gain_mean']:+.5f}"] for r in sens["layers"][:top]]), ""]
+                f"{_num(base['cosine_min'], 5)}. Each row keeps one layer in float; "
+                f"{sens.get('measured', len(sens['layers']))} of {len(sens['layers'])} layers were measured "
+                "(those where int8 adds the most noise locally: weights and output), the most sensitive first:",
+                "", _table(["layer", "op", "local int8 noise", "cosine mean", "cosine min", "mean gained"],
+                           [[f"`{r['layer']}`", r["op"], f"{r['local_error']:.2e}" if r.get("local_error") is not None
+                             else "n/a", _num(r["cosine_mean"], 5), _num(r["cosine_min"], 5),
+                             "n/a" if r["gain_mean"] is None else f"{r['gain_mean']:+.5f}"]
+                            for r in sens["layers"][:top]]), ""]
         if plot:
             out += [f"![int8 sensitivity per layer]({plot})", ""]
     fb = rec.get("fallback")
@@ -350,7 +353,8 @@ def write_report(core: Mapping, out_dir: Path, scores: Optional[Mapping[str, Map
     sens = (core.get("int8_recovery") or {}).get("sensitivity")
     if sens and sens.get("layers"):
         kept = ((core.get("int8_recovery") or {}).get("fallback") or {}).get("float_layers", [])
-        written.append(plots.int8_sensitivity(sens["layers"], sens["all_int8"]["cosine_mean"], kept,
+        written.append(plots.int8_sensitivity([r for r in sens["layers"] if r.get("cosine_mean") is not None],
+                                              sens["all_int8"]["cosine_mean"], kept,
                                               plot_dir / "int8_sensitivity.png"))
         sensitivity_png = rel(written[-1])
 
