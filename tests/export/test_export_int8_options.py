@@ -51,24 +51,30 @@ class _Embedder(torch.nn.Module):
         return self.emb(self.body(x))
 
 
-def test_fallback_and_qat_reach_the_pte_and_the_manifest(tmp_path):
+def test_float_layers_make_a_mixed_pte_with_its_latency_cost(tmp_path):
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (24, 112, 112, 3), dtype=np.uint8)
-    # An unreachable target: the fallback keeps its one allowed layer in float.
-    recs = export_model(_Embedder().eval(), tmp_path, "executorch", "int8", images[:8], progress=False,
-                        identity_images=images, int8={"qat_steps": 2, "qat_batch": 4, "fallback": True,
-                                                      "max_float_layers": 1},
-                        fallback_targets={"min_cosine_mean": 1.5})
-    rec = recs[0]
+    rec = export_model(_Embedder().eval(), tmp_path, "executorch", "int8", images[:8], progress=False,
+                       int8={"float_layers": ["emb"]})[0]
     # Not int8 end to end, so not named as if it were.
     assert rec.file == "tiny-embedder_int8_mixed.pte" and (tmp_path / rec.file).is_file()
-    kept = rec.checks["int8_method"]["float_layers"]
-    assert len(kept) == 1 and rec.checks["int8_method"]["qat_steps"] == 2
-    assert rec.checks["delegation"]["float_ops"]  # the kept layer computes in float inside the file
-    manifest = json.loads((tmp_path / "export_manifest.json").read_text())
-    recovery = manifest["int8_recovery"]
-    assert recovery["qat"]["steps"] == 2 and recovery["fallback"]["float_layers"] == kept
-    lat = recovery["fallback"]["latency"]
-    assert lat["with_float_layers"] > 0 and lat["all_int8"] > 0 and lat["ratio"] > 0
+    assert rec.checks["int8_method"]["float_layers"] == ["emb"]
+    assert rec.checks["delegation"]["float_ops"] == {"linear": 1}  # the kept layer computes in float
+    fallback = json.loads((tmp_path / "export_manifest.json").read_text())["int8_recovery"]["fallback"]
+    lat = fallback["latency"]
+    assert fallback["given"] and lat["with_float_layers"] > 0 and lat["all_int8"] > 0 and lat["ratio"] > 0
     # The all-int8 file measured for the comparison is not left behind.
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pte") == ["tiny-embedder_int8_mixed.pte"]
+
+
+def test_qat_and_fallback_reach_the_manifest(tmp_path):
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (24, 112, 112, 3), dtype=np.uint8)
+    rec = export_model(_Embedder().eval(), tmp_path, "executorch", "int8", images[:8], progress=False,
+                       identity_images=images, int8={"qat_steps": 2, "qat_batch": 4, "fallback": True},
+                       fallback_targets={"min_cosine_mean": -1.0})[0]
+    # All int8 already meets a target of -1: nothing kept in float, the plain name.
+    assert rec.file == "tiny-embedder_int8.pte" and rec.checks["int8_method"]["qat_steps"] == 2
+    recovery = json.loads((tmp_path / "export_manifest.json").read_text())["int8_recovery"]
+    assert recovery["qat"]["steps"] == 2 and recovery["fallback"]["met"] and recovery["fallback"]["float_layers"] == []
+    assert recovery["sensitivity"]["layers"]

@@ -91,7 +91,9 @@ def test_sensitivity_ranks_layers_and_fallback_meets_its_target(model):
     assert got["trail"][-1]["cosine_mean"] >= target
     never = choose_float_layers(model, sens, images, spec.mean, spec.std, min_cosine_mean=1.0 + 1e-9,
                                 min_cosine_min=None, max_layers=2, batch=8)
-    assert not never["met"] and 1 <= len(never["float_layers"]) <= 2  # only layers that gain are tried
+    # Unreachable: nothing is kept in float (it would cost latency and still miss), what was tried is listed.
+    assert not never["met"] and never["float_layers"] == [] and 1 <= len(never["tried"]) <= 2
+    assert len(never["trail"]) == len(never["tried"]) + 1
     # The graph the sensitivity edits is restored after each measurement.
     again = _embed(sens["graph"], images, 8, spec.mean, spec.std)
     ref = _embed(model, images, 8, spec.mean, spec.std)
@@ -109,7 +111,7 @@ def test_only_the_layers_the_proxy_picks_are_measured(model):
     assert all(r["gain_mean"] is None for r in sens["layers"][1:])
     got = choose_float_layers(model, sens, images, spec.mean, spec.std, min_cosine_mean=1.1, min_cosine_min=None,
                               max_layers=3, batch=8)
-    assert len(got["float_layers"]) <= 1  # unmeasured layers are never chosen blind
+    assert len(got["tried"]) <= 1  # unmeasured layers are never tried blind
 
 
 def test_float_layers_stay_float_in_the_pt2e_graph(model):
@@ -129,9 +131,17 @@ def test_recover_int8_reports_and_refuses_a_verifier(model):
     spec = model.spec
     out_model, options, report = recover_int8(model, model, calib, _images(32, 3), spec.mean, spec.std,
                                               Int8Options(fallback=True, max_float_layers=1),
-                                              targets={"min_cosine_mean": 1.1}, progress=False)
-    assert out_model is model and len(options.float_layers) == 1
-    assert report["fallback"]["met"] is False and len(report["sensitivity"]["layers"]) == 3
+                                              targets={"min_cosine_mean": -1.0, "min_cosine_min": 1.1},
+                                              progress=False)
+    assert out_model is model and options.float_layers == ()
+    assert report["fallback"]["met"] is False and len(report["fallback"]["tried"]) == 1
+    assert len(report["sensitivity"]["layers"]) == 3
+    # A reachable target: the layer found is what the int8 files keep in float.
+    _, options, report = recover_int8(model, model, calib, _images(32, 3), spec.mean, spec.std,
+                                      Int8Options(fallback=True, max_float_layers=3),
+                                      targets={"min_cosine_mean": report["fallback"]["trail"][1]["cosine_mean"]},
+                                      progress=False)
+    assert report["fallback"]["met"] and list(options.float_layers) == report["fallback"]["float_layers"]
     assert "graph" not in report["sensitivity"]
     with pytest.raises(ToolchainError, match="needs a target"):
         recover_int8(model, model, calib, None, spec.mean, spec.std, Int8Options(fallback=True), progress=False)

@@ -255,7 +255,9 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                                           {p: template("tflite", p, tflite_backend) for p in precisions}, int8)
                 advance("tflite " + ",".join(precisions))
         if int8.float_layers and "executorch" in formats and "int8" in precisions:
-            recovery["fallback"]["latency"] = _fallback_latency(
+            # Float layers chosen by the fallback, or named in export.int8.float_layers.
+            kept = recovery.setdefault("fallback", {"float_layers": list(int8.float_layers), "given": True})
+            kept["latency"] = _fallback_latency(
                 next(r for r in records if r.format == "executorch" and r.precision == "int8"),
                 lambda: _export_pte(int8_model, spec, model_name, example, "int8", calib, threshold, source_rec,
                                     versions, require_full_delegation, staging, None, user, None,

@@ -99,6 +99,9 @@ def qat_finetune(model: nn.Module, images: np.ndarray, mean, std, *, steps: int,
     if missing:
         raise ToolchainError(f"QAT: the trained graph lacks the model's tensors {missing[:3]}")
     student.load_state_dict({k: tuned_state.get(k, v) for k, v in state.items()})
+    # The exported graph shares the student's tensors, which training kept in NHWC memory; the
+    # exporters expect the default layout (XNNPACK's lowering refuses a mix).
+    student = student.to(memory_format=torch.contiguous_format)
     report = {"steps": steps, "lr": lr, "batch": batch, "loss_first": losses[0], "loss_last": losses[-1],
               "fake_quant_cosine_before": before, "fake_quant_cosine_after": after}
     return student.eval(), report

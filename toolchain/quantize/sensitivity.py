@@ -268,7 +268,9 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
                         batch: int = 16) -> dict:
     """The fewest top-ranked layers to keep in float so the embedding cosine to float reaches the
     targets (None: not a target), at most `max_layers`. Returns {"float_layers": [...], "met": bool,
-    "trail": [{layers, cosine_mean, cosine_min}, ...]}."""
+    "tried": [...], "trail": [{layers, cosine_mean, cosine_min}, ...]}. When no prefix of the
+    ranking meets the targets, `float_layers` is empty: float layers cost latency, and a file
+    that misses its bounds anyway is better all int8 (the trail shows what each step measured)."""
     ref = _embed(model.eval(), images, batch, mean, std)
 
     def met(c: dict) -> bool:
@@ -278,7 +280,7 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     trail = [{"layers": 0, **sensitivity["all_int8"]}]
     chosen: list[str] = []
     if met(sensitivity["all_int8"]):
-        return {"float_layers": [], "met": True, "trail": trail}
+        return {"float_layers": [], "met": True, "tried": [], "trail": trail}
     ranked = [r["layer"] for r in sensitivity["layers"]
               if r["gain_mean"] is not None and (r["gain_mean"] > 0 or r["gain_min"] > 0)]
     for name in ranked[:max_layers]:
@@ -287,5 +289,5 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
             c = _cosines(_embed(g, images, batch, mean, std), ref)
         trail.append({"layers": len(chosen), **c})
         if met(c):
-            return {"float_layers": chosen, "met": True, "trail": trail}
-    return {"float_layers": chosen, "met": False, "trail": trail}
+            return {"float_layers": list(chosen), "met": True, "tried": list(chosen), "trail": trail}
+    return {"float_layers": [], "met": False, "tried": chosen, "trail": trail}
