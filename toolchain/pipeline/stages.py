@@ -398,13 +398,11 @@ def _stage_export(ctx: RunContext) -> StageOutput:
             if cfg.int8.qat_steps or cfg.int8.fallback:  # they train on / measure with the identity images
                 identity = np.stack([ds.get_uint8(i) for i in range(len(ds))])
         jobs.append((None, _embedding_source(ctx), out_root, calib))
-    p = ctx.recipe.parity
     for user, source, out_dir, calib in jobs:
         records = export_model(source, out_dir, cfg.formats, cfg.precisions, calib,
                                calibration_size=cfg.calibration_images, tflite_backend=cfg.tflite_backend,
                                seed=ctx.recipe.seed, int8=cfg.int8.model_dump(), identity_images=identity,
-                               fallback_targets={"min_cosine_mean": p.min_embedding_cosine_mean,
-                                                 "min_cosine_min": p.min_embedding_cosine_min})
+                               fallback_targets=_fallback_targets(ctx))
         for r in records:
             entry = {"path": ctx.rel(r.path), "format": r.format, "precision": r.precision, "bytes": int(r.bytes),
                      "sha256": r.sha256, "backend": r.backend, "model": r.model, "source": ctx.rel(source)
@@ -612,12 +610,17 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
 # -------------------------------------------------------------------------------------- the list
 
 
-def _fallback_targets_key(ctx: RunContext) -> dict:
-    """The int8 fallback aims at the parity section's cosine bounds: they key the export stage."""
+def _fallback_targets(ctx: RunContext) -> dict:
+    """The int8 fallback aims at the parity section's cosine bounds."""
     p = ctx.recipe.parity
+    return {"min_cosine_mean": p.min_embedding_cosine_mean, "min_cosine_min": p.min_embedding_cosine_min}
+
+
+def _fallback_targets_key(ctx: RunContext) -> dict:
+    """With the fallback on, its targets key the export stage."""
     if not ctx.recipe.export.int8.fallback:
         return {}
-    return {"fallback_targets": [p.min_embedding_cosine_mean, p.min_embedding_cosine_min]}
+    return {"fallback_targets": list(_fallback_targets(ctx).values())}
 
 
 def _train_config(section) -> dict:

@@ -65,8 +65,7 @@ class Int8Options:
             return value
         if hasattr(value, "model_dump"):
             value = value.model_dump()
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(value).items() if k in fields})
+        return cls(**dict(value))
 
     def to_dict(self) -> dict:
         out = {"calibration": self.calibration, "bias_correction": self.bias_correction}

@@ -161,14 +161,27 @@ def _own_pool_range(base):
     times smaller than the map's maximum, so the pooled features kept only a few int8 levels
     (on the demo verifier: step 0.0148 where the pooled values needed 0.0023). XNNPACK's int8
     global average pooling takes distinct input and output quantisation; the graph still lowers
-    to one partition."""
+    to one partition.
+
+    Ops of the modules named in `float_layers` lose their annotations, so they read and write
+    float and the int8 ops around them quantise at the boundary (this ExecuTorch's
+    XNNPACKQuantizer refuses `set_module_name(name, None)`)."""
     import torch
 
     class OwnPoolRangeQuantizer(base):
+        float_layers: tuple[str, ...] = ()
+
+        def _in_float_layer(self, node) -> bool:
+            name = module_of(node)
+            return name is not None and any(name == n or name.startswith(n + ".") for n in self.float_layers)
+
         def annotate(self, model):
             model = super().annotate(model)
             spec = self.global_config.output_activation if self.global_config else None
             for n in model.graph.nodes:
+                if self.float_layers and n.op == "call_function" and self._in_float_layer(n):
+                    n.meta.pop("quantization_annotation", None)
+                    continue
                 ann = n.meta.get("quantization_annotation")
                 if spec is not None and ann is not None and n.op == "call_function" and \
                         n.target == torch.ops.aten.adaptive_avg_pool2d.default:
@@ -191,8 +204,7 @@ def xnnpack_quantizer(int8):
 
     config = with_calibration(get_symmetric_quantization_config(is_per_channel=True), int8)
     quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(config)
-    if int8.float_layers:
-        quantizer = _FloatLayers(quantizer, int8.float_layers)
+    quantizer.float_layers = tuple(int8.float_layers)
     return quantizer
 
 
@@ -200,35 +212,6 @@ def module_of(node) -> str | None:
     """The name of the innermost module a graph node was traced from (torch.export's stack)."""
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else None
-
-
-class _FloatLayers:
-    """A quantizer whose annotations skip the ops of some modules: those ops read and write float,
-    and the int8 ops around them quantise at the boundary (this ExecuTorch's XNNPACKQuantizer
-    refuses `set_module_name(name, None)`)."""
-
-    def __init__(self, inner, names):
-        self.inner, self.names = inner, tuple(names)
-
-    def _inside(self, node) -> bool:
-        name = module_of(node)
-        return name is not None and any(name == n or name.startswith(n + ".") for n in self.names)
-
-    def annotate(self, model):
-        model = self.inner.annotate(model)
-        for n in model.graph.nodes:
-            if n.op == "call_function" and self._inside(n):
-                n.meta.pop("quantization_annotation", None)
-        return model
-
-    def transform_for_annotation(self, model):
-        return self.inner.transform_for_annotation(model)
-
-    def validate(self, model) -> None:
-        return self.inner.validate(model)
-
-    def __getattr__(self, item):
-        return getattr(self.inner, item)
 
 
 def quantize_xnnpack_int8(model: nn.Module, example: torch.Tensor, calibration: np.ndarray,
