@@ -38,7 +38,7 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
 
         int8_model, report["qat"] = qat_finetune(int8_model, images, mean, std, steps=int8.qat_steps,
                                                  lr=int8.qat_lr, batch=int8.qat_batch, seed=seed,
-                                                 progress=progress)
+                                                 calibration=calibration, int8=int8, progress=progress)
     if int8.fallback:
         from toolchain.quantize.sensitivity import choose_float_layers, layer_sensitivity
 
