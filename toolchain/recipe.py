@@ -139,6 +139,7 @@ class Int8Section(_Strict):
     calibration: Literal["mse", "minmax", "percentile"] = "mse"
     percentile: float = Field(99.99, gt=50, le=100, description="percentile: the share of values kept in range")
     bias_correction: bool = False
+    equalize: bool = Field(False, description="cross-layer range equalization (exact in float; every int8 file)")
     qat_steps: int = Field(0, ge=0, le=100_000, description="PT2E QAT steps on the identity images (0: off)")
     qat_lr: float = Field(1e-5, gt=0, le=1, description="QAT learning rate (Adam)")
     qat_batch: int = Field(16, ge=2, le=512, description="QAT images per step")

@@ -78,3 +78,27 @@ def test_qat_and_fallback_reach_the_manifest(tmp_path):
     recovery = json.loads((tmp_path / "export_manifest.json").read_text())["int8_recovery"]
     assert recovery["qat"]["steps"] == 2 and recovery["fallback"]["met"] and recovery["fallback"]["float_layers"] == []
     assert recovery["sensitivity"]["layers"]
+
+
+def test_equalization_reaches_the_int8_files_and_the_manifest(tmp_path):
+    from toolchain.models.registry import ModelSpec
+
+    class WithBatchNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Conv2d(3, 8, 3, 2, 1, bias=False),
+                                            torch.nn.BatchNorm2d(8), torch.nn.PReLU(8),
+                                            torch.nn.Conv2d(8, 8, 3, 2, 1, groups=8), torch.nn.ReLU(),
+                                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1))
+            self.spec = ModelSpec(name="bn-embedder", output="embedding", output_dim=8)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+    recs = export_model(WithBatchNorm().eval(), tmp_path, ["executorch", "tflite"], "int8", images,
+                        progress=False, int8={"equalize": True})
+    assert all(r.checks["int8_method"]["equalize"] for r in recs)  # the .pte and the .tflite alike
+    manifest = json.loads((tmp_path / "export_manifest.json").read_text())
+    assert manifest["int8"]["equalize"] and manifest["int8_recovery"]["equalize"]["pairs"] == 1

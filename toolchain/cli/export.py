@@ -37,6 +37,7 @@ def _console():
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
               help="--calibration-method percentile: the share of values kept in range.")
 @click.option("--bias-correction", is_flag=True, help="Biases absorb the int8 graph's mean error (PT2E files).")
+@click.option("--equalize", is_flag=True, help="Cross-layer range equalization before int8 (exact in float).")
 @click.option("--qat-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Embedding models: PT2E QAT steps towards the float embeddings, on the calibration images.")
 @click.option("--qat-lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
@@ -54,7 +55,7 @@ def _console():
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact records as JSON.")
 @logged("export.log")
 def export(source, out_dir, formats, precisions, calibration, calibration_size, tflite_backend, calibration_method,
-           percentile, bias_correction, qat_steps, qat_lr, fallback_cosine_mean, fallback_cosine_min,
+           percentile, bias_correction, equalize, qat_steps, qat_lr, fallback_cosine_mean, fallback_cosine_min,
            max_float_layers, threshold, require_full_delegation, as_json) -> None:
     """Export a float model to ExecuTorch (.pte) and TFLite, int8 and fp32, with checks.
 
@@ -68,7 +69,7 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
                            tflite_backend=tflite_backend, threshold=threshold,
                            require_full_delegation=require_full_delegation, progress=not as_json,
                            int8={"calibration": calibration_method, "percentile": percentile,
-                                 "bias_correction": bias_correction, "qat_steps": qat_steps, "qat_lr": qat_lr,
+                                 "bias_correction": bias_correction, "equalize": equalize, "qat_steps": qat_steps, "qat_lr": qat_lr,
                                  "fallback": fallback_cosine_mean is not None or fallback_cosine_min is not None,
                                  "max_float_layers": max_float_layers},
                            fallback_targets={"min_cosine_mean": fallback_cosine_mean,

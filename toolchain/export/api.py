@@ -206,22 +206,28 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     example = _check_model_input(model, spec)
     float_model = model  # the reference kept beside the artifacts
     model, spec = _exact_input_view(model)
-    # int8 artifacts compute a patchify stem in the layout XNNPACK's int8 kernels run fastest
-    # (toolchain.export.row_stem); fp32 ones keep the plain convolution.
-    int8_model = with_row_stem(model, spec.input_size[2]) or model
-    # ... and every PReLU on ops that run in int8 in both runtimes (toolchain.export.int8_prelu).
-    int8_model = with_int8_prelu(int8_model) or int8_model
     calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
     recovery: dict = {}
+    int8_model = model
+    if calib is not None and int8.equalize:  # exact in float (toolchain.quantize.equalize)
+        from toolchain.quantize.equalize import equalize_ranges
+
+        int8_model, recovery["equalize"] = equalize_ranges(model, calib, spec.mean, spec.std)
+    # int8 artifacts compute a patchify stem in the layout XNNPACK's int8 kernels run fastest
+    # (toolchain.export.row_stem); fp32 ones keep the plain convolution.
+    int8_model = with_row_stem(int8_model, spec.input_size[2]) or int8_model
+    # ... and every PReLU on ops that run in int8 in both runtimes (toolchain.export.int8_prelu).
+    int8_model = with_int8_prelu(int8_model) or int8_model
     if calib is not None:
         from toolchain.quantize.recovery import recover_int8
         from toolchain.runtime.preprocess import check_images
 
         identity = None if identity_images is None else check_images(identity_images, spec.input_size[1:],
                                                                       what="identity images")
-        int8_model, int8, recovery = recover_int8(model, int8_model, calib, identity, spec.mean, spec.std, int8,
+        int8_model, int8, recovered = recover_int8(model, int8_model, calib, identity, spec.mean, spec.std, int8,
                                                   targets=fallback_targets, embedding=spec.output == "embedding",
                                                   seed=seed, progress=progress)
+        recovery |= recovered
     versions = tool_versions()
     calib_sha = None if calib is None else hashlib.sha256(calib.tobytes()).hexdigest()
     compute_head = _head_quantizer(model, spec, calib, threshold) if calib is not None else None

@@ -9,6 +9,9 @@
 - `bias_correction`: after conversion, each convolution's and linear layer's bias absorbs the
   mean error its int8 output shows against the float model on the calibration images
   (toolchain.quantize.bias_correction).
+- `equalize`: cross-layer range equalization before either runtime quantises: every channel of
+  an activation between a convolution and the next gets the tensor's full int8 range, exact in
+  float (toolchain.quantize.equalize).
 - `qat_steps` (0: off), `qat_lr`, `qat_batch`: quantization-aware fine-tuning under PT2E fake
   quantisation before either runtime quantises (toolchain.quantize.qat); embedding models only.
 - `float_layers`: modules kept in float inside the int8 file (the accuracy-aware fallback of
@@ -35,6 +38,7 @@ class Int8Options:
     calibration: str = "mse"
     percentile: float = 99.99
     bias_correction: bool = False
+    equalize: bool = False
     qat_steps: int = 0
     qat_lr: float = 1e-5
     qat_batch: int = 16
@@ -71,6 +75,8 @@ class Int8Options:
         out = {"calibration": self.calibration, "bias_correction": self.bias_correction}
         if self.calibration == "percentile":
             out["percentile"] = float(self.percentile)
+        if self.equalize:
+            out["equalize"] = True
         if self.qat_steps:
             out |= {"qat_steps": int(self.qat_steps), "qat_lr": float(self.qat_lr), "qat_batch": int(self.qat_batch)}
         if self.fallback:
