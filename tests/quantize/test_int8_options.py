@@ -97,6 +97,7 @@ def test_bad_options_are_refused():
     assert tuned.to_dict()["qat_steps"] == 5 and tuned.to_dict()["float_layers"] == ["a.b"]
     # onnx2tf's .tflite records no float layers: the converter quantises every layer.
     assert "float_layers" not in tuned.applied(pt2e=False) and tuned.applied(pt2e=True)["float_layers"] == ["a.b"]
+    assert "float_layers" not in tuned.applied(pt2e=True, float_layers=False)  # litert-torch's .tflite
 
 
 @pytest.mark.parametrize("override,key", [("export.int8.calibration=kl", "export.int8.calibration"),

@@ -461,7 +461,7 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
         data = embed_tflite_metadata(blobs[precision], meta)
         method = None
         if precision == "int8":
-            method = int8.applied(pt2e=backend != "onnx2tf")
+            method = int8.applied(pt2e=backend != "onnx2tf", float_layers=False)  # (the .pte's fallback)
         records.append(_record(staging, f"{model_name}_{precision}.tflite", data, meta, "tflite", precision,
                                backend, _checks({"tflite": report.to_dict()},
                                                 head_feature_scale if precision == "int8" else None, method), seconds))

@@ -85,13 +85,16 @@ class Int8Options:
             out["float_layers"] = list(self.float_layers)
         return out
 
-    def applied(self, pt2e: bool) -> dict:
+    def applied(self, pt2e: bool, float_layers: bool | None = None) -> dict:
         """What an int8 artifact records as its method (`checks.int8_method`): PT2E applies every
-        option; onnx2tf's converter path applies the calibration method only."""
+        option; onnx2tf's converter path applies the calibration method only. `float_layers`
+        (default: `pt2e`) says whether the file keeps the fallback's layers in float: only the
+        ExecuTorch `.pte` does, so a `.tflite` never records them."""
+        keep_float = pt2e if float_layers is None else float_layers
+        done = {k: v for k, v in self.to_dict().items() if keep_float or k != "float_layers"}
         if pt2e:
-            return {**self.to_dict(), "by": "PT2E (torchao)"}
-        # The fallback's float layers are PT2E annotations: onnx2tf's .tflite quantises every layer.
-        return {**{k: v for k, v in self.to_dict().items() if k != "float_layers"}, **TFLITE_CONVERTER_METHOD}
+            return {**done, "by": "PT2E (torchao)"}
+        return {**done, **TFLITE_CONVERTER_METHOD}
 
     @property
     def is_default(self) -> bool:
