@@ -36,24 +36,24 @@ def _images(n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
 
 
+def _x(images):
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     m = Embedder().eval()
     with torch.no_grad():  # settle BatchNorm's statistics on the images
-        m.train()(torch.from_numpy(_images(64, 9)).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+        m.train()(_x(_images(64, 9)))
     return m.eval()
 
 
 def _cosine_to_float(m_int8, m_float, images):
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = _x(images)
     with torch.no_grad():  # the converted graph was exported at batch 1
         a, b = torch.cat([m_int8(x[i:i + 1]) for i in range(len(x))]), m_float(x)
     return nn.functional.cosine_similarity(a, b, dim=1)
-
-
-def _x(images):
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def test_qat_moves_the_weights_and_keeps_the_int8_gap_closed(model):
@@ -189,7 +189,7 @@ def test_fast_reference_computes_what_the_converted_graph_computes(model):
     from toolchain.quantize.sensitivity import fast_reference
 
     spec = model.spec
-    x = torch.from_numpy(_images(8, 4)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = _x(_images(8, 4))
     prepared = prepare_pt2e(torch.export.export(model, (x,), strict=False).module(), xnnpack_quantizer(Int8Options()))
     prepared(x)
     converted = convert_pt2e(prepared, fold_quantize=False)

@@ -1,20 +1,17 @@
 """Quantization-aware fine-tuning (PT2E QAT) that pulls an int8 model back onto its float one.
 
-The model is exported (eval mode: BatchNorm keeps its running statistics, as in the exported
-file), `prepare_qat_pt2e` inserts fake quantisation with ExecuTorch's XNNPACK scheme
-(per-channel symmetric weights, per-tensor activations), and the weights train for `steps`
-steps to reproduce the float model's embeddings: the loss is 1 - cosine(fake-quantised
-embedding, float embedding) on the recipe's identity images, randomly mirrored. No labels are
-needed, and the target is exactly what the parity bounds measure.
+Each BatchNorm2d after a conv is first folded into it from its running statistics, as the int8
+files fold it. The model is exported, `prepare_qat_pt2e` inserts fake quantisation with
+ExecuTorch's XNNPACK scheme (per-channel symmetric weights, per-tensor activations), and each
+activation's range is set by the export's own calibration method and then frozen. The weights
+train for `steps` steps to reproduce the float model's embeddings: the loss is
+1 - cosine(fake-quantised embedding, float embedding) on the recipe's identity images, randomly
+mirrored. No labels are needed, and the target is exactly what the parity bounds measure.
 
-The tuned weights go back into a copy of the eager model (the exported graph keeps the model's
-parameter names), so each runtime's int8 path then quantises them with the recipe's calibration
-method: PT2E for the `.pte`, the TFLite converter for onnx2tf's `.tflite`. The float reference
-of parity stays the original model.
-
-Per-channel weight quantisation is unchanged by BatchNorm folding (folding scales each output
-channel by a constant), so fake-quantising the unfolded convolution's weight trains the same
-int8 grid the folded file uses.
+The tuned weights go back into the folded copy of the eager model (the exported graph keeps the
+model's parameter names), so each runtime's int8 path then quantises them with the recipe's
+calibration method: PT2E for the `.pte`, the TFLite converter for onnx2tf's `.tflite`. The float
+reference of parity stays the original model.
 """
 
 from __future__ import annotations
@@ -124,10 +121,10 @@ def qat_finetune(model: nn.Module, images: np.ndarray, mean, std, *, steps: int,
     graph = torch.export.export(student, (held_out,), strict=False).module()
     # NCHW: NHWC measured slower here (one MobileFaceNet step, batch 8, one thread: 6.3 s vs 4.8 s).
     prepared = prepare_qat_pt2e(graph, _qat_quantizer(Int8Options.from_any(int8)))
-    # prepare_qat_pt2e leaves BatchNorm in training mode: batch statistics, and running ones
-    # overwritten (the graph shares them with `student`). The int8 file folds the running
-    # statistics, so QAT trains with them frozen (measured: cosine to float 0.61 in training
-    # mode against 0.998 in eval mode, on the recipe's MobileFaceNet before any step).
+    # prepare_qat_pt2e leaves any BatchNorm not folded above (e.g. a BatchNorm1d head) in
+    # training mode: batch statistics, and running ones overwritten. The int8 file folds the
+    # running statistics, so QAT keeps them (measured before folding existed: cosine to float
+    # 0.61 in training mode against 0.998 in eval mode, on the recipe's MobileFaceNet at step 0).
     move_exported_model_to_eval(prepared)
     fake_quants = [m for m in prepared.modules() if isinstance(m, FakeQuantizeBase)]
     # Calibrate as the export does (float activations into each observer), then freeze the
