@@ -55,3 +55,15 @@ def test_report_shows_qat_sensitivity_and_fallback(tmp_path):
     assert "1 layer(s) kept in float: `head.3`." in md and "1.20 x" in md
     assert "![int8 sensitivity per layer](report_files/int8_sensitivity.png)" in md
     assert any(p.name == "int8_sensitivity.png" and p.stat().st_size > 1000 for p in written)
+
+
+def test_report_fallback_that_missed_keeps_nothing_and_says_so(tmp_path):
+    trail = [{"layers": n, "cosine_mean": 0.9988, "cosine_min": 0.997} for n in range(3)]
+    recovery = {"fallback": {"float_layers": [], "met": False, "tried": ["a.0", "b.0"],
+                             "targets": {"min_cosine_mean": 0.999}, "trail": trail}}
+    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
+            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+    write_report(core, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "no layer kept in float (2 tried did not reach it); the target was NOT met" in md
+    assert "already meets" not in md

@@ -3,15 +3,19 @@
 PReLU stays in float inside ExecuTorch's int8 XNNPACK partition (its quantizer does not annotate
 it), and LiteRT's XNNPACK delegate refuses an int8 PRELU: each one was a float island, a
 dequantise and a quantise, in the backbones' int8 files (MobileFaceNet has 33). Per channel,
+since x = relu(x) - relu(-x),
 
-    prelu(x) = a*x + (1 - a)*relu(x),   and (1 - a)*relu(x) = s*relu(|1 - a|*x),  s = sign(1 - a)
+    prelu(x) = relu(x) - a*relu(-x) = x + (1 - a)*relu(-x) = x + s*relu(-|1 - a|*x),  s = sign(1 - a)
 
-so PReLU becomes a depthwise 1x1 convolution (weights a), plus a depthwise 1x1 convolution
-(weights |1 - a|) with a fused ReLU, summed: conv, conv+relu and add, which both quantizers
-annotate and both delegates run in int8. Where some 1 - a < 0, a third depthwise 1x1 (weights
-s = +-1) follows the ReLU. Exact in float (up to summation order). A PReLU on a 2-D tensor runs
-on an (N, C, 1, 1) view. A PReLU with one shared slope is left as it is (the backbones here have
-per-channel slopes). The fp32 artifacts keep the plain PReLU, which is one float op.
+so PReLU becomes a depthwise 1x1 convolution (weights -|1 - a|) with a fused ReLU, added to its
+own input: conv+relu and add, which both quantizers annotate and both delegates run in int8.
+Where some 1 - a < 0, a second depthwise 1x1 (weights s = +-1) follows the ReLU. Exact in float
+(up to rounding). The input reaches the add as it is, so the only new rounding is the ReLU
+branch's. This form costs two int8 passes over the tensor; the earlier a*x + (1 - a)*relu(x)
+cost three, and made MobileFaceNet's int8 .pte slower than its fp32 one on a VNNI Xeon (README,
+`benchmarks/bench_prelu_forms.py`). A PReLU on a 2-D tensor runs on an (N, C, 1, 1) view. A
+PReLU with one shared slope is left as it is (the backbones here have per-channel slopes). The
+fp32 artifacts keep the plain PReLU, which is one float op.
 """
 
 from __future__ import annotations
@@ -31,13 +35,12 @@ def _depthwise_1x1(weights: torch.Tensor) -> nn.Conv2d:
 
 
 class Int8PReLU(nn.Module):
-    """prelu(x) as a*x + s*relu(|1 - a|*x) on depthwise 1x1 convolutions (module docstring)."""
+    """prelu(x) as x + s*relu(-|1 - a|*x) on a depthwise 1x1 convolution (module docstring)."""
 
     def __init__(self, prelu: nn.PReLU) -> None:
         super().__init__()
         a = prelu.weight.detach().float().flatten()
-        self.linear = _depthwise_1x1(a)
-        self.positive = _depthwise_1x1((1 - a).abs())
+        self.negative = _depthwise_1x1(-(1 - a).abs())
         sign = torch.where(1 - a < 0, -1.0, 1.0)
         self.sign = _depthwise_1x1(sign) if bool((sign < 0).any()) else None
 
@@ -45,10 +48,10 @@ class Int8PReLU(nn.Module):
         flat = x.dim() == 2
         if flat:
             x = x[:, :, None, None]
-        pos = torch.relu(self.positive(x))
+        below = torch.relu(self.negative(x))
         if self.sign is not None:
-            pos = self.sign(pos)
-        y = self.linear(x) + pos
+            below = self.sign(below)
+        y = x + below
         return y.flatten(1) if flat else y
 
 

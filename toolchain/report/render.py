@@ -203,8 +203,13 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
         kept = fb.get("float_layers") or []
         targets = ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fb.get("targets") or {}).items()
                             if v is not None)
-        out += [f"Fallback (target {targets}): " + (f"{len(kept)} layer(s) kept in float: "
-                + ", ".join(f"`{k}`" for k in kept) if kept else "every layer int8 already meets it")
+        if kept:
+            what = f"{len(kept)} layer(s) kept in float: " + ", ".join(f"`{k}`" for k in kept)
+        elif fb.get("met"):
+            what = "every layer int8 already meets it"
+        else:  # keeping layers in float did not reach the target, so none is kept
+            what = f"no layer kept in float ({len(fb.get('tried') or []) or 'no'} tried did not reach it)"
+        out += [f"Fallback (target {targets}): {what}"
                 + ("." if fb.get("met") else "; the target was NOT met within the allowed layers."), ""]
         trail = fb.get("trail") or []
         if len(trail) > 1:

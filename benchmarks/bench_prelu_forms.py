@@ -1,0 +1,137 @@
+"""What a backbone's PReLUs cost in int8: in-runtime latency of one backbone exported with each
+form of PReLU, int8 and fp32, in ExecuTorch (XNNPACK) and LiteRT (onnx2tf).
+
+    python benchmarks/bench_prelu_forms.py [--model mobilefacenet] [--repeats N] [--runtimes executorch,litert]
+
+Rows (all int8 but the first):
+- fp32: the plain PReLU, one float op (what the fp32 artifacts hold);
+- PReLU left in float: a float island each, dequantise, PReLU, quantise;
+- three ops: a*x + (1 - a)*relu(x) on two depthwise 1x1 convolutions and an add (the form the
+  int8 artifacts had before);
+- two ops: x + (1 - a)*relu(-x), one depthwise 1x1 with a fused ReLU and an add
+  (toolchain/export/int8_prelu.py, what the int8 artifacts hold now);
+- ReLU instead of PReLU: not the same function; the speed of the network with its PReLUs free.
+
+Latency is inside the runtime, one thread, median: ExecuTorch's `Method::execute` (ETDump),
+LiteRT's `invoke()` less a one-op model's. Random weights: latency does not depend on them. The
+CPU and its int8 features are printed with the table; every ratio comes from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from toolchain.export.int8_prelu import with_int8_prelu
+from toolchain.export.tflite import export_tflite_onnx2tf
+from toolchain.models import build_model
+from toolchain.quantize.pt2e import quantize_xnnpack_int8
+from toolchain.environment import describe_cpu
+from toolchain.runtime.executorch_runner import ExecuTorchRunner
+from toolchain.runtime.litert_runner import LiteRTRunner
+
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+class ThreeOpPReLU(nn.Module):
+    """The earlier int8 form: a*x + s*relu(|1 - a|*x) (s = +1 for the slopes benchmarked here)."""
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        a = prelu.weight.detach().float().flatten()
+        c = len(a)
+        self.linear, self.positive = nn.Conv2d(c, c, 1, groups=c, bias=False), nn.Conv2d(c, c, 1, groups=c, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(a.view(c, 1, 1, 1))
+            self.positive.weight.copy_((1 - a).abs().view(c, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + torch.relu(self.positive(x))
+
+
+def _replace_prelu(model: nn.Module, make) -> nn.Module:
+    model = copy.deepcopy(model)
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.PReLU):
+                setattr(parent, name, make(child))
+            else:
+                visit(child)
+
+    visit(model)
+    return model.eval()
+
+
+def forms(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    return {
+        "fp32 (plain PReLU)": (model, "fp32"),
+        "int8, PReLU left in float": (model, "int8"),
+        "int8, three ops (earlier form)": (_replace_prelu(model, ThreeOpPReLU), "int8"),
+        "int8, two ops (int8_prelu.py)": (with_int8_prelu(model), "int8"),
+        "int8, ReLU instead (not exact)": (_replace_prelu(model, lambda p: nn.ReLU()), "int8"),
+    }
+
+
+def _latency(module, precision, runtime, calib, example, repeats, tmp: Path) -> float:
+    meta = {"input": {"mean": list(MEAN), "std": list(STD)}, "output": "embedding"}
+    if runtime == "executorch":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        if precision == "int8":
+            module = quantize_xnnpack_int8(module, example, calib, MEAN, STD)
+        program = torch.export.export(module, (example,), strict=False)
+        path = tmp / f"m_{precision}.pte"
+        path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+        return ExecuTorchRunner(path, metadata=meta).runtime_latency(repeats, warmup=20)["runtime_ms"]
+    data = export_tflite_onnx2tf(module, example, [precision], calib, MEAN, STD)[precision]
+    path = tmp / f"m_{precision}.tflite"
+    path.write_bytes(data)
+    return LiteRTRunner(path, metadata=meta).runtime_latency(repeats, warmup=20)["runtime_ms"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mobilefacenet")
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--runtimes", default="executorch,litert")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(args.model).eval()
+    calib = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), dtype=np.uint8)
+    example = torch.zeros(1, 3, 112, 112)
+    runtimes = args.runtimes.split(",")
+    console = Console(width=120)
+    times: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-prelu-") as tmp:
+        for name, (module, precision) in forms(model).items():
+            for runtime in runtimes:
+                times[name, runtime] = _latency(module, precision, runtime, calib, example, args.repeats, Path(tmp))
+                console.print(f"{name} / {runtime}: {times[name, runtime]:.3f} ms")
+    t = Table(title=f"{args.model}: in-runtime ms (one thread, median of {args.repeats}) and ratio to fp32 "
+                    f"in the same runtime; {describe_cpu()}")
+    t.add_column("PReLU form")
+    for runtime in runtimes:
+        t.add_column(f"{runtime} ms", justify="right")
+        t.add_column("/ fp32", justify="right")
+    fp32 = "fp32 (plain PReLU)"
+    for name in dict.fromkeys(n for n, _ in times):
+        cells = []
+        for runtime in runtimes:
+            cells += [f"{times[name, runtime]:.3f}", f"{times[name, runtime] / times[fp32, runtime]:.2f}"]
+        t.add_row(name, *cells)
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()
