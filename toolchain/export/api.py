@@ -22,6 +22,7 @@ from torch import nn
 from toolchain.errors import CheckFailed, ToolchainError
 from toolchain.export.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
 from toolchain.export.int8_prelu import with_int8_prelu
+from toolchain.export.int8_silu import with_int8_silu
 from toolchain.export.row_stem import with_row_stem
 from toolchain.atomic import atomic_write_bytes, write_json_atomic
 from toolchain.export.metadata import backend_versions, build_metadata, template_id, tool_versions
@@ -218,6 +219,8 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     int8_model = with_row_stem(int8_model, spec.input_size[2]) or int8_model
     # ... and every PReLU on ops that run in int8 in both runtimes (toolchain.export.int8_prelu).
     int8_model = with_int8_prelu(int8_model) or int8_model
+    # ... and every SiLU as x * sigmoid(x), which ExecuTorch's partition then runs in int8 too.
+    int8_model = with_int8_silu(int8_model) or int8_model
     if calib is not None:
         from toolchain.quantize.recovery import recover_int8
         from toolchain.runtime.preprocess import check_images

@@ -21,6 +21,25 @@ from toolchain.quantize.pt2e import through_plumbing
 _STRUCTURAL_OPS = {"getitem"}
 
 
+def xnnpack_partitioner():
+    """ExecuTorch's XNNPACK partitioner, taking int8 sigmoids too.
+
+    ExecuTorch 1.5.1's `SigmoidConfig` lists fp32 only, so a quantised sigmoid (annotated by
+    toolchain.quantize.pt2e on XNNPACK's fixed 1/256 output grid) stayed a float op inside the
+    partition. XNNPACK itself runs int8 sigmoid; this config only lets the partitioner hand it
+    over (tests/export/test_int8_silu.py runs such a file against torch's reference)."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import SigmoidConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class Int8SigmoidConfig(SigmoidConfig):
+        def supported_precision_types(self):
+            return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+
+    return XnnpackPartitioner(configs=[Int8SigmoidConfig if c is SigmoidConfig else c for c in ALL_PARTITIONER_CONFIGS])
+
+
 @dataclass
 class DelegationReport:
     partitions: int
@@ -94,7 +113,6 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
     `output_threshold` aligns the int8 output with a decision threshold (toolchain.quantize.decision);
     `compute_head` writes a verifier's per-user head quantisation (toolchain.quantize.pt2e.write_head_quant);
     `int8`: the recipe's calibration method and bias correction (toolchain.quantize.int8_options)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     from toolchain.export.metadata import pte_constant_methods
@@ -114,7 +132,7 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
         program = torch.export.export(model.eval(), (example,), strict=False)
     meta = metadata_fn(internal)
     try:
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+        edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()],
                                            constant_methods=pte_constant_methods(meta))
     except Exception as exc:  # noqa: BLE001 - a lowering bug or unsupported pattern: name it
         cause = exc.__cause__ or exc

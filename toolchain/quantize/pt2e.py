@@ -186,9 +186,38 @@ def _own_pool_range(base):
                 if spec is not None and ann is not None and n.op == "call_function" and \
                         n.target == torch.ops.aten.adaptive_avg_pool2d.default:
                     ann.output_qspec = spec
+                if spec is not None and ann is None and n.op == "call_function" and \
+                        n.target == torch.ops.aten.sigmoid.default:
+                    _annotate_sigmoid(n, self.global_config.input_activation)
             return model
 
     return OwnPoolRangeQuantizer
+
+
+# XNNPACK's int8 sigmoid writes [0, 1) on this fixed grid, as TFLite's int8 LOGISTIC does.
+SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128
+
+
+def _annotate_sigmoid(node, input_spec) -> None:
+    """An int8 sigmoid: input on the calibrated range, output on the fixed [0, 1) grid, and each
+    consumer reading that output on the same grid (no second rounding in between). ExecuTorch's
+    quantizer leaves sigmoid in float; its partitioner takes the int8 one with
+    toolchain.export.executorch's sigmoid config."""
+    import torch
+    from torchao.quantization.pt2e.quantizer import (
+        FixedQParamsQuantizationSpec,
+        QuantizationAnnotation,
+        SharedQuantizationSpec,
+    )
+
+    out = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=SIGMOID_SCALE, zero_point=SIGMOID_ZERO_POINT,
+                                       quant_min=-128, quant_max=127)
+    node.meta["quantization_annotation"] = QuantizationAnnotation(
+        input_qspec_map={node.args[0]: input_spec}, output_qspec=out, _annotated=True)
+    for user in node.users:
+        ann = user.meta.get("quantization_annotation")
+        if ann is not None and node in ann.input_qspec_map:
+            ann.input_qspec_map[node] = SharedQuantizationSpec(node)
 
 
 def xnnpack_quantizer(int8):
