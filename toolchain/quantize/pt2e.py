@@ -178,9 +178,11 @@ def _own_pool_range(base):
         def annotate(self, model):
             model = super().annotate(model)
             spec = self.global_config.output_activation if self.global_config else None
+            popped = set()
             for n in model.graph.nodes:
                 if self.float_layers and n.op == "call_function" and self._in_float_layer(n):
-                    n.meta.pop("quantization_annotation", None)
+                    if n.meta.pop("quantization_annotation", None) is not None:
+                        popped.add(n)
                     continue
                 ann = n.meta.get("quantization_annotation")
                 if spec is not None and ann is not None and n.op == "call_function" and \
@@ -189,9 +191,35 @@ def _own_pool_range(base):
                 if spec is not None and ann is None and n.op == "call_function" and \
                         n.target == torch.ops.aten.sigmoid.default:
                     _annotate_sigmoid(n, self.global_config.input_activation)
+            _drop_dangling_shares(model, popped)
             return model
 
     return OwnPoolRangeQuantizer
+
+
+def _drop_dangling_shares(model, popped: set) -> None:
+    """Ops that share the quantisation of a float layer's op (a flatten after a PReLU kept in
+    float, say) lose their annotation too: with nothing to share, PT2E's prepare fails
+    (KeyError), and a view of a float tensor is float anyway. Repeats until nothing changes."""
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    def dangling(spec) -> bool:
+        if not isinstance(spec, SharedQuantizationSpec):
+            return False
+        ref = spec.edge_or_node
+        return (ref[1] if isinstance(ref, tuple) else ref) in popped
+
+    changed = bool(popped)
+    while changed:
+        changed = False
+        for n in model.graph.nodes:
+            ann = n.meta.get("quantization_annotation")
+            if ann is None:
+                continue
+            if dangling(ann.output_qspec) or any(dangling(q) for q in ann.input_qspec_map.values()):
+                n.meta.pop("quantization_annotation")
+                popped.add(n)
+                changed = True
 
 
 # XNNPACK's int8 sigmoid writes [0, 1) on this fixed grid, as TFLite's int8 LOGISTIC does.
