@@ -20,7 +20,6 @@ CPU and its int8 features are printed with the table; every ratio comes from thi
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 from pathlib import Path
 
@@ -30,11 +29,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from toolchain.environment import describe_cpu
+from toolchain.export.executorch import xnnpack_partitioner
 from toolchain.export.int8_prelu import with_int8_prelu
+from toolchain.export.module_swap import replace_modules
 from toolchain.export.tflite import export_tflite_onnx2tf
 from toolchain.models import build_model
 from toolchain.quantize.pt2e import quantize_xnnpack_int8
-from toolchain.environment import describe_cpu
 from toolchain.runtime.executorch_runner import ExecuTorchRunner
 from toolchain.runtime.litert_runner import LiteRTRunner
 
@@ -57,41 +58,30 @@ class ThreeOpPReLU(nn.Module):
         return self.linear(x) + torch.relu(self.positive(x))
 
 
-def _replace_prelu(model: nn.Module, make) -> nn.Module:
-    model = copy.deepcopy(model)
-
-    def visit(parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if isinstance(child, nn.PReLU):
-                setattr(parent, name, make(child))
-            else:
-                visit(child)
-
-    visit(model)
-    return model.eval()
+def _is_prelu(m: nn.Module) -> bool:
+    return isinstance(m, nn.PReLU)
 
 
 def forms(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return {
         "fp32 (plain PReLU)": (model, "fp32"),
         "int8, PReLU left in float": (model, "int8"),
-        "int8, three ops (earlier form)": (_replace_prelu(model, ThreeOpPReLU), "int8"),
+        "int8, three ops (earlier form)": (replace_modules(model, _is_prelu, ThreeOpPReLU), "int8"),
         "int8, two ops (int8_prelu.py)": (with_int8_prelu(model), "int8"),
-        "int8, ReLU instead (not exact)": (_replace_prelu(model, lambda p: nn.ReLU()), "int8"),
+        "int8, ReLU instead (not exact)": (replace_modules(model, _is_prelu, lambda p: nn.ReLU()), "int8"),
     }
 
 
 def _latency(module, precision, runtime, calib, example, repeats, tmp: Path) -> float:
     meta = {"input": {"mean": list(MEAN), "std": list(STD)}, "output": "embedding"}
     if runtime == "executorch":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
         if precision == "int8":
             module = quantize_xnnpack_int8(module, example, calib, MEAN, STD)
         program = torch.export.export(module, (example,), strict=False)
         path = tmp / f"m_{precision}.pte"
-        path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+        path.write_bytes(to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()]).to_executorch().buffer)
         return ExecuTorchRunner(path, metadata=meta).runtime_latency(repeats, warmup=20)["runtime_ms"]
     data = export_tflite_onnx2tf(module, example, [precision], calib, MEAN, STD)[precision]
     path = tmp / f"m_{precision}.tflite"

@@ -20,10 +20,10 @@ fp32 artifacts keep the plain PReLU, which is one float op.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
+
+from toolchain.export.module_swap import replace_modules
 
 
 def _depthwise_1x1(weights: torch.Tensor) -> nn.Conv2d:
@@ -58,16 +58,4 @@ class Int8PReLU(nn.Module):
 def with_int8_prelu(model: nn.Module) -> nn.Module | None:
     """A copy of `model` with every per-channel PReLU rewritten (see module docstring), or None
     when it has none."""
-    if not any(isinstance(m, nn.PReLU) and m.num_parameters > 1 for m in model.modules()):
-        return None
-    rewritten = copy.deepcopy(model)
-
-    def visit(parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if isinstance(child, nn.PReLU) and child.num_parameters > 1:
-                setattr(parent, name, Int8PReLU(child))
-            else:
-                visit(child)
-
-    visit(rewritten)
-    return rewritten.eval()
+    return replace_modules(model, lambda m: isinstance(m, nn.PReLU) and m.num_parameters > 1, Int8PReLU)

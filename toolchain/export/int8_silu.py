@@ -9,10 +9,10 @@ LiteRT's files are the same either way (ONNX has no SiLU: torch exports it as Si
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
+
+from toolchain.export.module_swap import replace_modules
 
 
 class SiLUAsSigmoidMul(nn.Module):
@@ -22,16 +22,4 @@ class SiLUAsSigmoidMul(nn.Module):
 
 def with_int8_silu(model: nn.Module) -> nn.Module | None:
     """A copy of `model` with every nn.SiLU written as x * sigmoid(x), or None when it has none."""
-    if not any(isinstance(m, nn.SiLU) for m in model.modules()):
-        return None
-    rewritten = copy.deepcopy(model)
-
-    def visit(parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if isinstance(child, nn.SiLU):
-                setattr(parent, name, SiLUAsSigmoidMul())
-            else:
-                visit(child)
-
-    visit(rewritten)
-    return rewritten.eval()
+    return replace_modules(model, lambda m: isinstance(m, nn.SiLU), lambda m: SiLUAsSigmoidMul())

@@ -231,7 +231,6 @@ def _annotate_sigmoid(node, input_spec) -> None:
     consumer reading that output on the same grid (no second rounding in between). ExecuTorch's
     quantizer leaves sigmoid in float; its partitioner takes the int8 one with
     toolchain.export.executorch's sigmoid config."""
-    import torch
     from torchao.quantization.pt2e.quantizer import (
         FixedQParamsQuantizationSpec,
         QuantizationAnnotation,
