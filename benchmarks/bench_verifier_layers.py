@@ -4,10 +4,9 @@ fp32, in LiteRT (onnx2tf) and ExecuTorch (XNNPACK); then three equivalent forms 
     python benchmarks/bench_verifier_layers.py [--repeats N]
 
 Each row is the whole prefix up to that layer, exported the way `toolchain export` exports the
-verifier (exact-input stem, pinned input quantisation; the int8 .tflite with the row stem of
-toolchain/export/row_stem.py, everything else with the plain conv; the .pte on channels-last
-input), so the difference between two rows is the cost of the layers between them. A last pair
-of ExecuTorch columns shows the int8 .pte with the row stem, as it was made before. The stem rows are built directly in TensorFlow (a 4x4
+verifier (exact-input stem, pinned input quantisation; int8 with the row stem of
+toolchain/export/row_stem.py, fp32 with the plain conv), so the difference between two rows is
+the cost of the layers between them. The stem rows are built directly in TensorFlow (a 4x4
 stride-4 conv on 3 channels; space-to-depth then a 1x1 conv; a free NHWC reshape to 12 channels
 then a 4x1 conv): the same arithmetic, laid out differently for XNNPACK's int8 kernels.
 Random weights: latency does not depend on them.
@@ -26,7 +25,6 @@ from rich.table import Table
 from torch import nn
 
 from toolchain.export.api import _exact_input_view
-from toolchain.export.executorch import channels_last, drop_noop_strided_copies, xnnpack_partitioner
 from toolchain.export.row_stem import with_row_stem
 from toolchain.export.tflite import export_tflite_onnx2tf
 from toolchain.models import build_model
@@ -50,17 +48,16 @@ def _litert_ms(buf: bytes, repeats: int) -> float:
 
 
 def _pte_ms(module: nn.Module, example, calib, spec, precision: str, repeats: int, tmp: str) -> float:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
-    example = channels_last(example)  # as toolchain.export.executorch exports every .pte
     if precision == "int8":
         module = quantize_xnnpack_int8(module, example, calib, spec.mean, spec.std,
                                        input_qparams=(INPUT_SCALE, INPUT_ZERO_POINT))
     program = torch.export.export(module, (example,), strict=False)
     with open(tmp, "wb") as f:
-        f.write(to_edge_transform_and_lower(program, transform_passes=[drop_noop_strided_copies],
-                                            partitioner=[xnnpack_partitioner()]).to_executorch().buffer)
+        f.write(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
     method = Runtime.get().load_program(tmp).load_method("forward")
     return median_ms(lambda: method.execute([example]), repeats, warmup=20)
 
@@ -68,7 +65,7 @@ def _pte_ms(module: nn.Module, example, calib, spec, precision: str, repeats: in
 def prefix_rows(repeats: int, tmp: str) -> list[tuple]:
     torch.manual_seed(0)
     model, spec = _exact_input_view(build_model("verifier").eval())
-    int8_model = with_row_stem(model, 112)  # as `toolchain export` makes the int8 .tflite
+    int8_model = with_row_stem(model, 112)  # as `toolchain export` makes the int8 artifacts
     calib = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), dtype=np.uint8)
     example = torch.zeros(1, 3, 112, 112)
 
@@ -81,9 +78,8 @@ def prefix_rows(repeats: int, tmp: str) -> list[tuple]:
         b8 = export_tflite_onnx2tf(q8, example, ["int8"], calib, spec.mean, spec.std, exact_input=True)["int8"]
         b32 = export_tflite_onnx2tf(f32, example, ["fp32"], None, spec.mean, spec.std)["fp32"]
         rows.append((name, _litert_ms(b8, repeats), _litert_ms(b32, repeats),
-                     _pte_ms(f32, example, calib, spec, "int8", repeats, tmp),
-                     _pte_ms(f32, example, calib, spec, "fp32", repeats, tmp),
-                     _pte_ms(q8, example, calib, spec, "int8", repeats, tmp)))
+                     _pte_ms(q8, example, calib, spec, "int8", repeats, tmp),
+                     _pte_ms(f32, example, calib, spec, "fp32", repeats, tmp)))
     return rows
 
 
@@ -129,12 +125,10 @@ def main() -> None:
     stems = stem_rows(args.repeats)
     console = Console(width=120)
     t = Table(title="verifier prefixes: median ms, one thread (each row includes the rows above)")
-    for col in ("prefix", "LiteRT int8", "LiteRT fp32", "ratio", "ExecuTorch int8", "ExecuTorch fp32", "ratio",
-                "ExecuTorch int8, row stem", "ratio"):
+    for col in ("prefix", "LiteRT int8", "LiteRT fp32", "ratio", "ExecuTorch int8", "ExecuTorch fp32", "ratio"):
         t.add_column(col, justify="left" if col == "prefix" else "right")
-    for name, li8, lf32, ei8, ef32, erow in prefixes:
-        t.add_row(name, f"{li8:.3f}", f"{lf32:.3f}", f"{li8 / lf32:.2f}", f"{ei8:.3f}", f"{ef32:.3f}",
-                  f"{ei8 / ef32:.2f}", f"{erow:.3f}", f"{erow / ef32:.2f}")
+    for name, li8, lf32, ei8, ef32 in prefixes:
+        t.add_row(name, f"{li8:.3f}", f"{lf32:.3f}", f"{li8 / lf32:.2f}", f"{ei8:.3f}", f"{ef32:.3f}", f"{ei8 / ef32:.2f}")
     console.print(t)
     s = Table(title="the stem alone, three equivalent forms (LiteRT, TensorFlow-built): median ms, one thread")
     for col in ("form", "int8", "fp32", "ratio"):

@@ -214,8 +214,10 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
         from toolchain.quantize.equalize import equalize_ranges
 
         int8_model, recovery["equalize"] = equalize_ranges(model, calib, spec.mean, spec.std)
-    # int8 artifacts compute every PReLU on ops that run in int8 in both runtimes
-    # (toolchain.export.int8_prelu).
+    # int8 artifacts compute a patchify stem in the layout XNNPACK's int8 kernels run fastest
+    # (toolchain.export.row_stem); fp32 ones keep the plain convolution.
+    int8_model = with_row_stem(int8_model, spec.input_size[2]) or int8_model
+    # ... and every PReLU on ops that run in int8 in both runtimes (toolchain.export.int8_prelu).
     int8_model = with_int8_prelu(int8_model) or int8_model
     # ... and every SiLU as x * sigmoid(x), which ExecuTorch's partition then runs in int8 too.
     int8_model = with_int8_silu(int8_model) or int8_model
@@ -386,7 +388,7 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
     def metadata_fn(internal):
         return build_metadata(model_name=model_name, spec=spec, fmt="executorch", precision=precision,
                               backend="xnnpack", input_shape=list(example.shape), layout="NCHW",
-                              memory_format="channels_last", input_dtype="float32", input_quant=None, output_quant=None, output_dtype="float32",
+                              input_dtype="float32", input_quant=None, output_quant=None, output_dtype="float32",
                               threshold=threshold, source=source_rec, versions=versions, internal_quant=internal,
                               user=user, template=template)
 
@@ -416,10 +418,6 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
 
     t0 = time.perf_counter()
     head_feature_scale = None
-    # The int8 .tflite computes a patchify stem in the layout XNNPACK's int8 kernels run fastest
-    # on an NHWC image (toolchain.export.row_stem). The .pte takes channels-last input and keeps
-    # the plain convolution, which was faster there (benchmarks/bench_verifier_layers.py).
-    int8_model = with_row_stem(int8_model, spec.input_size[2]) or int8_model
     if backend == "onnx2tf":
         if int8_model is model or "int8" not in precisions:
             blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,

@@ -4,12 +4,6 @@ fp32: torch.export -> to_edge_transform_and_lower(XnnpackPartitioner).
 int8: PT2E static int8 (toolchain.quantize.pt2e) -> torch.export -> the same lowering.
 The `.pte` keeps float input and output; the int8 model quantises inside the XNNPACK graph
 (its scale/zero-point are recorded in the metadata as `internal_quantization`).
-
-The input is exported channels-last: an NCHW-shaped tensor whose memory is NHWC (dim order
-0, 2, 3, 1), the layout of a camera frame or bitmap. XNNPACK computes in NHWC, so a contiguous
-NCHW input costs a transpose of the whole image inside every call: on the verifier that was 14
-of its 58 microseconds in fp32 (ETDump, README: export benchmark). The runtime still accepts a
-contiguous NCHW tensor and converts it.
 """
 
 from __future__ import annotations
@@ -57,8 +51,6 @@ class DelegationReport:
     float_prefix_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float ops on the input
     bias_correction: dict | None = None  # int8 model: what toolchain.quantize.bias_correction changed
 
-    input_dim_order: tuple[int, ...] | None = None  # the lowered program's input memory order
-
     @property
     def fully_delegated(self) -> bool:
         return self.partitions == 1 and not self.ops_outside
@@ -73,7 +65,6 @@ class DelegationReport:
                 "delegated_nodes": self.delegated_nodes, "non_delegated_nodes": self.non_delegated_nodes,
                 "ops_outside": dict(self.ops_outside), "float_ops": dict(self.float_ops),
                 "float_prefix_ops": dict(self.float_prefix_ops), "fully_delegated": self.fully_delegated,
-                **({"input_dim_order": list(self.input_dim_order)} if self.input_dim_order else {}),
                 **({"bias_correction": self.bias_correction} if self.bias_correction else {})}
 
 
@@ -84,50 +75,7 @@ def delegation_report(edge_manager) -> DelegationReport:
     outside = {op: b.non_delegated for op, b in info.delegation_by_operator.items()
                if b.non_delegated > 0 and op not in _STRUCTURAL_OPS}
     return DelegationReport(partitions=info.num_delegated_subgraphs, delegated_nodes=info.num_delegated_nodes,
-                            non_delegated_nodes=info.num_non_delegated_nodes, ops_outside=outside,
-                            input_dim_order=_input_dim_order(edge_manager.exported_program()))
-
-
-def _input_dim_order(program) -> tuple[int, ...] | None:
-    user_inputs = set(program.graph_signature.user_inputs)
-    for node in program.graph_module.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            val = node.meta.get("val")
-            return tuple(int(d) for d in val.dim_order()) if val is not None else None
-    return None
-
-
-def drop_noop_strided_copies(graph_module: torch.fx.GraphModule):
-    """Remove `as_strided_copy` nodes that copy a tensor onto itself.
-
-    On a channels-last input, a global average pool's (N, C, 1, 1) output gets an as_strided
-    copy to channels-last strides. Where only size-1 dims differ, every element keeps its
-    address, so the copy is a no-op; XNNPACK does not take it, and it would split the program
-    into two partitions."""
-    from torch.fx.passes.infra.pass_base import PassResult
-
-    changed = False
-    for node in list(graph_module.graph.nodes):
-        if node.op != "call_function" or "as_strided_copy" not in str(node.target):
-            continue
-        src, size, stride = node.args[0], list(node.args[1]), list(node.args[2])
-        offset = node.args[3] if len(node.args) > 3 else node.kwargs.get("storage_offset")
-        val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-        if val is None or list(val.shape) != size or offset not in (None, 0):
-            continue
-        if all(s == t for s, t, n in zip(stride, val.stride(), size) if n > 1):
-            node.replace_all_uses_with(src)
-            graph_module.graph.erase_node(node)
-            changed = True
-    if changed:
-        graph_module.recompile()
-    return PassResult(graph_module, changed)
-
-
-def channels_last(example: torch.Tensor) -> torch.Tensor:
-    """`example` with NHWC memory (dim order 0, 2, 3, 1), the form every `.pte` input is exported
-    in; a tensor that is not 4-D is returned unchanged."""
-    return example.contiguous(memory_format=torch.channels_last) if example.dim() == 4 else example
+                            non_delegated_nodes=info.num_non_delegated_nodes, ops_outside=outside)
 
 
 def _first_quant_params(graph_module: nn.Module) -> tuple[dict | None, dict | None]:
@@ -171,7 +119,6 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
 
     internal = None
     qreport: dict = {}
-    example = channels_last(example)
     if precision == "int8":
         from toolchain.quantize.pt2e import quantize_xnnpack_int8
 
@@ -185,8 +132,7 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
         program = torch.export.export(model.eval(), (example,), strict=False)
     meta = metadata_fn(internal)
     try:
-        edge = to_edge_transform_and_lower(program, transform_passes=[drop_noop_strided_copies],
-                                           partitioner=[xnnpack_partitioner()],
+        edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()],
                                            constant_methods=pte_constant_methods(meta))
     except Exception as exc:  # noqa: BLE001 - a lowering bug or unsupported pattern: name it
         cause = exc.__cause__ or exc

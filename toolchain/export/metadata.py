@@ -40,7 +40,7 @@ def backend_versions(versions: dict, backend: str) -> dict:
 
 
 def build_metadata(*, model_name: str, spec, fmt: str, precision: str, backend: str,
-                   input_shape: list[int], layout: str, input_dtype: str, memory_format: str | None = None,
+                   input_shape: list[int], layout: str, input_dtype: str,
                    input_quant: dict | None, output_quant: dict | None, output_dtype: str,
                    threshold: float | None, source: dict, versions: dict | None = None,
                    internal_quant: dict | None = None, user: str | None = None,
@@ -68,9 +68,6 @@ def build_metadata(*, model_name: str, spec, fmt: str, precision: str, backend: 
         "source": {k: (Path(v).name if k == "path" else v) for k, v in source.items() if k != "sha256"},
         "tool_versions": backend_versions(versions or tool_versions(), backend),
     }
-    if memory_format is not None:
-        # The .pte's input: an NCHW-shaped tensor in NHWC memory, i.e. the image's own HWC buffer.
-        meta["input"]["memory_format"] = memory_format
     if user is not None:  # a verifier: whose it is, and the fleet template it can be written from
         meta["user"] = str(user)
         meta["template"] = template

@@ -10,10 +10,8 @@ In NHWC memory, k neighbouring pixels of a row are k*3 consecutive values, so re
 (H, W, 3) to (H, W/k, 3k) is free, and the stem becomes a k x 1 stride-(k, 1) convolution on 3k
 channels with the same weights rearranged: 12 channels pad to 16, not 3 to 8. Outputs are equal
 up to float summation order (exactly equal in int8: the same integer products are summed).
-onnx2tf turns it into one RESHAPE and one CONV_2D. Only the int8 .tflite uses it: the fp32
-artifacts keep the plain convolution, which is faster in float, and so does the .pte, whose
-channels-last input (toolchain.export.executorch) already gives XNNPACK an NHWC image; there the
-row stem's reshape added transposes (benchmarks/bench_verifier_layers.py).
+onnx2tf turns it into one RESHAPE and one CONV_2D; ExecuTorch lowers it to one XNNPACK
+partition. The fp32 artifacts keep the plain convolution, which is faster in float.
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ class InputInfo:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     layout: str = "NCHW"  # the artifact's tensor layout, hidden from callers of run()
     batch: int | None = 1  # None: any batch size
-    channels_last: bool = False  # an NCHW-shaped input whose memory is NHWC (the .pte files)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -63,7 +62,7 @@ class InputInfo:
         if not mi.get("mean") or not mi.get("std"):
             raise ToolchainError(f"{path}: no toolchain metadata (mean/std); export it with `toolchain export`")
         return cls(height=h, width=w, mean=tuple(mi["mean"]), std=tuple(mi["std"]), layout=layout,
-                   batch=shape[0], channels_last=mi.get("memory_format") == "channels_last")
+                   batch=shape[0])
 
 
 class Runner(ABC):

@@ -51,9 +51,6 @@ class ExecuTorchRunner(Runner):
     def _tensor(self, images: np.ndarray):
         import torch
 
-        if self.info.layout == "NCHW" and self.info.channels_last:
-            # The image's own NHWC buffer, viewed as NCHW: what the program was exported for.
-            return torch.from_numpy(normalise(images, self.info.mean, self.info.std)).permute(0, 3, 1, 2)
         if self.info.layout == "NCHW":
             return torch.from_numpy(model_input(images, self.info.mean, self.info.std))
         return torch.from_numpy(normalise(images, self.info.mean, self.info.std))
