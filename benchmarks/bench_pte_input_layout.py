@@ -1,0 +1,134 @@
+"""What the verifier's `.pte` spends on its input layout, and why the shipped files keep NCHW.
+
+    python benchmarks/bench_pte_input_layout.py [--calls N]
+
+Exports a random-init verifier the way `toolchain export` does (exact-input stem, pinned input
+quantisation) in four forms: fp32 and int8 (row stem, as shipped), each on a contiguous NCHW input
+(as shipped) and on a channels-last one (dim order 0, 2, 3, 1). Prints ExecuTorch's
+`Method::execute` and per-operator times from ETDump (median of N calls, one thread). Then it
+feeds a contiguous NCHW tensor to a program exported for channels-last input and prints the
+output error: the runtime reads it as NHWC without an error (pytorch/executorch#21837 is the same
+bug in the other direction), which is why the shipped files keep the NCHW input that app code
+fills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from toolchain.export.api import _exact_input_view
+from toolchain.export.executorch import xnnpack_partitioner
+from toolchain.export.row_stem import with_row_stem
+from toolchain.models import build_model
+from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
+from toolchain.quantize.pt2e import quantize_xnnpack_int8
+from toolchain.runtime.executorch_runner import set_executorch_threads
+
+_SKIP = {"Method::execute", "Program::load_method", "Method::init", "DELEGATE_CALL"}
+
+
+def _lower(module, example, transform_passes=()) -> bytes:
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = torch.export.export(module, (example,), strict=False)
+    return to_edge_transform_and_lower(program, transform_passes=list(transform_passes),
+                                       partitioner=[xnnpack_partitioner()]).to_executorch().buffer
+
+
+def _strided_noop_pass():
+    """On channels-last input the pooled (N, C, 1, 1) map gets an as_strided copy onto itself,
+    which XNNPACK does not take; drop it so the program stays one partition."""
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    def run(gm):
+        for node in list(gm.graph.nodes):
+            if "as_strided_copy" in str(node.target) and list(node.args[0].meta["val"].shape) == list(node.args[1]):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+        gm.recompile()
+        return PassResult(gm, True)
+
+    return run
+
+
+def _etdump(buf: bytes, x: torch.Tensor, calls: int) -> dict[str, float]:
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        open(f"{tmp}/m.pte", "wb").write(buf)
+        program = Runtime.get().load_program(f"{tmp}/m.pte", enable_etdump=True)
+        method = program.load_method("forward")
+        for _ in range(calls + 20):
+            method.execute([x])
+        program.write_etdump_result_to_file(f"{tmp}/e.etdp", f"{tmp}/d.bin")
+        logging.getLogger("executorch").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inspector = Inspector(etdump_path=f"{tmp}/e.etdp")
+    times = {}
+    for block in inspector.event_blocks:
+        for event in block.events:
+            if event.perf_data:
+                raw = list(event.perf_data.raw)
+                times[event.name] = float(np.median(raw[20:] or raw)) * 1e3  # µs
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=1000)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    set_executorch_threads(1)
+    torch.manual_seed(0)
+    model, spec = _exact_input_view(build_model("verifier").eval())
+    row_stem = with_row_stem(model, 112)
+    calib = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), dtype=np.uint8)
+    nchw = torch.zeros(1, 3, 112, 112)
+    last = nchw.contiguous(memory_format=torch.channels_last)
+
+    def int8(m, example):
+        return quantize_xnnpack_int8(m, example, calib, spec.mean, spec.std, input_qparams=(INPUT_SCALE, INPUT_ZERO_POINT))
+
+    forms = {
+        "fp32, NCHW input (shipped)": (_lower(model, nchw), nchw),
+        "int8, NCHW input (shipped)": (_lower(int8(row_stem, nchw), nchw), nchw),
+        "fp32, channels-last input": (_lower(model, last, [_strided_noop_pass()]), last),
+        "int8, channels-last input, plain stem": (_lower(int8(model, last), last, [_strided_noop_pass()]), last),
+    }
+    print(f"ExecuTorch ETDump, median of {args.calls} calls, one thread (µs)")
+    for name, (buf, x) in forms.items():
+        t = _etdump(buf, x, args.calls)
+        ops = {k: v for k, v in t.items() if k not in _SKIP and v > 0}
+        transposes = sum(v for k, v in ops.items() if k.startswith("Transpose"))
+        print(f"{name:40s} execute {t['Method::execute']:6.1f}  operators {sum(ops.values()):5.1f}  "
+              f"transposes {transposes:5.1f}")
+        print("    " + "; ".join(f"{k} {v:.0f}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])))
+
+    # The layout trap, on a model whose output depends on where each pixel is (conv, flatten,
+    # linear; the random-init verifier's pooled logit barely moves with its input).
+    from executorch.runtime import Runtime
+
+    probe = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.ReLU(), torch.nn.Flatten(1),
+                                torch.nn.Linear(8 * 7 * 7, 4)).eval()
+    example = torch.zeros(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with tempfile.TemporaryDirectory() as tmp:
+        open(f"{tmp}/m.pte", "wb").write(_lower(probe, example))
+        method = Runtime.get().load_program(f"{tmp}/m.pte").load_method("forward")
+        x = torch.randn(1, 3, 16, 16)
+        ref = probe(x).detach()
+        err_cl = float((method.execute([x.contiguous(memory_format=torch.channels_last)])[0] - ref).abs().max())
+        err_nchw = float((method.execute([x.contiguous()])[0] - ref).abs().max())
+    print(f"a program exported for channels-last input: max output error {err_cl:.2e} on channels-last input, "
+          f"{err_nchw:.2e} on contiguous NCHW input (outputs up to {float(ref.abs().max()):.2e}); no error raised")
+
+
+if __name__ == "__main__":
+    main()
