@@ -138,6 +138,8 @@ class Int8Section(_Strict):
     fallback that keeps the fewest layers in float until the parity bounds hold."""
     calibration: Literal["mse", "minmax", "percentile"] = "mse"
     percentile: float = Field(99.99, gt=50, le=100, description="percentile: the share of values kept in range")
+    outlier_factor: Optional[float] = Field(None, gt=1, description="leave out calibration images whose activations "
+                                            "exceed this many times the set's median at some layer (null: off)")
     bias_correction: bool = False
     equalize: bool = Field(False, description="cross-layer range equalization (exact in float; every int8 file)")
     qat_steps: int = Field(0, ge=0, le=100_000, description="PT2E QAT steps on the identity images (0: off)")

@@ -102,3 +102,24 @@ def test_equalization_reaches_the_int8_files_and_the_manifest(tmp_path):
     assert all(r.checks["int8_method"]["equalize"] for r in recs)  # the .pte and the .tflite alike
     manifest = json.loads((tmp_path / "export_manifest.json").read_text())
     assert manifest["int8"]["equalize"] and manifest["int8_recovery"]["equalize"]["pairs"] == 1
+
+
+def test_calibration_outliers_are_left_out_before_quantising(tmp_path):
+    """`toolchain export --outlier-factor`: the image on which activations explode is left out,
+    the manifest says which, and the calibration record counts the images used."""
+    from toolchain.cli import main
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(100, 156, (12, 112, 112, 3), dtype=np.uint8)
+    images[3] = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)  # full contrast
+    np.save(tmp_path / "calib.npy", images)
+    rc = main(["export", "verifier", "--out", str(tmp_path / "out"), "--formats", "executorch", "--precisions",
+               "int8", "--calibration", str(tmp_path / "calib.npy"), "--threshold", "0", "--outlier-factor", "3"])
+    assert rc == 0
+    manifest = json.loads((tmp_path / "out" / "export_manifest.json").read_text())
+    outliers = manifest["int8_recovery"]["calibration_outliers"]
+    assert [d["image"] for d in outliers["left_out"]] == [3] and outliers["images"] == 12
+    assert manifest["calibration"]["images"] == 11 and manifest["int8"]["outlier_factor"] == 3.0
+    rc = main(["export", "verifier", "--out", str(tmp_path / "bad"), "--calibration", str(tmp_path / "calib.npy"),
+               "--threshold", "0", "--outlier-factor", "1"])
+    assert rc == 2 and not (tmp_path / "bad").exists()

@@ -90,7 +90,8 @@ def test_bad_options_are_refused():
     assert Int8Options.from_any({"calibration": "minmax"}).to_dict() == {"calibration": "minmax",
                                                                          "bias_correction": False}
     assert Int8Options().is_default and not Int8Options(bias_correction=True).is_default
-    for bad in ({"qat_steps": -1}, {"qat_lr": 0.0}, {"qat_batch": 1}, {"max_float_layers": 0}):
+    for bad in ({"qat_steps": -1}, {"qat_lr": 0.0}, {"qat_batch": 1}, {"max_float_layers": 0},
+                {"outlier_factor": 1.0}):
         with pytest.raises(ToolchainError):
             Int8Options(**bad)
     tuned = Int8Options(qat_steps=5, float_layers=["a.b"])
@@ -108,7 +109,8 @@ def test_bad_options_are_refused():
                                           ("export.int8.qat_lr=0", "export.int8.qat_lr"),
                                           ("export.int8.qat_batch=1", "export.int8.qat_batch"),
                                           ("export.int8.max_float_layers=0", "export.int8.max_float_layers"),
-                                          ("export.int8.fallback=sometimes", "export.int8.fallback")])
+                                          ("export.int8.fallback=sometimes", "export.int8.fallback"),
+                                          ("export.int8.outlier_factor=1", "export.int8.outlier_factor")])
 def test_recipe_with_a_bad_int8_setting_exits_2(tmp_path, capsys, override, key):
     from pathlib import Path
 

@@ -67,3 +67,14 @@ def test_report_fallback_that_missed_keeps_nothing_and_says_so(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "no layer kept in float (2 tried did not reach it); the target was NOT met" in md
     assert "already meets" not in md
+
+
+def test_report_names_the_calibration_images_left_out(tmp_path):
+    recovery = {"calibration_outliers": {"factor": 8.0, "images": 64, "median_worst_ratio": 1.9,
+                                         "left_out": [{"image": 42, "ratio": 642.1, "layer": "head.4"}]}}
+    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
+            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+    write_report(core, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Calibration outliers (activation peak above 8 x" in md
+    assert "1 of 64 left out (image 42: 642.1 x at `head.4`)" in md

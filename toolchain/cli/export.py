@@ -36,6 +36,9 @@ def _console():
               show_default=True, help="How int8 activation ranges are chosen (PT2E files: .pte, litert-torch .tflite).")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
               help="--calibration-method percentile: the share of values kept in range.")
+@click.option("--outlier-factor", type=click.FloatRange(min=1, min_open=True), default=None,
+              help="Leave out calibration images whose activations exceed this many times the set's median at "
+                   "some layer (default: keep all).")
 @click.option("--bias-correction", is_flag=True, help="Biases absorb the int8 graph's mean error (PT2E files).")
 @click.option("--equalize", is_flag=True, help="Cross-layer range equalization before int8 (exact in float).")
 @click.option("--qat-steps", type=click.IntRange(min=0), default=0, show_default=True,
@@ -55,7 +58,7 @@ def _console():
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact records as JSON.")
 @logged("export.log")
 def export(source, out_dir, formats, precisions, calibration, calibration_size, tflite_backend, calibration_method,
-           percentile, bias_correction, equalize, qat_steps, qat_lr, fallback_cosine_mean, fallback_cosine_min,
+           percentile, outlier_factor, bias_correction, equalize, qat_steps, qat_lr, fallback_cosine_mean, fallback_cosine_min,
            max_float_layers, threshold, require_full_delegation, as_json) -> None:
     """Export a float model to ExecuTorch (.pte) and TFLite, int8 and fp32, with checks.
 
@@ -69,6 +72,7 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
                            tflite_backend=tflite_backend, threshold=threshold,
                            require_full_delegation=require_full_delegation, progress=not as_json,
                            int8={"calibration": calibration_method, "percentile": percentile,
+                                 "outlier_factor": outlier_factor,
                                  "bias_correction": bias_correction, "equalize": equalize,
                                  "qat_steps": qat_steps, "qat_lr": qat_lr,
                                  "fallback": fallback_cosine_mean is not None or fallback_cosine_min is not None,

@@ -209,6 +209,11 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     model, spec = _exact_input_view(model)
     calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
     recovery: dict = {}
+    if calib is not None and int8.outlier_factor is not None:  # toolchain.quantize.outliers
+        from toolchain.quantize.outliers import screen_outliers
+
+        calib, recovery["calibration_outliers"] = screen_outliers(model, calib, spec.mean, spec.std,
+                                                                  int8.outlier_factor)
     int8_model = model
     if calib is not None and int8.equalize:  # exact in float (toolchain.quantize.equalize)
         from toolchain.quantize.equalize import equalize_ranges

@@ -6,6 +6,9 @@
   - `minmax`: the observed minimum and maximum (MinMaxObserver); nothing is clipped.
   - `percentile`: the `percentile`-th and (100 - `percentile`)-th percentiles of the histogram;
     the tails beyond them are clipped.
+- `outlier_factor` (None: off): calibration images on which the float model's activations, at
+  some layer, exceed this many times the median over the images are left out of calibration
+  (toolchain.quantize.outliers).
 - `bias_correction`: after conversion, each convolution's and linear layer's bias absorbs the
   mean error its int8 output shows against the float model on the calibration images
   (toolchain.quantize.bias_correction).
@@ -37,6 +40,7 @@ TFLITE_CONVERTER_METHOD = {"bias_correction": False, "by": "TFLite converter (ra
 class Int8Options:
     calibration: str = "mse"
     percentile: float = 99.99
+    outlier_factor: float | None = None
     bias_correction: bool = False
     equalize: bool = False
     qat_steps: int = 0
@@ -54,6 +58,8 @@ class Int8Options:
                                  f"({', '.join(CALIBRATION_METHODS)})")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise ToolchainError(f"int8 calibration percentile {self.percentile} is not in (50, 100]")
+        if self.outlier_factor is not None and not float(self.outlier_factor) > 1.0:
+            raise ToolchainError(f"int8 calibration: outlier_factor {self.outlier_factor} must be > 1 (or null: off)")
         if int(self.max_float_layers) < 1:
             raise ToolchainError(f"int8 fallback: max_float_layers {self.max_float_layers} must be >= 1")
         if int(self.qat_steps) < 0 or not float(self.qat_lr) > 0 or int(self.qat_batch) < 2:
@@ -75,6 +81,8 @@ class Int8Options:
         out = {"calibration": self.calibration, "bias_correction": self.bias_correction}
         if self.calibration == "percentile":
             out["percentile"] = float(self.percentile)
+        if self.outlier_factor is not None:
+            out["outlier_factor"] = float(self.outlier_factor)
         if self.equalize:
             out["equalize"] = True
         if self.qat_steps:

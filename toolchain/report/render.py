@@ -171,6 +171,14 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
     if not rec:
         return []
     out = ["## int8 accuracy recovery", ""]
+    outl = rec.get("calibration_outliers")
+    if outl is not None:
+        dropped = outl.get("left_out") or []
+        detail = "; ".join(f"image {d['image']}: {_num(d['ratio'], 3)} x at `{d['layer']}`" for d in dropped)
+        out += [f"Calibration outliers (activation peak above {_num(outl['factor'], 3)} x the images' median at some "
+                f"layer; the typical image's worst ratio is {_num(outl['median_worst_ratio'], 3)}): "
+                + (f"{len(dropped)} of {outl['images']} left out ({detail})." if dropped else
+                   f"none of {outl['images']}."), ""]
     eq = rec.get("equalize")
     if eq is not None:
         out += [f"Cross-layer range equalization: {eq['pairs']} conv pairs, "
