@@ -73,3 +73,21 @@ def test_vargfacenet_uses_groups_of_eight_channels():
     model = build_model("vargfacenet")
     grouped = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
     assert grouped and all(m.in_channels // m.groups == 8 for m in grouped)
+
+
+def test_vargfacenet_zero_init_residual_starts_each_block_as_its_shortcut():
+    from toolchain.models.vargfacenet import DownBlock, NormalBlock
+
+    torch.manual_seed(0)
+    model = build_model("vargfacenet", zero_init_residual=True).eval()
+    plain = build_model("vargfacenet").eval()
+    block = next(m for m in model.modules() if isinstance(m, NormalBlock) and isinstance(m.shortcut, torch.nn.Identity))
+    x = torch.randn(2, block.act.num_parameters, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block(x), block.act(x))  # the branch adds exactly zero
+        down = next(m for m in model.modules() if isinstance(m, DownBlock))
+        y = torch.randn(1, down.shortcut[0][0].in_channels, 8, 8)
+        assert torch.allclose(down(y), down.act(down.shortcut(y)))
+    zeroed = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.any()]
+    assert len(zeroed) == sum(isinstance(m, (NormalBlock, DownBlock)) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) and not m.weight.any() for m in plain.modules())

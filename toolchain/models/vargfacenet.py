@@ -99,6 +99,7 @@ class VarGFaceNet(nn.Module):
         multiplier: float = 1.25,
         units: tuple[int, int, int] = (3, 7, 4),
         last_channels: int = 1024,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         f = [int(c * multiplier) for c in (32, 64, 128, 256)]  # 40, 80, 160, 320
@@ -120,6 +121,14 @@ class VarGFaceNet(nn.Module):
             nn.BatchNorm1d(embedding_size, eps=2e-5, momentum=0.1),
         )
         self.output_dim = embedding_size  # read by build_model for the spec
+        if zero_init_residual:
+            # Each block's residual branch starts at zero (its last BatchNorm's scale), so the
+            # block starts as its shortcut (Goyal et al. 2017). Only the initialisation changes.
+            for m in self.modules():
+                if isinstance(m, NormalBlock):
+                    nn.init.zeros_(m.body[1][1][1].weight)
+                elif isinstance(m, DownBlock):
+                    nn.init.zeros_(m.sep2[1][1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -129,5 +138,5 @@ class VarGFaceNet(nn.Module):
     "vargfacenet",
     description="VarGFaceNet, 512-d embedding (raw, not L2-normalised), variable group conv",
 )
-def build_vargfacenet(embedding_size: int = 512) -> VarGFaceNet:
-    return VarGFaceNet(embedding_size=embedding_size)
+def build_vargfacenet(embedding_size: int = 512, zero_init_residual: bool = False) -> VarGFaceNet:
+    return VarGFaceNet(embedding_size=embedding_size, zero_init_residual=zero_init_residual)
