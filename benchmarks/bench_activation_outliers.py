@@ -23,7 +23,7 @@ from toolchain.data.insightface_bin import read_bin
 from toolchain.export.api import resolve_source
 from toolchain.quantize.outliers import activation_peaks
 from toolchain.runtime import load_runner
-from toolchain.runtime.preprocess import model_input
+from toolchain.runtime.torch_runner import TorchRunner
 
 
 def main() -> None:
@@ -41,9 +41,7 @@ def main() -> None:
     images = np.concatenate([np.asarray(pairs.images_a), np.asarray(pairs.images_b)])
     _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
     images = images[np.sort(first)]
-    with torch.no_grad():
-        ref = np.concatenate([model(torch.from_numpy(model_input(images[i:i + 64], spec.mean, spec.std))).numpy()
-                              for i in range(0, len(images), 64)])
+    ref = TorchRunner(model).run(images)
     out = load_runner(args.artifact).run(images)
     cosine = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
     _names, peaks = activation_peaks(model, images, spec.mean, spec.std)

@@ -15,9 +15,7 @@ fills.
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
-import warnings
 
 import numpy as np
 import torch
@@ -28,7 +26,7 @@ from toolchain.export.row_stem import with_row_stem
 from toolchain.models import build_model
 from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
 from toolchain.quantize.pt2e import quantize_xnnpack_int8
-from toolchain.runtime.executorch_runner import set_executorch_threads
+from toolchain.runtime.executorch_runner import etdump_times, set_executorch_threads
 
 _SKIP = {"Method::execute", "Program::load_method", "Method::init", "DELEGATE_CALL"}
 
@@ -57,28 +55,12 @@ def _strided_noop_pass():
     return run
 
 
-def _etdump(buf: bytes, x: torch.Tensor, calls: int) -> dict[str, float]:
-    from executorch.devtools import Inspector
-    from executorch.runtime import Runtime
-
+def _etdump_us(buf: bytes, x: torch.Tensor, calls: int, warmup: int = 20) -> dict[str, float]:
+    """Median µs of each ETDump event over `calls` calls after `warmup`."""
     with tempfile.TemporaryDirectory() as tmp:
         open(f"{tmp}/m.pte", "wb").write(buf)
-        program = Runtime.get().load_program(f"{tmp}/m.pte", enable_etdump=True)
-        method = program.load_method("forward")
-        for _ in range(calls + 20):
-            method.execute([x])
-        program.write_etdump_result_to_file(f"{tmp}/e.etdp", f"{tmp}/d.bin")
-        logging.getLogger("executorch").setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            inspector = Inspector(etdump_path=f"{tmp}/e.etdp")
-    times = {}
-    for block in inspector.event_blocks:
-        for event in block.events:
-            if event.perf_data:
-                raw = list(event.perf_data.raw)
-                times[event.name] = float(np.median(raw[20:] or raw)) * 1e3  # µs
-    return times
+        times = etdump_times(f"{tmp}/m.pte", [x], calls + warmup)
+    return {name: float(np.median(raw[warmup:] or raw)) * 1e3 for name, raw in times.items()}
 
 
 def main() -> None:
@@ -105,7 +87,7 @@ def main() -> None:
     }
     print(f"ExecuTorch ETDump, median of {args.calls} calls, one thread (µs)")
     for name, (buf, x) in forms.items():
-        t = _etdump(buf, x, args.calls)
+        t = _etdump_us(buf, x, args.calls)
         ops = {k: v for k, v in t.items() if k not in _SKIP and v > 0}
         transposes = sum(v for k, v in ops.items() if k.startswith("Transpose"))
         print(f"{name:40s} execute {t['Method::execute']:6.1f}  operators {sum(ops.values()):5.1f}  "

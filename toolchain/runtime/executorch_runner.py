@@ -68,30 +68,36 @@ class ExecuTorchRunner(Runner):
         runtime's own `Method::execute` time from ETDump on a second, traced load (medians;
         warm-up calls dropped). The traced program's own wall time is not used: collecting
         XNNPACK's per-operator events costs microseconds per operator after each call."""
-        import logging
-        import tempfile
-        import warnings
-
-        from executorch.devtools import Inspector
-        from executorch.runtime import Runtime
-
-        set_executorch_threads(1)
-        program = Runtime.get().load_program(str(self.path), enable_etdump=True)
-        method = program.load_method("forward")
-        x = [self._tensor(self._random_image(seed))]
-        for _ in range(warmup + max(1, repeats)):
-            method.execute(x)
-        with tempfile.TemporaryDirectory(prefix="toolchain-etdump-") as tmp:
-            etdump = f"{tmp}/run.etdp"
-            program.write_etdump_result_to_file(etdump, f"{tmp}/debug.bin")
-            logging.getLogger("executorch").setLevel(logging.ERROR)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                inspector = Inspector(etdump_path=etdump)  # ETDump ticks are ns; perf_data is in ms
-        events = [e for block in inspector.event_blocks for e in block.events if e.name == "Method::execute"]
-        raw = list(events[0].perf_data.raw) if events and events[0].perf_data else []
-        if len(raw) != warmup + max(1, repeats):
-            raise ToolchainError(f"{self.path}: ETDump holds {len(raw)} Method::execute events for "
-                                 f"{warmup + max(1, repeats)} calls")
+        calls = warmup + max(1, repeats)
+        raw = etdump_times(self.path, [self._tensor(self._random_image(seed))], calls).get("Method::execute", [])
+        if len(raw) != calls:
+            raise ToolchainError(f"{self.path}: ETDump holds {len(raw)} Method::execute events for {calls} calls")
         return latency_record(self.latency_ms(repeats, warmup, seed), float(np.median(raw[warmup:])),
                               "ETDump Method::execute")
+
+
+def etdump_times(path: str | Path, inputs: list, calls: int) -> dict[str, list[float]]:
+    """Run the program at `path` `calls` times on `inputs`, one thread, with ETDump on, and
+    return each event's times in ms (`Method::execute` and, for XNNPACK, every operator), read
+    by the devtools Inspector (ETDump ticks are ns; its perf_data is in ms)."""
+    import logging
+    import tempfile
+    import warnings
+
+    from executorch.devtools import Inspector
+    from executorch.runtime import Runtime
+
+    set_executorch_threads(1)
+    program = Runtime.get().load_program(str(path), enable_etdump=True)
+    method = program.load_method("forward")
+    for _ in range(calls):
+        method.execute(inputs)
+    with tempfile.TemporaryDirectory(prefix="toolchain-etdump-") as tmp:
+        etdump = f"{tmp}/run.etdp"
+        program.write_etdump_result_to_file(etdump, f"{tmp}/debug.bin")
+        logging.getLogger("executorch").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inspector = Inspector(etdump_path=etdump)
+    return {e.name: list(e.perf_data.raw) for block in inspector.event_blocks for e in block.events
+            if e.perf_data is not None}
