@@ -14,7 +14,7 @@ def test_bench_verifier_row(tmp_path, capsys, backend):
     if backend == "litert-torch":
         pytest.importorskip("litert_torch")
     rc = main(["bench", "verifier", "--out", str(tmp_path), "--formats", "tflite", "--repeats", "3",
-               "--pairs", "20", "--calibration-size", "8", "--tflite-backend", backend, "--json", str(tmp_path / "bench.json")])
+               "--rounds", "2", "--pairs", "20", "--calibration-size", "8", "--tflite-backend", backend, "--json", str(tmp_path / "bench.json")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "measured verifier" in out and "int8/fp32" in out and "CPU:" in out
@@ -30,6 +30,9 @@ def test_bench_verifier_row(tmp_path, capsys, backend):
     # In-runtime time, with the Python call apart: never more than the wall time around it.
     assert a["int8_ms"] <= a["int8_wall_ms"] and a["call_overhead_ms"] >= 0
     assert a["latency_source"].startswith("invoke()")
+    # Two rounds, int8 and fp32 in turn; a sub-millisecond file runs more calls than --repeats.
+    lo, hi = a["ratio_range"]
+    assert a["rounds"] == 2 and 0 < lo <= hi and a["int8_calls"] > 3
     assert "target" in out and ("met" in out or "MISSED" in out)
     assert a["outside"] == {}  # the verifier: nothing left outside int8
 
@@ -78,3 +81,34 @@ def test_bench_target_depends_on_the_cpu(int8_dot, ratio, verdict):
     console.print(render_table([{"model": "m", "random_init": True, "artifacts": {"tflite": art}}], cpu))
     row = next(ln for ln in console.export_text().splitlines() if ln.startswith("│ m"))
     assert verdict in row and ("MISSED" in row) == (verdict == "MISSED")
+
+
+def test_interleaved_latency_alternates_and_sizes_rounds(monkeypatch):
+    """One slow spell (the second measurement runs 3 x slow) lands in one round of one file: the
+    medians over rounds keep the true ratio (0.5), and the round's range shows the spell. A
+    0.05-ms file runs more calls than `repeats`."""
+    import toolchain.runtime as runtime
+    from toolchain.export import bench
+
+    order = []
+
+    class FakeRunner:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def latency_ms(self, repeats=50, warmup=5, seed=0):
+            return self.ms
+
+        def runtime_latency(self, repeats=50, warmup=5, seed=0):
+            order.append((self.ms, repeats))
+            t = self.ms * (3.0 if len(order) == 2 else 1.0)
+            return {"wall_ms": t + 0.01, "runtime_ms": t, "overhead_ms": 0.01, "source": "fake"}
+
+    monkeypatch.setattr(runtime, "load_runner", lambda p: FakeRunner(p))
+    lat = bench.interleaved_latency({"int8": 0.05, "fp32": 0.1}, repeats=10, rounds=3)
+    assert [ms for ms, _ in order] == [0.05, 0.1] * 3  # in turn, round after round
+    assert lat["int8"]["calls"] == bench.MAX_CALLS and lat["fp32"]["calls"] == bench.MAX_CALLS
+    assert lat["int8"]["runtime_ms"] / lat["fp32"]["runtime_ms"] == pytest.approx(0.5)
+    assert bench._ratio_range(lat["int8"]["rounds_ms"], lat["fp32"]["rounds_ms"]) == pytest.approx([0.5 / 3, 0.5])
+    slow = bench.interleaved_latency({"big": 20.0}, repeats=10, rounds=1)
+    assert slow["big"]["calls"] == 10  # 10 calls of 20 ms already exceed MIN_ROUND_S

@@ -189,7 +189,10 @@ def _parity_arm64(artifacts, eval_set, reference, bounds, sample, cpu, as_json) 
 @click.argument("models", nargs=-1)
 @click.option("--out", "out_dir", default="artifacts/bench", show_default=True, type=click.Path(file_okay=False))
 @click.option("--formats", default="executorch,tflite", show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Calls per file and round (more for a file faster than 1 ms: each round runs it >= 0.1 s).")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Rounds of latency measurement; each takes every file in turn, int8 then fp32.")
 @click.option("--pairs", type=click.IntRange(min=20), default=100, show_default=True,
               help="Synthetic verification pairs for the parity columns.")
 @click.option("--calibration-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -204,7 +207,7 @@ def _parity_arm64(artifacts, eval_set, reference, bounds, sample, cpu, as_json) 
 @click.option("--check-users", type=click.IntRange(min=0), default=20, show_default=True,
               help="`bench fleet`: users whose files are compared with their full exports.")
 @logged("bench.log")
-def bench(models, out_dir, formats, repeats, pairs, calibration_size, tflite_backend, json_path, fleet_users,
+def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tflite_backend, json_path, fleet_users,
           hypernet, check_users) -> None:
     """Export MODELS (default: verifier and the zoo backbones) int8+fp32 to both runtimes and
     measure sizes, single-thread latency ratios and int8 parity in one run.
@@ -239,7 +242,7 @@ def bench(models, out_dir, formats, repeats, pairs, calibration_size, tflite_bac
 
     rows = run_bench(models or DEFAULT_MODELS, out_dir, _parse_list(formats, FORMATS, "format"), repeats=repeats,
                      pairs=pairs, calibration_size=calibration_size, tflite_backend=tflite_backend,
-                     progress=True, on_row=partial)
+                     progress=True, on_row=partial, rounds=rounds)
     cpu = cpu_facts()
     table = render_table(rows, cpu)
     table.caption = f"{table.caption}\nCPU: {describe_cpu(cpu)}"

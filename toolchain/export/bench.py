@@ -2,7 +2,8 @@
 file sizes, single-thread latencies (int8/fp32 ratio per runtime) and int8 parity.
 
 Latencies are measured inside the runtime (`Runner.runtime_latency`: ExecuTorch's ETDump, LiteRT's
-invoke() less a one-op model's); the Python call around them is reported apart. Targets (issue
+invoke() less a one-op model's), in rounds that take the int8 and fp32 files in turn
+(`interleaved_latency`); the Python call around them is reported apart. Targets (issue
 #12): int8 faster than fp32 on any CPU, and at most 0.6 x fp32 on a CPU with int8 dot products.
 
 Data: the embedded synthetic faces (toolchain.data.SyntheticFaces), so it runs offline. Models
@@ -18,6 +19,9 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_MODELS = ("verifier", "mobilefacenet", "seesawfacenet", "vargfacenet")
+DEFAULT_ROUNDS = 5  # int8 and fp32 measured in alternation, so drift in the machine's speed hits both alike
+MIN_ROUND_S = 0.1  # a round runs a file at least this long: the 60-µs verifier takes MAX_CALLS
+MAX_CALLS = 1000  # per round and file: one ETDump buffer holds every operator event of every call
 TARGET_RATIO = 1.0  # int8 / fp32 in-runtime latency, any CPU
 TARGET_RATIO_INT8_DOT = 0.6  # on a CPU with int8 dot products (VNNI, AMX, sdot)
 
@@ -89,7 +93,7 @@ def synthetic_data(n_pairs: int = 100, n_calib: int = 32, seed: int = 0):
 def run_bench(models: Sequence[str] = DEFAULT_MODELS, out_dir: str | Path = "artifacts/bench",
               formats=("executorch", "tflite"), repeats: int = 100, pairs: int = 100,
               calibration_size: int = 32, seed: int = 0, progress: bool = True, on_row=None,
-              tflite_backend: str = "onnx2tf") -> list[dict]:
+              tflite_backend: str = "onnx2tf", rounds: int = DEFAULT_ROUNDS) -> list[dict]:
     calib_b, enrollment, negatives, pair_set, probe = synthetic_data(pairs, calibration_size, seed)
     from toolchain.errors import ToolchainError
 
@@ -97,7 +101,7 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, out_dir: str | Path = "art
     for name in models:
         try:
             rows.append(_bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress,
-                                   calib_b, enrollment, negatives, pair_set, probe, tflite_backend))
+                                   calib_b, enrollment, negatives, pair_set, probe, tflite_backend, rounds))
         except ToolchainError as exc:  # one model failing to export is a result, not the end of the run
             rows.append({"model": str(name), "error": str(exc), "artifacts": {}})
         if on_row is not None:
@@ -106,7 +110,7 @@ def run_bench(models: Sequence[str] = DEFAULT_MODELS, out_dir: str | Path = "art
 
 
 def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress, calib_b, enrollment,
-               negatives, pair_set, probe, tflite_backend) -> dict:
+               negatives, pair_set, probe, tflite_backend, rounds) -> dict:
     import torch
 
     from toolchain.evaluate.parity import run_parity
@@ -139,7 +143,7 @@ def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress
                             reference=model, repeats=repeats)
         by = {(r.format, r.precision): r for r in records}
         par = {(p["format"], p["precision"]): p for p in parity}
-        lat = {(r.format, r.precision): load_runner(r.path).runtime_latency(repeats) for r in records}
+        lat = interleaved_latency({(r.format, r.precision): r.path for r in records}, repeats, rounds)
         row = {"model": str(name), "random_init": src.get("random_init", False),
                "kind": "verifier" if is_verifier else "backbone", "artifacts": {}}
         for fmt in formats:
@@ -152,6 +156,8 @@ def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress
                 "int8_bytes": rec8.bytes, "fp32_bytes": rec32.bytes,
                 "int8_ms": l8["runtime_ms"], "fp32_ms": l32["runtime_ms"], "eager_ms": i8["float_latency_ms"],
                 "ratio": l8["runtime_ms"] / l32["runtime_ms"],
+                "ratio_range": _ratio_range(l8["rounds_ms"], l32["rounds_ms"]),
+                "rounds": len(l8["rounds_ms"]), "int8_calls": l8["calls"], "fp32_calls": l32["calls"],
                 "int8_wall_ms": l8["wall_ms"], "fp32_wall_ms": l32["wall_ms"],
                 "call_overhead_ms": l8["overhead_ms"], "latency_source": l8["source"],
                 "int8_accuracy": i8["accuracy"], "float_accuracy": i8["float_accuracy"],
@@ -166,6 +172,39 @@ def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress
         return row
 
 
+def interleaved_latency(paths: dict, repeats: int, rounds: int = DEFAULT_ROUNDS) -> dict:
+    """Each file's `Runner.runtime_latency`, `rounds` times, the files taken in turn within each
+    round (int8, fp32, int8, ...), so that a slow spell of the machine (another tenant, the clock)
+    lands on both precisions instead of on one. A round runs each file for at least MIN_ROUND_S
+    (at least `repeats` and at most MAX_CALLS calls). Returns, per key, the latency record with
+    medians over the rounds, plus `rounds_ms` (each round's in-runtime median, or wall where the
+    runner has none) and `calls` (per round)."""
+    from toolchain.runtime import load_runner
+    from toolchain.runtime.base import latency_record
+
+    runners = {k: load_runner(p) for k, p in paths.items()}
+    calls = {k: int(min(MAX_CALLS, max(repeats, MIN_ROUND_S * 1e3 / max(r.latency_ms(5, 2), 1e-6))))
+             for k, r in runners.items()}
+    measured: dict = {k: [] for k in runners}
+    for _ in range(max(1, rounds)):
+        for k, r in runners.items():
+            measured[k].append(r.runtime_latency(calls[k]))
+    out = {}
+    for k, recs in measured.items():
+        inside = [x["runtime_ms"] for x in recs]
+        runtime = None if None in inside else float(np.median(inside))
+        out[k] = latency_record(float(np.median([x["wall_ms"] for x in recs])), runtime, recs[0]["source"]) | {
+            "rounds_ms": [x["runtime_ms"] if runtime is not None else x["wall_ms"] for x in recs],
+            "calls": calls[k]}
+    return out
+
+
+def _ratio_range(int8_ms: list[float], fp32_ms: list[float]) -> list[float]:
+    """Lowest and highest int8/fp32 ratio of one round: how far one round's ratio can be trusted."""
+    ratios = [a / b for a, b in zip(int8_ms, fp32_ms)]
+    return [float(min(ratios)), float(max(ratios))]
+
+
 def render_table(rows: list[dict], cpu: dict | None = None):
     from rich.table import Table
 
@@ -177,6 +216,8 @@ def render_table(rows: list[dict], cpu: dict | None = None):
               caption="acc drop, agree %: trained models only (give a checkpoint or user folder)\n"
                       "in-runtime: ExecuTorch ETDump Method::execute; LiteRT invoke() less a one-op model's. "
                       "call us: the Python call around the int8 inference.\n"
+                      "int8/fp32: ratio of the medians over rounds, int8 and fp32 measured in turn "
+                      "(in brackets: the lowest and highest ratio of one round).\n"
                       f"target: int8/fp32 <= {target:g} on this CPU"
                       + (" (int8 dot products)" if cpu.get("int8_dot") else " (< 1 required)"))
     for col in ("model", "runtime", "int8 KB", "fp32 KB", "int8 ms", "fp32 ms", "int8/fp32", "target", "call us",
@@ -197,10 +238,15 @@ def render_table(rows: list[dict], cpu: dict | None = None):
                                                             f"{a['decision_agreement']:.1f}")
             t.add_row(r["model"] + (" (random init)" if r["random_init"] else ""), runtime,
                       f"{a['int8_bytes'] / 1024:.1f}", f"{a['fp32_bytes'] / 1024:.1f}",
-                      f"{a['int8_ms']:.3f}", f"{a['fp32_ms']:.3f}", f"{a['ratio']:.2f}",
+                      f"{a['int8_ms']:.3f}", f"{a['fp32_ms']:.3f}", _ratio_cell(a),
                       _verdict(a["ratio"], target), f"{a['call_overhead_ms'] * 1e3:.1f}", f"{a['eager_ms']:.3f}",
                       *accuracy, cos, cmin, outside)
     return t
+
+
+def _ratio_cell(a: dict) -> str:
+    lo_hi = a.get("ratio_range")
+    return f"{a['ratio']:.2f}" + (f" ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else "")
 
 
 def _verdict(ratio: float, target: float) -> str:
