@@ -52,3 +52,23 @@ def test_per_user_trunk_tensors_are_refused(verifier_and_features):
     v = Verifier(film=True)
     with pytest.raises(ToolchainError, match="per-user head tensors only"):
         quantize_head(v.state_dict(), v.per_user_tensors(), feats, 0.004, 0.3)
+
+
+def test_bias_int32_is_xnnpack_arithmetic():
+    """The int32 bias equals what ExecuTorch's XNNPACK serializer writes for the float bias
+    (quantize_per_channel: round(b * (1 / scale)) in float32), including the values where
+    dividing by the scale rounds the other way."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 (registers quantized_decomposed)
+
+    from toolchain.quantize.head import bias_int32
+
+    rng = np.random.default_rng(0)
+    scale = (rng.uniform(1e-5, 1e-3, 20000)).astype(np.float32)
+    # Quotients near a half, where the two roundings can part.
+    bias = ((rng.integers(-5000, 5000, 20000) + 0.5) * scale).astype(np.float32)
+    by_division = np.rint(bias / scale).astype(np.int64)
+    torch_q = torch.ops.quantized_decomposed.quantize_per_channel(
+        torch.from_numpy(bias), torch.from_numpy(scale), torch.zeros(20000, dtype=torch.int64), 0,
+        -(2 ** 31), 2 ** 31 - 1, torch.int32).numpy()
+    assert (by_division != torch_q).any()  # the case exists: division is not what the .pte holds
+    assert np.array_equal(bias_int32(bias, scale), torch_q)

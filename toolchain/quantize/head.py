@@ -60,6 +60,16 @@ class HeadQuant:
         return self.layers[-1].output_scale, self.layers[-1].output_zero_point
 
 
+def bias_int32(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int32 bias at `scale` (float32, per channel), in XNNPACK's arithmetic: its serializer
+    quantises the .pte's float bias as round(b * (1 / scale)) in float32 (quantize_per_channel).
+    Dividing instead differs by one step where the quotient sits near a half, and the fleet's
+    bytes must equal the full export's."""
+    b = np.asarray(bias, np.float32)
+    q = np.rint(b * (np.float32(1.0) / np.asarray(scale, np.float32)))
+    return np.clip(q, -(2 ** 31) + 1, 2 ** 31 - 1).astype(np.int32)
+
+
 def _per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = (np.abs(w).max(axis=1) / 127.0).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(_TINY)).astype(np.float32)
@@ -123,7 +133,7 @@ def _quantize_layers(arr, layers, x, in_scale, threshold) -> HeadQuant:
     for i, name in enumerate(layers):
         w, b = arr(f"{name}.weight"), arr(f"{name}.bias")
         wq, ws = _per_channel(w)
-        bq = np.clip(np.rint(b / (np.float32(in_scale) * ws)), -(2 ** 31) + 1, 2 ** 31 - 1).astype(np.int32)
+        bq = bias_int32(b, (np.float32(in_scale) * ws).astype(np.float32))
         y = x @ w.T + b
         last = i == len(layers) - 1
         if last:
