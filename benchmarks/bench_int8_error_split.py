@@ -29,6 +29,7 @@ from torch import nn
 
 from toolchain.data.insightface_bin import read_bin
 from toolchain.export.api import resolve_source
+from toolchain.quantize.head import _per_channel
 from toolchain.quantize.pt2e import quantize_xnnpack_int8
 from toolchain.quantize.qat import fold_batchnorm
 from toolchain.quantize.sensitivity import _embed
@@ -36,13 +37,13 @@ from toolchain.quantize.sensitivity import _embed
 
 @torch.no_grad()
 def int8_weights_only(model: nn.Module) -> nn.Module:
-    """A copy whose conv and linear weights are rounded to int8, per output channel, symmetric."""
+    """A copy whose conv and linear weights are rounded to int8, per output channel, symmetric
+    (the per-user head's rounding, toolchain.quantize.head)."""
     out = copy.deepcopy(model)
     for m in out.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            flat = m.weight.reshape(m.weight.shape[0], -1)
-            scale = flat.abs().amax(1).clamp_min(1e-12) / 127.0
-            m.weight.copy_((torch.round(flat / scale[:, None]).clamp(-127, 127) * scale[:, None]).reshape(m.weight.shape))
+            q, scale = _per_channel(m.weight.reshape(m.weight.shape[0], -1).numpy())
+            m.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale[:, None]).reshape(m.weight.shape))
     return out
 
 

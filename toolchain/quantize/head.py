@@ -48,7 +48,7 @@ class LayerQuant:
 
     @property
     def bias_scale(self) -> np.ndarray:
-        return (np.float32(self.input_scale) * self.weight_scale).astype(np.float32)
+        return _bias_scale(self.input_scale, self.weight_scale)
 
 
 @dataclass
@@ -58,6 +58,10 @@ class HeadQuant:
     @property
     def output(self) -> tuple[float, int]:
         return self.layers[-1].output_scale, self.layers[-1].output_zero_point
+
+
+def _bias_scale(input_scale: float, weight_scale: np.ndarray) -> np.ndarray:
+    return (np.float32(input_scale) * weight_scale).astype(np.float32)
 
 
 def bias_int32(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -133,7 +137,7 @@ def _quantize_layers(arr, layers, x, in_scale, threshold) -> HeadQuant:
     for i, name in enumerate(layers):
         w, b = arr(f"{name}.weight"), arr(f"{name}.bias")
         wq, ws = _per_channel(w)
-        bq = bias_int32(b, (np.float32(in_scale) * ws).astype(np.float32))
+        bq = bias_int32(b, _bias_scale(in_scale, ws))
         y = x @ w.T + b
         last = i == len(layers) - 1
         if last:
