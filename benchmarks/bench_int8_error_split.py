@@ -1,7 +1,7 @@
 """Where a backbone's int8 error comes from: its int8 weights alone, against the whole int8 graph.
 
     python benchmarks/bench_int8_error_split.py CHECKPOINT PAIRS [--images 400] [--calibration 64]
-        [--calibration-method mse]
+        [--calibration-method mse] [--equalize]
 
 CHECKPOINT: the float model (e.g. RUN/train/backbone/backbone.pt); PAIRS: a pairs file (e.g.
 RUN/data/synthetic.bin). Its distinct images are split in two: the last `--calibration` calibrate
@@ -14,6 +14,12 @@ the float model, mean and largest, in torch:
   the same function the export uses, with the given calibration method.
 When the last row is many times the second, the activations' rounding is what to work on, and
 weight-rounding methods (AdaRound and the like) cannot close the gap.
+
+With `--equalize`, two more int8 graphs: after the conv-pair range equalization alone, and after
+it with the residual streams equalized too (toolchain.quantize.equalize). For each int8 graph the
+last column counts the pairs (both images measured) whose decision at the float model's best
+threshold flips; an image's embedding is the sum over it and its mirror image, as in parity (here of
+the two unit vectors).
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from rich.table import Table
 from torch import nn
 
 from toolchain.data.insightface_bin import read_bin
+from toolchain.evaluate.metrics import _best_threshold
 from toolchain.export.api import resolve_source
 from toolchain.quantize.head import _per_channel
 from toolchain.quantize.pt2e import quantize_xnnpack_int8
+from toolchain.quantize.equalize import equalize_ranges
 from toolchain.quantize.qat import fold_batchnorm
 from toolchain.quantize.sensitivity import _embed
 
@@ -54,22 +62,39 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--calibration", type=int, default=64)
     ap.add_argument("--calibration-method", default="mse", choices=["mse", "minmax", "percentile"])
+    ap.add_argument("--equalize", action="store_true", help="also the equalized int8 graphs")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, _meta, _ = resolve_source(args.checkpoint)
     model.eval()
     spec = model.spec
     pairs = read_bin(args.pairs)
-    images = np.unique(np.concatenate([pairs.images_a, pairs.images_b]), axis=0)
+    images, inverse = np.unique(np.concatenate([pairs.images_a, pairs.images_b]), axis=0, return_inverse=True)
+    inverse = inverse.reshape(2, -1)
     if len(images) < args.images + args.calibration:
         raise SystemExit(f"error: {args.pairs} has {len(images)} distinct images; "
                          f"--images + --calibration need {args.images + args.calibration}")
     measured, calibration = images[:args.images], images[-args.calibration:]
     reference = _embed(model, measured, 16, spec.mean, spec.std)
+    mirrored = measured[:, :, ::-1].copy()
+    kept = np.all(inverse < args.images, axis=0)  # pairs whose two images are both measured
+    issame = np.asarray(pairs.issame, dtype=bool)[kept]
 
-    def error(module, batch=16) -> tuple[float, float]:
-        cos = np.sum(_embed(module, measured, batch, spec.mean, spec.std) * reference, axis=1)
-        return float(1 - cos.mean()), float(1 - cos.min())
+    def pair_scores(emb: np.ndarray) -> np.ndarray:
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        return np.sum(emb[inverse[0, kept]] * emb[inverse[1, kept]], axis=1)
+
+    float_scores = pair_scores(reference + _embed(model, mirrored, 16, spec.mean, spec.std))
+    threshold, _ = _best_threshold(float_scores, issame)
+
+    def error(module, batch=16, flips=False) -> tuple:
+        emb = _embed(module, measured, batch, spec.mean, spec.std)
+        cos = np.sum(emb * reference, axis=1)
+        flipped = None
+        if flips:
+            scores = pair_scores(emb + _embed(module, mirrored, batch, spec.mean, spec.std))
+            flipped = int(np.sum((scores > threshold) != (float_scores > threshold)))
+        return float(1 - cos.mean()), float(1 - cos.min()), flipped
 
     folded, folds = fold_batchnorm(model)
     example = torch.zeros(1, *spec.input_size)
@@ -77,14 +102,22 @@ def main() -> None:
                                  int8={"calibration": args.calibration_method})
     rows = [(f"BatchNorm folded ({folds} folds), float", error(folded)),
             ("int8 weights only (per channel), float activations", error(int8_weights_only(folded))),
-            (f"whole int8 graph (PT2E reference, {args.calibration_method} ranges)", error(full, batch=1))]
+            (f"whole int8 graph (PT2E reference, {args.calibration_method} ranges)", error(full, 1, True))]
+    if args.equalize:
+        for streams in (False, True):
+            eq, report = equalize_ranges(model, calibration, spec.mean, spec.std, streams=streams)
+            q = quantize_xnnpack_int8(eq, example, calibration, spec.mean, spec.std,
+                                      int8={"calibration": args.calibration_method})
+            rows.append((f"the same, equalized: {report['pairs']} conv pairs, {report['streams']} residual streams",
+                         error(q, 1, True)))
     table = Table(title=f"int8 error split: {args.checkpoint}, {len(measured)} images "
-                        f"({len(calibration)} others calibrate)")
-    for col in ("form", "1 - cosine, mean", "1 - cosine, largest", "x weights only"):
+                        f"({len(calibration)} others calibrate); flips of {int(kept.sum())} pairs")
+    for col in ("form", "1 - cosine, mean", "1 - cosine, largest", "x weights only", "flipped decisions"):
         table.add_column(col, justify="left" if col == "form" else "right")
     weights = rows[1][1][0]
-    for name, (mean, worst) in rows:
-        table.add_row(name, f"{mean:.2e}", f"{worst:.2e}", f"{mean / weights:.1f}" if weights > 0 else "-")
+    for name, (mean, worst, flipped) in rows:
+        table.add_row(name, f"{mean:.2e}", f"{worst:.2e}", f"{mean / weights:.1f}" if weights > 0 else "-",
+                      "-" if flipped is None else str(flipped))
     Console(width=140).print(table)
 
 

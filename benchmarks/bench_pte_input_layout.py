@@ -3,8 +3,9 @@
     python benchmarks/bench_pte_input_layout.py [--calls N]
 
 Exports a random-init verifier the way `toolchain export` does (exact-input stem, pinned input
-quantisation) in four forms: fp32 and int8 (row stem, as shipped), each on a contiguous NCHW input
-(as shipped) and on a channels-last one (dim order 0, 2, 3, 1). Prints ExecuTorch's
+quantisation) in six forms: fp32 and int8 (row stem, as shipped), each on a contiguous NCHW input
+(as shipped) and on a channels-last one (dim order 0, 2, 3, 1); and, both with a plain stem, on a
+contiguous NHWC-shaped input that the graph permutes to NCHW. Prints ExecuTorch's
 `Method::execute` and per-operator times from ETDump (median of N calls, one thread). Then it
 feeds a contiguous NCHW tensor to a program exported for channels-last input and prints the
 output error: the runtime reads it as NHWC without an error (pytorch/executorch#21837 is the same
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -55,6 +57,18 @@ def _strided_noop_pass():
     return run
 
 
+class _NHWCInput(torch.nn.Module):
+    """Takes a contiguous (N, H, W, C) tensor and permutes it to NCHW inside the graph: the app's
+    NHWC buffer with a shape the runtime checks, instead of a dim order it does not."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.permute(0, 3, 1, 2))
+
+
 def _etdump_us(buf: bytes, x: torch.Tensor, calls: int, warmup: int = 20) -> dict[str, float]:
     """Median µs of each ETDump event over `calls` calls after `warmup`."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,15 +89,26 @@ def main() -> None:
     calib = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), dtype=np.uint8)
     nchw = torch.zeros(1, 3, 112, 112)
     last = nchw.contiguous(memory_format=torch.channels_last)
+    nhwc = torch.zeros(1, 112, 112, 3)
 
     def int8(m, example):
         return quantize_xnnpack_int8(m, example, calib, spec.mean, spec.std, input_qparams=(INPUT_SCALE, INPUT_ZERO_POINT))
+
+    def int8_nhwc(m, example):  # calibration batches come NCHW: hand them over as NHWC
+        import toolchain.quantize.pt2e as pt2e
+
+        nchw_batches = pt2e.calibration_batches
+        with patch.object(pt2e, "calibration_batches",
+                          lambda *a, **k: (x.permute(0, 2, 3, 1).contiguous() for x in nchw_batches(*a, **k))):
+            return int8(m, example)
 
     forms = {
         "fp32, NCHW input (shipped)": (_lower(model, nchw), nchw),
         "int8, NCHW input (shipped)": (_lower(int8(row_stem, nchw), nchw), nchw),
         "fp32, channels-last input": (_lower(model, last, [_strided_noop_pass()]), last),
         "int8, channels-last input, plain stem": (_lower(int8(model, last), last, [_strided_noop_pass()]), last),
+        "fp32, NHWC-shaped input, permute in graph": (_lower(_NHWCInput(model), nhwc), nhwc),
+        "int8, NHWC-shaped input, permute, plain stem": (_lower(int8_nhwc(_NHWCInput(model), nhwc), nhwc), nhwc),
     }
     print(f"ExecuTorch ETDump, median of {args.calls} calls, one thread (µs)")
     for name, (buf, x) in forms.items():

@@ -34,7 +34,7 @@ def test_report_shows_qat_sensitivity_and_fallback(tmp_path):
                "gain_min": 0.02},
               {"layer": "features.0.0", "op": "conv2d", "cosine_mean": 0.9972, "cosine_min": 0.976,
                "gain_mean": 0.0002, "gain_min": 0.001}]
-    recovery = {"equalize": {"pairs": 33, "channels": 7552, "scale_median": 1.73, "scale_max": 7.23},
+    recovery = {"equalize": {"pairs": 33, "streams": 3, "channels": 7552, "scale_median": 1.73, "scale_max": 7.23},
                 "qat": {"steps": 60, "batch": 16, "lr": 1e-5, "loss_first": 0.004, "loss_last": 0.002,
                         "fake_quant_cosine_before": 0.996, "fake_quant_cosine_after": 0.998},
                 "sensitivity": {"all_int8": {"cosine_mean": 0.997, "cosine_min": 0.975}, "layers": layers,
@@ -50,7 +50,7 @@ def test_report_shows_qat_sensitivity_and_fallback(tmp_path):
     written = write_report(core, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "## int8 accuracy recovery" in md and "QAT (PT2E fake quantisation" in md
-    assert "equalization: 33 conv pairs, 7552 channels rescaled (median scale 1.73, largest 7.23)" in md
+    assert "equalization: 33 conv pairs and 3 residual streams, 7552 channels rescaled (median scale 1.73, largest 7.23)" in md
     assert "| `head.3` | linear | n/a | 0.9995 | 0.995 | +0.00250 |" in md
     assert "1 layer(s) kept in float: `head.3`." in md and "1.20 x" in md
     assert "![int8 sensitivity per layer](report_files/int8_sensitivity.png)" in md

@@ -181,10 +181,12 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
                    f"none of {outl['images']}."), ""]
     eq = rec.get("equalize")
     if eq is not None:
-        out += [f"Cross-layer range equalization: {eq['pairs']} conv pairs, "
-                + (f"{eq['channels']} channels rescaled (median scale {_num(eq['scale_median'], 3)}, "
-                   f"largest {_num(eq['scale_max'], 3)}); exact in float." if eq["pairs"] else
-                   "none found (no conv + BatchNorm into a conv through ReLU, PReLU or nothing)."), ""]
+        found = eq["pairs"] or eq.get("streams")
+        out += [f"Cross-layer range equalization: {eq['pairs']} conv pairs and {eq.get('streams', 0)} residual "
+                "streams, " + (f"{eq['channels']} channels rescaled (median scale {_num(eq['scale_median'], 3)}, "
+                               f"largest {_num(eq['scale_max'], 3)}); exact in float." if found else
+                               "none found (no conv + BatchNorm into a conv through ReLU, PReLU or nothing, "
+                               "and no residual stream read only by convs)."), ""]
     qat = rec.get("qat")
     if qat:
         out += [f"QAT (PT2E fake quantisation, loss 1 - cosine to the float embedding): {qat['steps']} steps, "
