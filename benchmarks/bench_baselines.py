@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from toolchain.data.datasets import SyntheticIdentityDataset
     from toolchain.data.synthetic import default_benchmark
     from toolchain.evaluate.metrics import verification_metrics
 
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         console.print(f"[yellow]mobilefacenet baseline skipped: {exc}[/yellow]")
     if not args.no_probe:
         t0 = time.time()
-        train = bench.train_dataset(workers=args.workers)
+        train = SyntheticIdentityDataset(bench, workers=args.workers)
         console.print(f"rendered {len(train)} training images ({train.num_classes} identities) "
                       f"in {time.time() - t0:.1f} s")
         t0 = time.time()

@@ -15,7 +15,7 @@ from toolchain.evaluate.per_user import ROUTES, backbone_embeddings, dedup_image
 from toolchain.models import registry
 from toolchain.models.hypernet import HypernetBundle, HyperNetwork
 from toolchain.models.io import save_checkpoint
-from toolchain.train.common import embed, nhwc_uint8_to_input
+from toolchain.models.inputs import embed, nhwc_uint8_to_input
 
 NAME = "tiny-per-user-test-embedder"
 

@@ -7,7 +7,7 @@ import torch
 
 from toolchain.export import export_model, read_embedded_metadata
 from toolchain.export.bench import recalibrate_batchnorm
-from toolchain.export.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from toolchain.runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from toolchain.models import build_model
 from toolchain.runtime import load_runner
 

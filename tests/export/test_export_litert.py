@@ -9,7 +9,7 @@ import pytest
 
 from toolchain.cli import main
 from toolchain.export import read_embedded_metadata
-from toolchain.export.manifest import MANIFEST_NAME
+from toolchain.runtime.manifest import MANIFEST_NAME
 from toolchain.export.tflite_check import inspect_tflite
 from toolchain.runtime import load_runner
 

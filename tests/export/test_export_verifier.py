@@ -9,7 +9,7 @@ import pytest
 
 from toolchain.cli import main
 from toolchain.export import read_embedded_metadata
-from toolchain.export.manifest import MANIFEST_NAME, sha256_file
+from toolchain.runtime.manifest import MANIFEST_NAME, sha256_file
 from toolchain.export.tflite_check import inspect_tflite
 from toolchain.evaluate.parity import write_probe_set
 from toolchain.runtime import load_runner

@@ -12,9 +12,10 @@ from PIL import Image
 from toolchain.cli import main
 from toolchain.errors import ToolchainError
 from toolchain.models.hypernet import load_hypernet
+from toolchain.models.inputs import embed, nhwc_uint8_to_input
 from toolchain.models.io import load_model
 from toolchain.train import BackboneConfig, HypernetConfig, enroll_folder, enroll_images, train_backbone, train_hypernet
-from toolchain.train.common import embed, nhwc_uint8_to_input
+from toolchain.train.enroll import read_image
 
 BB = dict(embedding_size=16, batch_size=12, optimizer="adamw", lr=0.01, arcface_scale=16.0, arcface_margin=0.2,
           warmup_steps=2, progress=False)
@@ -107,3 +108,13 @@ def test_enroll_cli_single_and_batch(hypernet_ckpt, toy_data, tmp_path):
     assert main(["enroll", "--hypernet", str(hypernet_ckpt), "--image", str(tmp_path / "missing.png"),
                  "--out", str(tmp_path / "z")]) == 2
     assert main(["enroll", "--hypernet", str(hypernet_ckpt), "--out", str(tmp_path / "z")]) == 2
+
+
+def test_read_image_refuses_a_crop_of_another_size(tmp_path):
+    Image.fromarray(np.full((100, 90, 3), 7, np.uint8)).save(tmp_path / "a.png")
+    assert read_image(tmp_path / "a.png").shape == (100, 90, 3)
+    assert read_image(tmp_path / "a.png", (100, 90)).shape == (100, 90, 3)
+    with pytest.raises(ToolchainError, match="image is 90x100, expected an aligned 112x112 crop"):
+        read_image(tmp_path / "a.png", (112, 112))
+    with pytest.raises(ToolchainError, match="no such image"):
+        read_image(tmp_path / "b.png")

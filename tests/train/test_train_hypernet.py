@@ -9,7 +9,7 @@ import torch
 from toolchain.errors import ToolchainError
 from toolchain.models.hypernet import HyperNetwork, load_hypernet
 from toolchain.models.io import load_state
-from toolchain.quantize.grid import on_int8_grid
+from toolchain.models.int8_grid import on_int8_grid
 from toolchain.train import BackboneConfig, HypernetConfig, train_backbone, train_hypernet
 from toolchain.train import hypernet as hypernet_mod
 from toolchain.train.hypernet import best_threshold, split_identities

@@ -225,7 +225,7 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
 
         from toolchain.errors import ToolchainError
         from toolchain.fleet.bench import bench_fleet, render_fleet_table
-        from toolchain.train.common import progress_bar
+        from toolchain.console import progress_bar
 
         if not Path(hypernet).is_file():
             raise ToolchainError(f"{hypernet}: no hypernet checkpoint (run `make demo` first, or pass --hypernet)")

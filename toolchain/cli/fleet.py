@@ -61,7 +61,7 @@ def _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, p
          manifest_name):
     from toolchain.fleet.quality import write_fleet_report
     from toolchain.fleet.run import run_fleet
-    from toolchain.train.common import progress_bar
+    from toolchain.console import progress_bar
 
     result = run_fleet(hypernet, users_src, out_dir, calibration=calibration, calibration_size=calibration_size,
                        formats=formats, precisions=precisions, shard=shard, parity_users=parity_users,

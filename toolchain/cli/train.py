@@ -64,7 +64,9 @@ def _dataset(data: str, workers: int = 2, identities: int | None = None):
     `identities` training identities), or a path (RecordIO folder or image folder) read by
     toolchain.data.load_identity_dataset."""
     if data == SYNTHETIC:
-        return _benchmark(identities).train_dataset(workers=workers)
+        from toolchain.data.datasets import SyntheticIdentityDataset
+
+        return SyntheticIdentityDataset(_benchmark(identities), workers=workers)
     from toolchain.data import load_identity_dataset
 
     return load_identity_dataset(data)

@@ -19,7 +19,7 @@ _LAZY = {
     "SyntheticIdentityDataset": "toolchain.data.datasets",
     "RecordIODataset": "toolchain.data.datasets",
     "ImageFolderDataset": "toolchain.data.datasets",
-    "load_pairs": "toolchain.data.pairs",
+    "load_pairs": "toolchain.data.pair_files",
     "VerificationPairs": "toolchain.data.pairs",
     "SyntheticFaces": "toolchain.data.synthetic",
     "SyntheticBenchmark": "toolchain.data.synthetic",

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from toolchain.data import recordio
 from toolchain.data.codec import decode_image
 from toolchain.data.folder import read_image_file, scan_identity_folder
+from toolchain.data.synthetic import SyntheticBenchmark, default_benchmark, render_many
 from toolchain.data.transforms import to_tensor
 from toolchain.errors import ToolchainError
 
@@ -68,8 +69,6 @@ class SyntheticIdentityDataset(ArrayIdentityDataset):
     """
 
     def __init__(self, benchmark=None, transform=None, workers: int = 1, progress=None, **overrides):
-        from toolchain.data.synthetic import SyntheticBenchmark, default_benchmark, render_many
-
         if benchmark is None:
             benchmark = default_benchmark(**overrides)
         elif overrides:

@@ -32,6 +32,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageFilter
 
+from toolchain.data.codec import decode_image
+from toolchain.data.pairs import VerificationPairs
 from toolchain.errors import ToolchainError
 
 SIZE = 112
@@ -575,7 +577,6 @@ class SyntheticFaces:
 
     def render_batch(self, identities, indices) -> np.ndarray:
         """(B,112,112,3) uint8: the decoded JPEGs of render_jpeg_batch."""
-        from toolchain.data.codec import decode_image
 
         data = self.render_jpeg_batch(identities, indices)
         out = np.empty((len(data), SIZE, SIZE, 3), dtype=np.uint8)
@@ -681,8 +682,6 @@ class SyntheticBenchmark:
 
     def verification_pairs(self, workers: int = 1, progress=None):
         """The held-out pairs rendered in memory, as `VerificationPairs`."""
-        from toolchain.data.pairs import VerificationPairs
-
         rows = self.pair_list()
         keys = sorted({(int(r[0]), int(r[1])) for r in rows} | {(int(r[2]), int(r[3])) for r in rows})
         where = {key: n for n, key in enumerate(keys)}
@@ -691,11 +690,6 @@ class SyntheticBenchmark:
         ia = np.array([where[(int(r[0]), int(r[1]))] for r in rows])
         ib = np.array([where[(int(r[2]), int(r[3]))] for r in rows])
         return VerificationPairs(images[ia], images[ib], rows[:, 4].astype(bool), name="synthetic")
-
-    def train_dataset(self, transform=None, workers: int = 1, progress=None):
-        from toolchain.data.datasets import SyntheticIdentityDataset
-
-        return SyntheticIdentityDataset(self, transform=transform, workers=workers, progress=progress)
 
 
 def default_benchmark(**overrides) -> SyntheticBenchmark:
@@ -757,10 +751,3 @@ def render_many(gen: SyntheticFaces, identities, indices, workers: int = 1, prog
             progress(len(chunk))
     return out
 
-
-def write_synthetic(out_dir, identities: int, images_per_identity: int, seed: int = 0, fmt: str = "folder",
-                    **kw) -> dict:
-    """Generate and write a data set (folder or insightface format); see writers.write_synthetic."""
-    from toolchain.data.writers import write_synthetic as _write
-
-    return _write(out_dir, identities, images_per_identity, seed, fmt, **kw)

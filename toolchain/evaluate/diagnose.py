@@ -28,7 +28,7 @@ from toolchain.errors import ToolchainError
 @torch.no_grad()
 def trunk_features(hypernet, images: np.ndarray, batch_size: int = 256, flip: bool = True) -> np.ndarray:
     """Shared trunk features (N, F) of uint8 NHWC images; with `flip`, image + mirror summed."""
-    from toolchain.train.common import nhwc_uint8_to_input
+    from toolchain.models.inputs import nhwc_uint8_to_input
 
     out = []
     for s in range(0, len(images), batch_size):

@@ -154,7 +154,7 @@ def _metrics(scores: np.ndarray, issame: np.ndarray) -> dict | None:
 
 def _reference_source(artifact: Path, reference):
     """What the float reference is: given explicitly, else the source recorded by the export."""
-    from toolchain.export.manifest import find_manifest_for
+    from toolchain.runtime.manifest import find_manifest_for
     from toolchain.runtime.metadata import read_embedded_metadata
 
     if reference is not None:

@@ -46,7 +46,8 @@ def dedup_images(images_a: np.ndarray, images_b: np.ndarray) -> tuple[np.ndarray
 @torch.no_grad()
 def _unique_features(bundle: HypernetBundle, unique: np.ndarray, batch_size: int, with_embeddings: bool,
                      progress: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    from toolchain.train.common import embed, nhwc_uint8_to_input, progress_bar
+    from toolchain.console import progress_bar
+    from toolchain.models.inputs import embed, nhwc_uint8_to_input
 
     emb, feats = [], []
     with progress_bar("embedding pair images", len(unique), enabled=progress) as advance:
@@ -64,7 +65,7 @@ def backbone_embeddings(bundle: HypernetBundle, pairs, batch_size: int = 128) ->
     """h_bb's L2-normalised embeddings (image + mirror) of the pairs' unique images, in
     `dedup_images` order; pass to `evaluate_pairs(embeddings=...)` to score several hypernets
     that share one backbone (the ablation) without embedding the pairs again."""
-    from toolchain.train.common import embed, nhwc_uint8_to_input
+    from toolchain.models.inputs import embed, nhwc_uint8_to_input
 
     unique, _, _ = dedup_images(pairs.images_a, pairs.images_b)
     return torch.cat([embed(bundle.backbone, nhwc_uint8_to_input(unique[s:s + batch_size]), flip=bundle.flip)

@@ -2,7 +2,7 @@
 int8 and fp32, with embedded metadata and an export manifest."""
 
 from toolchain.export.api import FORMATS, PRECISIONS, TFLITE_BACKENDS, export_model, resolve_source
-from toolchain.export.manifest import MANIFEST_NAME, ArtifactRecord, read_manifest
+from toolchain.runtime.manifest import MANIFEST_NAME, ArtifactRecord, read_manifest
 from toolchain.runtime.metadata import read_embedded_metadata
 
 __all__ = ["ArtifactRecord", "FORMATS", "MANIFEST_NAME", "PRECISIONS", "TFLITE_BACKENDS", "export_model",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from toolchain.errors import CheckFailed, ToolchainError
-from toolchain.export.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
+from toolchain.runtime.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
 from toolchain.export.int8_prelu import with_int8_prelu
 from toolchain.export.int8_silu import with_int8_silu
 from toolchain.export.row_stem import with_row_stem

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from toolchain.errors import ToolchainError
+from toolchain.export.tflite_flatbuffer import load_flatbuffer, pack_flatbuffer
 
 _SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
 LITERT_TORCH_VERSION = "0.10.0"
@@ -179,20 +180,6 @@ def export_tflite_litert_torch(model: nn.Module, example: torch.Tensor, precisio
         return path.read_bytes()
 
 
-def _load(buf: bytes):
-    from ai_edge_litert import schema_py_generated as schema
-
-    return schema, schema.ModelT.InitFromPackedBuf(buf, 0)
-
-
-def _pack(model, size_hint: int) -> bytes:
-    import flatbuffers
-
-    builder = flatbuffers.Builder(size_hint + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
 # Keras numbers layers per process (model_1/..., tf.math.add_13): a second conversion in one
 # process names the same tensors differently. Stripping the counters makes a conversion's bytes
 # depend on the model only, so a full export equals a file written from a template.
@@ -201,13 +188,13 @@ _KERAS_COUNTER = re.compile(r"(?<=[A-Za-z])_\d+(?=[/;:]|$)")
 
 def canonical_tensor_names(buf: bytes) -> bytes:
     """The flatbuffer with Keras's per-process layer counters removed from tensor names."""
-    _, model = _load(buf)
+    _, model = load_flatbuffer(buf)
     for sub in model.subgraphs:
         for t in sub.tensors:
             if t.name is not None:
                 name = t.name.decode() if isinstance(t.name, bytes) else t.name
                 t.name = _KERAS_COUNTER.sub("", name)
-    return _pack(model, len(buf))
+    return pack_flatbuffer(model, len(buf))
 
 
 def _op_name(schema, model, op) -> str:
@@ -228,7 +215,7 @@ def write_head_quant_tflite(buf: bytes, compute_head) -> tuple[bytes, dict]:
     toolchain.quantize.head) into an int8 .tflite: the last FULLY_CONNECTED ops are the head's
     layers, in order. Their int8 weights, int32 biases, the scales of both and their output
     quantisation take the values computed. Returns (bytes, {"head", "feature_scale"})."""
-    schema, model = _load(buf)
+    schema, model = load_flatbuffer(buf)
     sub = model.subgraphs[0]
     fcs = [op for op in sub.operators if _op_name(schema, model, op) == "FULLY_CONNECTED"]
     if len(fcs) < 2:
@@ -246,7 +233,7 @@ def write_head_quant_tflite(buf: bytes, compute_head) -> tuple[bytes, dict]:
         _set_quant(w, q.weight_scale, np.zeros(len(q.weight_scale), np.int64))
         _set_quant(b, q.bias_scale, np.zeros(len(q.bias_scale), np.int64))
         _set_quant(y, q.output_scale, q.output_zero_point)
-    return _pack(model, len(buf)), {"head": head, "feature_scale": feature_scale}
+    return pack_flatbuffer(model, len(buf)), {"head": head, "feature_scale": feature_scale}
 
 
 # Ops whose kernels read their output tensor's scale and zero-point when the interpreter (or

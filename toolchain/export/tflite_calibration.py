@@ -67,7 +67,7 @@ def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options) -> b
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.interpreter import Interpreter
 
-    from toolchain.export.tflite import _pack
+    from toolchain.export.tflite_flatbuffer import pack_flatbuffer
 
     model = schema.ModelT.InitFromPackedBuf(calibrated, 0)
     graph = model.subgraphs[0]
@@ -110,4 +110,4 @@ def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options) -> b
             if i in copy_from and has_range(copy_from[i]):
                 src = graph.tensors[copy_from[i]].quantization
                 graph.tensors[i].quantization.min, graph.tensors[i].quantization.max = src.min.copy(), src.max.copy()
-    return _pack(model, len(calibrated))
+    return pack_flatbuffer(model, len(calibrated))

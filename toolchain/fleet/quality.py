@@ -19,9 +19,8 @@ MAX_IMPOSTORS = 200
 
 def fleet_parity(bundle, done_users, all_users, out: Path, k: int, seed: int = 0, say=None) -> list[dict]:
     from toolchain.evaluate.parity import ProbeSet, run_parity
-    from toolchain.fleet.run import _read_image
     from toolchain.models.io import save_enrollment
-    from toolchain.train.enroll import user_theta
+    from toolchain.train.enroll import read_image, user_theta
 
     rng = np.random.default_rng(seed)
     sample = [done_users[i] for i in sorted(rng.choice(len(done_users), min(k, len(done_users)), replace=False))]
@@ -30,17 +29,17 @@ def fleet_parity(bundle, done_users, all_users, out: Path, k: int, seed: int = 0
     impostor_pool = []
     for i in pick:
         try:
-            impostor_pool.append((all_users[i].user, _read_image(all_users[i].image, hw)))
+            impostor_pool.append((all_users[i].user, read_image(all_users[i].image, hw)))
         except Exception:  # noqa: BLE001 - an unreadable image was reported already
             continue
     rows = []
     with tempfile.TemporaryDirectory(prefix="toolchain-fleet-parity-") as tmp:
         for n, u in enumerate(sample, 1):
-            enroll = _read_image(u.image, hw)
+            enroll = read_image(u.image, hw)
             positives = [enroll[:, ::-1]]
             for p in u.others:
                 try:
-                    positives.append(_read_image(p, hw))
+                    positives.append(read_image(p, hw))
                 except Exception:  # noqa: BLE001
                     continue
             impostors = [img for who, img in impostor_pool if who != u.user][:MAX_IMPOSTORS]

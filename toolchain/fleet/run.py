@@ -171,7 +171,7 @@ def run_fleet(hypernet: str | Path, users_src: str | Path, out: str | Path, *, c
               manifest_name: str = MANIFEST) -> FleetResult:
     from toolchain.export.api import FORMATS, PRECISIONS, _parse_list
     from toolchain.export.metadata import tool_versions
-    from toolchain.train.enroll import user_theta
+    from toolchain.train.enroll import read_image, user_theta
 
     formats = _parse_list(formats, FORMATS, "format")
     precisions = _parse_list(precisions, PRECISIONS, "precision")
@@ -228,7 +228,7 @@ def run_fleet(hypernet: str | Path, users_src: str | Path, out: str | Path, *, c
         with (progress_bar("users", len(todo)) if progress_bar else _null()) as advance:
             for u in todo:
                 try:
-                    image = _read_image(u.image, spec.input_size[1:])
+                    image = read_image(u.image, spec.input_size[1:])
                 except ToolchainError as exc:
                     result.problems.append(f"{u.where}: {exc}")
                     advance(1)
@@ -267,16 +267,6 @@ class _null:
 
     def __exit__(self, *exc):
         return False
-
-
-def _read_image(path: Path, hw) -> np.ndarray:
-    from toolchain.train.enroll import read_image
-
-    img = read_image(path)
-    if tuple(img.shape[:2]) != tuple(hw):
-        raise ToolchainError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, expected an aligned "
-                             f"{hw[1]}x{hw[0]} crop")
-    return img
 
 
 def render_user(user: str, state: dict, templates: dict, features: np.ndarray,

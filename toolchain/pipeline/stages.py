@@ -131,7 +131,7 @@ def _stage_pairs(ctx: RunContext) -> StageOutput:
     from toolchain.data.folder import read_image_file
     from toolchain.data.split import PAIR_IDENTITIES, build_pairs, write_pair_identities
     from toolchain.models.io import load_model
-    from toolchain.train.common import embed, nhwc_uint8_to_input
+    from toolchain.models.inputs import embed, nhwc_uint8_to_input
 
     d = ctx.recipe.data
     held = json.loads(ctx.path(ctx.results["data"]["held_out"]).read_text())

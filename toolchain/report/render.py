@@ -16,7 +16,7 @@ import markdown as md_lib
 import numpy as np
 
 from toolchain.environment import describe_cpu
-from toolchain.report import plots
+import toolchain.report.plots as plots
 
 PLOTS_DIR = "report_files"
 NOT_EXPORTED = "not exported"

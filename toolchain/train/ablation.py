@@ -126,11 +126,12 @@ def synthetic_benchmark(out_dir: str | Path, backbone_cfg: BackboneConfig | None
                         benchmark_overrides: dict | None = None, resume: bool = True,
                         progress: bool = True, workers: int = 2) -> list[dict]:
     """Default synthetic benchmark end to end: data -> backbone -> ablation on held-out pairs."""
+    from toolchain.data.datasets import SyntheticIdentityDataset
     from toolchain.data.synthetic import default_benchmark
     from toolchain.train.backbone import train_backbone
 
     bench = default_benchmark(**(benchmark_overrides or {}))
-    dataset = bench.train_dataset(workers=workers, progress=None)
+    dataset = SyntheticIdentityDataset(bench, workers=workers)
     pairs = bench.verification_pairs(workers=workers)
     out_dir = Path(out_dir)
     bb_cfg = (backbone_cfg or BackboneConfig()).model_copy(update={"progress": progress})

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from toolchain.errors import ToolchainError
 from toolchain.models import build_model
 from toolchain.models.io import load_model, load_state, save_checkpoint
-from toolchain.train import distributed
+import toolchain.train.distributed as distributed
 from toolchain.train.common import autocast, grad_scaler, progress_bar, seed_everything, warmup_cosine
 from toolchain.train.config import BackboneConfig
 from toolchain.train.losses import ArcFaceHead, angular_distillation

@@ -25,7 +25,8 @@ from torch.nn import functional as F
 from toolchain.errors import ToolchainError
 from toolchain.models.hypernet import HypernetBundle, load_hypernet
 from toolchain.models.io import save_enrollment
-from toolchain.train.common import embed, nhwc_uint8_to_input, one_intraop_thread, progress_bar
+from toolchain.models.inputs import embed, nhwc_uint8_to_input
+from toolchain.train.common import one_intraop_thread, progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -80,8 +81,9 @@ def enroll_images(hypernet_ckpt: str | Path | HypernetBundle, images: np.ndarray
     )
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An aligned face crop file -> uint8 (H,W,3) RGB."""
+def read_image(path: str | Path, hw=None) -> np.ndarray:
+    """An aligned face crop file -> uint8 (H,W,3) RGB; with `hw` (height, width), a crop of
+    another size is refused."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -89,9 +91,13 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ToolchainError(f"{path}: no such image")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            img = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise ToolchainError(f"{path}: not a readable image ({exc})") from exc
+    if hw is not None and tuple(img.shape[:2]) != tuple(hw):
+        raise ToolchainError(f"{path}: image is {img.shape[1]}x{img.shape[0]}, expected an aligned "
+                             f"{hw[1]}x{hw[0]} crop")
+    return img
 
 
 def read_images(paths) -> np.ndarray:

@@ -47,10 +47,11 @@ from torch.utils.data import DataLoader
 from toolchain.errors import ToolchainError
 from toolchain.models.hypernet import HyperNetwork
 from toolchain.atomic import atomic_write_bytes
+from toolchain.models.inputs import embed, from_uint8, to_uint8
+from toolchain.models.int8_grid import snap_to_int8_grid
 from toolchain.models.io import load_model, load_state, save_checkpoint
-from toolchain.quantize.grid import snap_to_int8_grid
-from toolchain.train import distributed
-from toolchain.train.common import autocast, grad_scaler, cpu_threads, embed, from_uint8, progress_bar, seed_everything, step_rng, to_uint8, warmup_cosine
+import toolchain.train.distributed as distributed
+from toolchain.train.common import autocast, grad_scaler, cpu_threads, progress_bar, seed_everything, step_rng, warmup_cosine
 from toolchain.train.config import HypernetConfig
 from toolchain.train.losses import weighted_bce
 from toolchain.train.sampling import IdentityBatchSampler, identity_centres

@@ -3,7 +3,7 @@
 import torch
 
 from toolchain.models import build_model
-from toolchain.quantize.grid import grid_scale, on_int8_grid, snap_to_int8_grid
+from toolchain.models.int8_grid import grid_scale, on_int8_grid, snap_to_int8_grid
 
 
 def test_snapped_weights_quantise_without_error():
