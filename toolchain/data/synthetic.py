@@ -577,7 +577,6 @@ class SyntheticFaces:
 
     def render_batch(self, identities, indices) -> np.ndarray:
         """(B,112,112,3) uint8: the decoded JPEGs of render_jpeg_batch."""
-
         data = self.render_jpeg_batch(identities, indices)
         out = np.empty((len(data), SIZE, SIZE, 3), dtype=np.uint8)
         for k, d in enumerate(data):

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from toolchain.errors import CheckFailed, ToolchainError
-from toolchain.runtime.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
 from toolchain.export.int8_prelu import with_int8_prelu
 from toolchain.export.int8_silu import with_int8_silu
 from toolchain.export.row_stem import with_row_stem
 from toolchain.atomic import atomic_write_bytes, write_json_atomic
 from toolchain.export.metadata import backend_versions, build_metadata, template_id, tool_versions
+from toolchain.runtime.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, ArtifactRecord, sha256_file
 
 FORMATS = ("executorch", "tflite")
 PRECISIONS = ("int8", "fp32")

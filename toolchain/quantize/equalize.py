@@ -177,25 +177,14 @@ def equalize_ranges(model: nn.Module, images: np.ndarray, mean, std, batch: int 
     if not pairs and not streams:
         return model, {"pairs": 0, "streams": 0}
     modules = dict(model.named_modules())
-    ranges: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(_module, _inputs, out):
-            r = out.detach().abs().amax(dim=(0, 2, 3))
-            ranges[name] = r if name not in ranges else torch.maximum(ranges[name], r)
-        return hook
-
-    hooks = [modules[bn].register_forward_hook(record(bn)) for bn, _ in pairs]
-    try:
-        for i in range(0, len(images), batch):
-            model(torch.from_numpy(model_input(images[i:i + batch], mean, std)))
-    finally:
-        for h in hooks:
-            h.remove()
-    if streams:  # measured before any scaling: the pairs' scales leave the streams' values alone
-        peaks = _ChannelPeaks(torch.fx.symbolic_trace(model), [n for s in streams for n in s["nodes"]])
-        for i in range(0, len(images), batch):
-            peaks.run(torch.from_numpy(model_input(images[i:i + batch], mean, std)))
+    # One pass over the calibration images, before any scaling, for the pairs' BatchNorm outputs
+    # and every tensor of every stream.
+    traced = torch.fx.symbolic_trace(model)
+    bn_node = {n.target: n.name for n in traced.graph.nodes if n.op == "call_module"
+               and n.target in {bn for bn, _ in pairs}}
+    peaks = _ChannelPeaks(traced, list(bn_node.values()) + [n for s in streams for n in s["nodes"]])
+    for i in range(0, len(images), batch):
+        peaks.run(torch.from_numpy(model_input(images[i:i + batch], mean, std)))
 
     def channel_scales(r: torch.Tensor) -> torch.Tensor:
         r = r.clamp_min(1e-12)
@@ -203,7 +192,7 @@ def equalize_ranges(model: nn.Module, images: np.ndarray, mean, std, batch: int 
 
     scales = []
     for bn_name, conv_name in pairs:
-        t = channel_scales(ranges[bn_name])
+        t = channel_scales(peaks.peaks[bn_node[bn_name]])
         _scale_out(modules[bn_name], t)
         _scale_in(modules[conv_name], t)
         scales.append(t)
