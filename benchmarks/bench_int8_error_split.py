@@ -39,7 +39,7 @@ from toolchain.export.api import resolve_source
 from toolchain.quantize.head import _per_channel
 from toolchain.quantize.pt2e import quantize_xnnpack_int8
 from toolchain.quantize.equalize import equalize_ranges
-from toolchain.quantize.qat import fold_batchnorm
+from toolchain.quantize.batchnorm import fold_batchnorm
 from toolchain.quantize.sensitivity import _embed
 
 

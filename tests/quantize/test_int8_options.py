@@ -50,26 +50,51 @@ def _conv_net():
     return net
 
 
-def test_bias_correction_lowers_the_mean_error_and_leaves_the_float_model_alone():
-    net = _conv_net()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
+def _corrected_mean_errors(net) -> tuple[dict, float, float]:
+    """(bias correction report, mean |mean output error| without and with it) on the 16 images
+    it was measured on, under ranges that clip 5% of every activation's tail: clipping shifts
+    every layer's mean, a systematic error."""
     images = _images(16)
     x = torch.from_numpy(model_input(images, net.spec.mean, net.spec.std))
     with torch.no_grad():
         ref = net(x)
-    # Clipping 5% of every activation's tail shifts every layer's mean: a systematic error.
     options = dict(calibration="percentile", percentile=95.0)
     plain = _quantize(net, images, **options)
     report: dict = {}
     corrected = quantize_xnnpack_int8(net, torch.zeros(1, 3, 112, 112), images, net.spec.mean, net.spec.std,
                                       report=report, int8=Int8Options(**options, bias_correction=True))
-    assert report["bias_correction"]["layers"] == 3 and report["bias_correction"]["mean_abs_shift"] > 0
     with torch.no_grad():
         err_plain = torch.cat([plain(x[i:i + 1]) for i in range(len(x))]) - ref
         err_corr = torch.cat([corrected(x[i:i + 1]) for i in range(len(x))]) - ref
-    # On the images it was measured on, the output's mean error shrinks to the output rounding.
-    assert err_corr.mean(0).abs().mean() < 0.5 * err_plain.mean(0).abs().mean()
+    return report["bias_correction"], float(err_plain.mean(0).abs().mean()), float(err_corr.mean(0).abs().mean())
+
+
+def test_bias_correction_lowers_the_mean_error_and_leaves_the_float_model_alone():
+    net = _conv_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report, err_plain, err_corr = _corrected_mean_errors(net)
+    assert report["layers"] == 3 and report["mean_abs_shift"] > 0
+    # The output's mean error shrinks to the output rounding.
+    assert err_corr < 0.5 * err_plain
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_bias_correction_reaches_convolutions_whose_batchnorm_pt2e_folds():
+    # MobileFaceNet-like: bias-free convolutions, each followed by a BatchNorm. PT2E folds the
+    # BatchNorm into a conv bias; the float reference must compare that bias's layer too.
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, 4, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, 4)).eval()
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    net.spec = build_model("verifier", width=4).spec
+    report, err_plain, err_corr = _corrected_mean_errors(net)
+    assert report["layers"] == 3  # both convolutions and the linear layer
+    assert err_corr < 0.5 * err_plain
 
 
 def test_bias_correction_skips_the_per_user_tensors():

@@ -16,13 +16,13 @@ reference of parity stays the original model.
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
 from torch import nn
 
 from toolchain.errors import ToolchainError
+from toolchain.quantize.batchnorm import fold_batchnorm
 from toolchain.runtime.preprocess import model_input
 
 
@@ -54,28 +54,6 @@ def _qat_quantizer(int8):
     config = dataclasses.replace(qat, input_activation=calibrated(qat.input_activation, ptq.input_activation),
                                  output_activation=calibrated(qat.output_activation, ptq.output_activation))
     return XNNPACKQuantizer().set_global(config)
-
-
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
-    """A copy of `model` with each BatchNorm2d that follows a Conv2d in an nn.Sequential folded
-    into it, as the int8 files fold it; (copy, folds). Exact in float up to rounding. QAT then
-    fake-quantises the folded weights themselves, and torchao's simulated conv+BN folding, whose
-    eps is fixed at 1e-5 (VarGFaceNet's BatchNorm uses 2e-5), is not involved."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model = copy.deepcopy(model).eval()
-    folds = 0
-    for seq in list(model.modules()):
-        if not isinstance(seq, nn.Sequential):
-            continue
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
-                seq._modules[b] = nn.Identity()
-                folds += 1
-    return model, folds
 
 
 def _is_weight(fake_quant) -> bool:
