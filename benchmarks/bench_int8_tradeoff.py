@@ -1,7 +1,7 @@
 """The int8 trade-off of a trained backbone: each accuracy-recovery method's parity and speed.
 
     python benchmarks/bench_int8_tradeoff.py RUN [--out DIR] [--qat-steps 200] [--float-layers 4,16]
-        [--repeats 50] [--rounds 5]
+        [--repeats 50] [--rounds 5] [--reuse]
 
 RUN: a recipe run folder of the embedding route (`toolchain run recipes/mobilefacenet.yaml`):
 its trained model (train/backbone/backbone.pt), identity images (data/train.rec) and held-out
@@ -20,6 +20,7 @@ and the same with the K layers the fallback ranks most sensitive kept in float (
 `toolchain.quantize.sensitivity`, read from the QAT export's manifest). Issue 12's bounds are
 the recipe's (`parity` section): a row passes when all of them hold. The table is printed, and
 written with a plot of agreement against the latency ratio to DIR (tradeoff.json, tradeoff.png).
+`--reuse` keeps the files a previous run left in DIR and measures again (e.g. on quieter cores).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from toolchain.evaluate.parity import ParityBounds, run_parity
 from toolchain.export import export_model
 from toolchain.export.bench import interleaved_latency
 from toolchain.quantize.calibration import build_calibration_set
-from toolchain.runtime.manifest import read_manifest
+from toolchain.runtime.manifest import MANIFEST_NAME, read_manifest
 
 BOUNDS = {"max_accuracy_drop": 0.3, "min_decision_agreement": 99.5, "max_tar_drop": 1.0,
           "min_embedding_cosine_mean": 0.999, "min_embedding_cosine_min": 0.99}  # issue 12, the recipes'
@@ -56,11 +57,13 @@ def methods(qat_steps: int) -> list[tuple[str, dict]]:
             (f"mse, equalize, QAT {qat_steps}", qat)]
 
 
-def export_int8(run: Path, out: Path, int8: dict, calib: np.ndarray, identity: np.ndarray | None,
-                fallback_targets: dict | None = None) -> Path:
+def export_file(run: Path, out: Path, int8: dict, calib: np.ndarray, identity: np.ndarray | None,
+                fallback_targets: dict | None = None, reuse: bool = False, precision: str = "int8") -> Path:
+    if reuse and (out / MANIFEST_NAME).is_file():
+        return out / read_manifest(out)["artifacts"][0]["file"]
     if out.exists():
         shutil.rmtree(out)
-    records = export_model(run / "train/backbone/backbone.pt", out, ["executorch"], ["int8"], calib,
+    records = export_model(run / "train/backbone/backbone.pt", out, ["executorch"], [precision], calib,
                            calibration_size=len(calib), int8=int8, identity_images=identity,
                            fallback_targets=fallback_targets)
     return Path(records[0].path)
@@ -75,6 +78,7 @@ def main() -> None:
                                                            "layers in float, after equalization and QAT")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reuse", action="store_true", help="keep the files a previous run left in --out")
     args = ap.parse_args()
     run, out = args.run, args.out
     for need in ("train/backbone/backbone.pt", "data/train.rec", "data/synthetic.bin"):
@@ -89,26 +93,27 @@ def main() -> None:
 
     files: dict[str, Path] = {}
     float_layers: dict[str, list[str]] = {}
-    fp32 = export_model(run / "train/backbone/backbone.pt", out / "fp32", ["executorch"], ["fp32"])[0]
+    reuse = args.reuse
+    fp32 = export_file(run, out / "fp32", {}, calib, None, reuse=reuse, precision="fp32")
     for name, int8 in methods(args.qat_steps):
         slug = out / name.replace(", ", "_").replace(" ", "-")
         if int8.get("qat_steps"):
             # The fallback with a target no file meets (mean cosine 1) ranks every layer and keeps
             # none: the file is all int8, and its manifest holds the ranking for the rows below.
-            files[name] = export_int8(run, slug, int8 | {"fallback": True, "max_float_layers": 1}, calib, identity,
-                                      {"min_cosine_mean": 1.0})
+            files[name] = export_file(run, slug, int8 | {"fallback": True, "max_float_layers": 1}, calib, identity,
+                                      {"min_cosine_mean": 1.0}, reuse)
             ranking = [r["layer"] for r in read_manifest(slug)["int8_recovery"]["sensitivity"]["layers"]]
             for k in (int(v) for v in args.float_layers.split(",") if v):
                 row = f"{name}, {k} layers float"
                 float_layers[row] = ranking[:k]
-                files[row] = export_int8(run, out / f"qat_float{k}", int8 | {"float_layers": ranking[:k]}, calib,
-                                         identity)
+                files[row] = export_file(run, out / f"qat_float{k}", int8 | {"float_layers": ranking[:k]}, calib,
+                                         identity, reuse=reuse)
         else:
-            files[name] = export_int8(run, slug, int8, calib, None)
+            files[name] = export_file(run, slug, int8, calib, None, reuse=reuse)
 
     rows = run_parity(list(files.values()), run / "data/synthetic.bin", reference=run / "train/backbone/backbone.pt",
                       bounds=ParityBounds.from_any(BOUNDS), repeats=5)
-    latency = interleaved_latency({"fp32": fp32.path, **{k: str(v) for k, v in files.items()}}, args.repeats,
+    latency = interleaved_latency({"fp32": str(fp32), **{k: str(v) for k, v in files.items()}}, args.repeats,
                                   args.rounds)
     fp32_ms = latency["fp32"]["runtime_ms"]
     cpu = cpu_facts()
