@@ -146,24 +146,28 @@ def main() -> None:
 
 
 def plot(results: list[dict], path: Path, cpu: str) -> None:
+    """Agreement (left) and score noise (right) against the int8 / fp32 latency ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        ax.scatter(r["ratio"], r["decision_agreement"], color="tab:green" if r["passed"] else "tab:red")
-        ax.annotate(r["method"], (r["ratio"], r["decision_agreement"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
-    ax.axhline(BOUNDS["min_decision_agreement"], color="grey", linestyle="--", linewidth=1)
-    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("int8 / fp32 latency in the runtime")
-    ax.set_ylabel("decision agreement with float (%)")
-    ax.set_title(f"int8 trade-off ({cpu})", fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "decision_agreement", "decision agreement with float (%)"),
+                           (axes[1], "score_noise", "score noise (std of int8 - float score)")):
+        for n, r in enumerate(results, 1):
+            ax.scatter(r["ratio"], r[key], color="tab:green" if r["passed"] else "tab:red")
+            ax.annotate(str(n), (r["ratio"], r[key]), fontsize=8, xytext=(4, 2), textcoords="offset points")
+        ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("int8 / fp32 latency in the runtime")
+        ax.set_ylabel(label)
+    axes[0].axhline(BOUNDS["min_decision_agreement"], color="grey", linestyle="--", linewidth=1)
+    legend = "\n".join(f"{n}: {r['method']}" for n, r in enumerate(results, 1))
+    axes[1].text(1.02, 1.0, legend, transform=axes[1].transAxes, fontsize=7, va="top")
+    fig.suptitle(f"int8 trade-off ({cpu})", fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
 
