@@ -39,7 +39,7 @@ from toolchain.environment import cpu_facts, describe_cpu
 from toolchain.evaluate.parity import ParityBounds, run_parity
 from toolchain.export import export_model
 from toolchain.export.bench import interleaved_latency
-from toolchain.quantize.calibration import build_calibration_set
+from toolchain.quantize.calibration import identity_calibration_set
 from toolchain.runtime.manifest import MANIFEST_NAME, read_manifest
 
 BOUNDS = {"max_accuracy_drop": 0.3, "min_decision_agreement": 99.5, "max_tar_drop": 1.0,
@@ -85,15 +85,13 @@ def main() -> None:
         if not (run / need).is_file():
             raise SystemExit(f"error: {run / need} is missing (a run of recipes/mobilefacenet.yaml or the like)")
     ds = load_identity_dataset(run / "data/train.rec")
-    pick = np.random.default_rng(0).choice(len(ds), min(len(ds), CALIBRATION_IMAGES), replace=False)
-    calib = build_calibration_set("backbone", images=np.stack([ds.get_uint8(int(i)) for i in np.sort(pick)]),
-                                  size=CALIBRATION_IMAGES, seed=0)
+    calib = identity_calibration_set(ds, CALIBRATION_IMAGES, seed=0)
     identity = np.stack([ds.get_uint8(i) for i in range(len(ds))])
     out.mkdir(parents=True, exist_ok=True)
 
     files: dict[str, Path] = {}
     float_layers: dict[str, list[str]] = {}
-    reuse = args.reuse
+    reuse = args.reuse  # every export below
     fp32 = export_file(run, out / "fp32", {}, calib, None, reuse=reuse, precision="fp32")
     for name, int8 in methods(args.qat_steps):
         slug = out / name.replace(", ", "_").replace(" ", "-")

@@ -369,7 +369,7 @@ def _embedding_source(ctx: RunContext) -> Path | str:
 
 def _stage_export(ctx: RunContext) -> StageOutput:
     from toolchain.export import export_model
-    from toolchain.quantize.calibration import build_calibration_set
+    from toolchain.quantize.calibration import build_calibration_set, identity_calibration_set
 
     cfg = ctx.recipe.export
     out_root = ctx.path("export")
@@ -391,10 +391,7 @@ def _stage_export(ctx: RunContext) -> StageOutput:
         calib = None
         if "int8" in cfg.precisions:
             ds = _identity_dataset(ctx)
-            rng = np.random.default_rng(ctx.recipe.seed)
-            pick = rng.choice(len(ds), min(len(ds), cfg.calibration_images), replace=False)
-            calib = build_calibration_set("backbone", images=np.stack([ds.get_uint8(int(i)) for i in np.sort(pick)]),
-                                          size=cfg.calibration_images, seed=ctx.recipe.seed)
+            calib = identity_calibration_set(ds, cfg.calibration_images, ctx.recipe.seed)
             if cfg.int8.qat_steps or cfg.int8.fallback:  # they train on / measure with the identity images
                 identity = np.stack([ds.get_uint8(i) for i in range(len(ds))])
         jobs.append((None, _embedding_source(ctx), out_root, calib))
@@ -433,7 +430,7 @@ def _stage_export_fleet(ctx: RunContext) -> StageOutput:
     from PIL import Image
 
     from toolchain.fleet import run_fleet
-    from toolchain.quantize.calibration import build_calibration_set
+    from toolchain.quantize.calibration import build_calibration_set, identity_calibration_set
 
     cfg = ctx.recipe.export
     out_root = ctx.path("export")

@@ -120,3 +120,12 @@ def build_calibration_set(kind: str = "backbone", *, images=None, enrollment=Non
     else:
         raise ToolchainError(f"unknown calibration kind {kind!r} (verifier or backbone)")
     return np.ascontiguousarray(chosen)
+
+
+def identity_calibration_set(dataset, size: int, seed: int) -> np.ndarray:
+    """An embedding model's calibration images: `size` images of an identity dataset (anything
+    with len() and get_uint8(i)), drawn without replacement with `seed`, as the recipes' export
+    draws them."""
+    pick = np.random.default_rng(seed).choice(len(dataset), min(len(dataset), size), replace=False)
+    return build_calibration_set("backbone", images=np.stack([dataset.get_uint8(int(i)) for i in np.sort(pick)]),
+                                 size=size, seed=seed)
