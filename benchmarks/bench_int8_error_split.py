@@ -1,7 +1,7 @@
 """Where a backbone's int8 error comes from: its int8 weights alone, against the whole int8 graph.
 
     python benchmarks/bench_int8_error_split.py CHECKPOINT PAIRS [--images 400] [--calibration 64]
-        [--calibration-method mse] [--equalize]
+        [--calibration-method mse] [--equalize] [--per-activation K]
 
 CHECKPOINT: the float model (e.g. RUN/train/backbone/backbone.pt); PAIRS: a pairs file (e.g.
 RUN/data/synthetic.bin). Its distinct images are split in two: the last `--calibration` calibrate
@@ -11,9 +11,16 @@ the float model, mean and largest, in torch:
 - only the folded weights rounded to int8, per output channel and symmetric, as XNNPACK's
   quantizer does, activations float;
 - torch's reference int8 graph (PT2E, XNNPACK's scheme: weights and every activation int8), from
-  the same function the export uses, with the given calibration method.
+  the same function the export uses, with the given calibration method;
+- the same, after the export's exact rewrites that put PReLU and SiLU on int8 ops
+  (toolchain.export.int8_prelu, int8_silu): the graph the int8 files are made from.
 When the last row is many times the second, the activations' rounding is what to work on, and
 weight-rounding methods (AdaRound and the like) cannot close the gap.
+
+With `--per-activation K`, each int8 activation of that last graph on the first 24 measured
+images: its own rounding noise against its signal (variance ratio, (x - q(x)) over x - mean) and
+the share of its values clipped; the count, median and sum over all of them, and the K noisiest.
+One badly scaled tensor stands out there; an error spread over many tensors does not.
 
 With `--equalize`, two more int8 graphs: after the conv-pair range equalization alone, and after
 it with the residual streams equalized too (toolchain.quantize.equalize). For each int8 graph the
@@ -36,6 +43,8 @@ from torch import nn
 from toolchain.data.insightface_bin import read_bin
 from toolchain.evaluate.metrics import _best_threshold
 from toolchain.export.api import resolve_source
+from toolchain.export.int8_prelu import with_int8_prelu
+from toolchain.export.int8_silu import with_int8_silu
 from toolchain.quantize.head import _per_channel
 from toolchain.quantize.pt2e import quantize_xnnpack_int8
 from toolchain.quantize.equalize import equalize_ranges
@@ -55,6 +64,35 @@ def int8_weights_only(model: nn.Module) -> nn.Module:
     return out
 
 
+@torch.no_grad()
+def activation_noise(converted: nn.Module, images: np.ndarray, mean, std) -> list[tuple[float, float, str]]:
+    """(noise / signal variance, clipped share, producing node) for each int8 activation of a
+    converted PT2E graph (its quantize_per_tensor nodes; folded weights have none), noisiest first."""
+    from toolchain.quantize.pt2e import calibration_batches
+
+    sums: dict = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            if node.op == "call_function" and "quantize_per_tensor" in str(node.target) \
+                    and "dequantize" not in str(node.target):
+                x, scale, zero_point, lo, hi = (self.env[a] if isinstance(a, torch.fx.Node) else a
+                                                for a in node.args[:5])
+                steps = torch.round(x / float(scale)) + int(zero_point)
+                rounded = (torch.clamp(steps, lo, hi) - int(zero_point)) * float(scale)
+                s = sums.setdefault(node, [0.0, 0.0, 0, 0])
+                s[0] += float(((x - rounded) ** 2).sum())
+                s[1] += float(((x - x.mean()) ** 2).sum())
+                s[2] += int(((steps > hi) | (steps < lo)).sum())
+                s[3] += x.numel()
+            return super().run_node(node)
+
+    for x in calibration_batches(images, mean, std, batch=1):
+        Recorder(converted).run(x)
+    return sorted(((n / max(sig, 1e-30), c / t, str(node.args[0])) for node, (n, sig, c, t) in sums.items()),
+                  reverse=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
@@ -63,6 +101,8 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=64)
     ap.add_argument("--calibration-method", default="mse", choices=["mse", "minmax", "percentile"])
     ap.add_argument("--equalize", action="store_true", help="also the equalized int8 graphs")
+    ap.add_argument("--per-activation", type=int, default=0, metavar="K",
+                    help="also each int8 activation's own noise; list the K noisiest")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, _meta, _ = resolve_source(args.checkpoint)
@@ -103,6 +143,13 @@ def main() -> None:
     rows = [(f"BatchNorm folded ({folds} folds), float", error(folded)),
             ("int8 weights only (per channel), float activations", error(int8_weights_only(folded))),
             (f"whole int8 graph (PT2E reference, {args.calibration_method} ranges)", error(full, 1, True))]
+    rewritten = with_int8_prelu(model) or model
+    rewritten = with_int8_silu(rewritten) or rewritten
+    shipped = full  # the graph the int8 files are made from
+    if rewritten is not model:
+        shipped = quantize_xnnpack_int8(rewritten, example, calibration, spec.mean, spec.std,
+                                        int8={"calibration": args.calibration_method})
+        rows.append(("the same, with the export's PReLU and SiLU rewrites", error(shipped, 1, True)))
     if args.equalize:
         for streams in (False, True):
             eq, report = equalize_ranges(model, calibration, spec.mean, spec.std, streams=streams)
@@ -118,7 +165,18 @@ def main() -> None:
     for name, (mean, worst, flipped) in rows:
         table.add_row(name, f"{mean:.2e}", f"{worst:.2e}", f"{mean / weights:.1f}" if weights > 0 else "-",
                       "-" if flipped is None else str(flipped))
-    Console(width=140).print(table)
+    console = Console(width=140)
+    console.print(table)
+    if args.per_activation:
+        noise = activation_noise(shipped, measured[:24], spec.mean, spec.std)
+        ratios = np.array([r[0] for r in noise])
+        acts = Table(title=f"{len(noise)} int8 activations, own noise / signal on {min(24, len(measured))} images: "
+                           f"median {np.median(ratios):.2e}, sum {ratios.sum():.2e}")
+        for col in ("activation (producing node)", "noise / signal", "clipped"):
+            acts.add_column(col, justify="left" if col.startswith("activation") else "right")
+        for ratio, clipped, node in noise[:args.per_activation]:
+            acts.add_row(node, f"{ratio:.2e}", f"{clipped:.2%}")
+        console.print(acts)
 
 
 if __name__ == "__main__":

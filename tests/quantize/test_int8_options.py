@@ -79,6 +79,28 @@ def test_bias_correction_lowers_the_mean_error_and_leaves_the_float_model_alone(
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
 
 
+def test_bias_correction_brings_every_corrected_layer_to_its_float_mean():
+    # The definition of the layer-by-layer correction: each layer measured after the ones before
+    # it were corrected. Later layers do not change an earlier one's output, so afterwards every
+    # corrected layer's per-channel mean over the images equals the float model's.
+    from toolchain.quantize.bias_correction import _biased_layers, _channel_means, correct_biases
+    from toolchain.quantize.pt2e import calibration_batches
+
+    net = _conv_net()
+    images = _images(16)
+    converted = _quantize(net, images, calibration="percentile", percentile=95.0)
+    float_graph = torch.export.export(net, (torch.zeros(1, 3, 112, 112),), strict=False).module()
+    batches = list(calibration_batches(images, net.spec.mean, net.spec.std, batch=1))
+    layers = list(_biased_layers(converted))
+    before = _channel_means(converted, layers, batches)
+    report = correct_biases(converted, float_graph, batches)
+    after = _channel_means(converted, layers, batches)
+    target = _channel_means(float_graph, layers, batches)
+    assert report["layers"] == len(layers) == 3
+    assert max(np.abs(b - t).max() for b, t in zip(before, target)) > 1e-3  # clipping shifted them
+    assert all(np.allclose(a, t, atol=1e-5) for a, t in zip(after, target))
+
+
 def test_bias_correction_reaches_convolutions_whose_batchnorm_pt2e_folds():
     # MobileFaceNet-like: bias-free convolutions, each followed by a BatchNorm. PT2E folds the
     # BatchNorm into a conv bias; the float reference must compare that bias's layer too.
