@@ -66,9 +66,10 @@ def int8_weights_only(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def activation_noise(converted: nn.Module, images: np.ndarray, mean, std) -> list[tuple[float, float, str]]:
-    """(noise / signal variance, clipped share, producing node) for each int8 activation of a
-    converted PT2E graph (its quantize_per_tensor nodes; folded weights have none), noisiest first."""
-    from toolchain.quantize.pt2e import calibration_batches
+    """(noise / signal variance, clipped share, producing node and its module) for each int8
+    activation of a converted PT2E graph (its quantize_per_tensor nodes; folded weights have
+    none), noisiest first."""
+    from toolchain.quantize.pt2e import calibration_batches, module_of
 
     sums: dict = {}
 
@@ -89,8 +90,8 @@ def activation_noise(converted: nn.Module, images: np.ndarray, mean, std) -> lis
 
     for x in calibration_batches(images, mean, std, batch=1):
         Recorder(converted).run(x)
-    return sorted(((n / max(sig, 1e-30), c / t, str(node.args[0])) for node, (n, sig, c, t) in sums.items()),
-                  reverse=True)
+    return sorted(((n / max(sig, 1e-30), c / t, f"{node.args[0]} ({module_of(node.args[0]) or '-'})")
+                   for node, (n, sig, c, t) in sums.items()), reverse=True)
 
 
 def main() -> None:
@@ -172,7 +173,7 @@ def main() -> None:
         ratios = np.array([r[0] for r in noise])
         acts = Table(title=f"{len(noise)} int8 activations, own noise / signal on {min(24, len(measured))} images: "
                            f"median {np.median(ratios):.2e}, sum {ratios.sum():.2e}")
-        for col in ("activation (producing node)", "noise / signal", "clipped"):
+        for col in ("activation (producing node, module)", "noise / signal", "clipped"):
             acts.add_column(col, justify="left" if col.startswith("activation") else "right")
         for ratio, clipped, node in noise[:args.per_activation]:
             acts.add_row(node, f"{ratio:.2e}", f"{clipped:.2%}")
