@@ -1,12 +1,14 @@
 """Where a backbone's int8 error comes from: its int8 weights alone, against the whole int8 graph.
 
     python benchmarks/bench_int8_error_split.py CHECKPOINT PAIRS [--images 400] [--calibration 64]
-        [--calibration-method mse] [--equalize] [--per-activation K]
+        [--calibration-method mse] [--identity RUN/data/train.rec] [--equalize] [--per-activation K]
 
 CHECKPOINT: the float model (e.g. RUN/train/backbone/backbone.pt); PAIRS: a pairs file (e.g.
 RUN/data/synthetic.bin). Its distinct images are split in two: the last `--calibration` calibrate
 the int8 graph, the first `--images` are measured (disjoint). Each row is 1 - embedding cosine to
-the float model, mean and largest, in torch:
+the float model, mean and largest, in torch. With `--identity REC`, the calibration images are
+instead drawn from that identity dataset as a recipe's export draws them (seed 0), as the int8
+files are made, and the first `--images` are measured:
 - BatchNorm folded into the convolutions, as the int8 files fold it (float; should be ~1e-13);
 - only the folded weights rounded to int8, per output channel and symmetric, as XNNPACK's
   quantizer does, activations float;
@@ -101,6 +103,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--calibration", type=int, default=64)
     ap.add_argument("--calibration-method", default="mse", choices=["mse", "minmax", "percentile"])
+    ap.add_argument("--identity", help="calibrate on this identity dataset (a run's data/train.rec), as the "
+                                       "recipe's export does")
     ap.add_argument("--equalize", action="store_true", help="also the equalized int8 graphs")
     ap.add_argument("--per-activation", type=int, default=0, metavar="K",
                     help="also each int8 activation's own noise; list the K noisiest")
@@ -112,10 +116,18 @@ def main() -> None:
     pairs = read_bin(args.pairs)
     images, inverse = np.unique(np.concatenate([pairs.images_a, pairs.images_b]), axis=0, return_inverse=True)
     inverse = inverse.reshape(2, -1)
-    if len(images) < args.images + args.calibration:
+    own = 0 if args.identity else args.calibration  # pair images set aside to calibrate
+    if len(images) < args.images + own:
         raise SystemExit(f"error: {args.pairs} has {len(images)} distinct images; "
-                         f"--images + --calibration need {args.images + args.calibration}")
-    measured, calibration = images[:args.images], images[-args.calibration:]
+                         f"--images + --calibration need {args.images + own}")
+    measured = images[:args.images]
+    if args.identity:
+        from toolchain.data import load_identity_dataset
+        from toolchain.quantize.calibration import identity_calibration_set
+
+        calibration = identity_calibration_set(load_identity_dataset(args.identity), args.calibration, 0)
+    else:
+        calibration = images[-args.calibration:]
     reference = _embed(model, measured, 16, spec.mean, spec.std)
     mirrored = measured[:, :, ::-1].copy()
     kept = np.all(inverse < args.images, axis=0)  # pairs whose two images are both measured
@@ -159,7 +171,8 @@ def main() -> None:
             rows.append((f"the same, equalized: {report['pairs']} conv pairs, {report['streams']} residual streams",
                          error(q, 1, True)))
     table = Table(title=f"int8 error split: {args.checkpoint}, {len(measured)} images "
-                        f"({len(calibration)} others calibrate); flips of {int(kept.sum())} pairs")
+                        f"({len(calibration)} {'identity images' if args.identity else 'others'} calibrate); "
+                        f"flips of {int(kept.sum())} pairs")
     for col in ("form", "1 - cosine, mean", "1 - cosine, largest", "x weights only", "flipped decisions"):
         table.add_column(col, justify="left" if col == "form" else "right")
     weights = rows[1][1][0]
