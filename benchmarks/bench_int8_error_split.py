@@ -48,7 +48,7 @@ from toolchain.export.api import resolve_source
 from toolchain.export.int8_prelu import with_int8_prelu
 from toolchain.export.int8_silu import with_int8_silu
 from toolchain.quantize.head import _per_channel
-from toolchain.quantize.pt2e import quantize_xnnpack_int8
+from toolchain.quantize.pt2e import calibration_batches, module_of, quantize_xnnpack_int8
 from toolchain.quantize.equalize import equalize_ranges
 from toolchain.quantize.batchnorm import fold_batchnorm
 from toolchain.quantize.sensitivity import _embed
@@ -71,8 +71,6 @@ def activation_noise(converted: nn.Module, images: np.ndarray, mean, std) -> lis
     """(noise / signal variance, clipped share, producing node and its module) for each int8
     activation of a converted PT2E graph (its quantize_per_tensor nodes; folded weights have
     none), noisiest first."""
-    from toolchain.quantize.pt2e import calibration_batches, module_of
-
     sums: dict = {}
 
     class Recorder(torch.fx.Interpreter):

@@ -57,28 +57,30 @@ def _tapped(gm: nn.Module, names: list[str]) -> nn.Module:
     return gm
 
 
+def _channel_sum(y: torch.Tensor) -> np.ndarray:
+    """Per-channel mean of one output batch, times its batch size (dim 1 is the channel; a 2-D
+    output's columns)."""
+    dims = [d for d in range(y.dim()) if d != 1] if y.dim() > 2 else [0]
+    return y.double().mean(dim=dims).numpy() * y.shape[0]
+
+
+def _mean(outputs: list[torch.Tensor]) -> np.ndarray:
+    """Per-channel mean over the batches `outputs`."""
+    return sum(_channel_sum(y) for y in outputs) / max(sum(int(y.shape[0]) for y in outputs), 1)
+
+
 def _channel_means(gm: nn.Module, names: list[str], inputs) -> list[np.ndarray]:
+    """Per-channel mean of each of the nodes `names` over the input batches (one pass, summed as
+    it goes: every layer's outputs for every image would not fit for a backbone)."""
     tapped = _tapped(gm, names)
-    sums: list[np.ndarray | None] = [None] * len(names)
+    sums: list = [0.0] * len(names)
     count = 0
     with torch.no_grad():
         for x in inputs:
             outs = tapped(x)
-            for i, y in enumerate(outs):
-                dims = [d for d in range(y.dim()) if d != 1] if y.dim() > 2 else [0]
-                m = y.double().mean(dim=dims).numpy() * y.shape[0]
-                sums[i] = m if sums[i] is None else sums[i] + m
+            sums = [s + _channel_sum(y) for s, y in zip(sums, outs)]
             count += int(outs[0].shape[0])
     return [s / max(count, 1) for s in sums]
-
-
-def _mean(outputs: list[torch.Tensor]) -> np.ndarray:
-    """Per-channel mean over images (dim 1 is the channel; a 2-D output's columns)."""
-    total = 0.0
-    for y in outputs:
-        dims = [d for d in range(y.dim()) if d != 1] if y.dim() > 2 else [0]
-        total = total + y.double().mean(dim=dims).numpy() * y.shape[0]
-    return total / max(sum(int(y.shape[0]) for y in outputs), 1)
 
 
 def correct_biases(converted: nn.Module, float_graph: nn.Module, inputs, skip=()) -> dict:
