@@ -106,3 +106,25 @@ def int8_sensitivity(layers: Sequence[Mapping], all_int8: float, kept: Sequence[
     ax.set_title("int8 sensitivity per layer")
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
+
+
+def seed_agreement(summary: Mapping, bound: float | None, path: Path) -> Path:
+    """Decision agreement of each artifact (one row each), one dot per seed and a bar at their
+    mean (toolchain.report.seeds); the dashed line is the recipe's bound."""
+    files = list(summary["artifacts"])
+    fig, ax = plt.subplots(figsize=(7, 0.5 * max(len(files), 2) + 1.2))
+    y = np.arange(len(files))
+    for yi, f in zip(y, files):
+        stats = summary["artifacts"][f]["agreement"]
+        values = [v for v in stats["values"] if v is not None]
+        ax.scatter(values, [yi] * len(values), color="tab:blue", zorder=3)
+        if stats["mean"] is not None:
+            ax.plot([stats["mean"]] * 2, [yi - 0.3, yi + 0.3], color="black", linewidth=2)
+    if bound is not None:
+        ax.axvline(bound, color="tab:red", linestyle="--", linewidth=1, label=f"bound {bound:g}%")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_yticks(y, files, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("decision agreement with the float model (%): one dot per seed, bar at the mean")
+    ax.set_title(f"{summary['recipe']}: {len(summary['seeds'])} seeds")
+    return _save(fig, path)
