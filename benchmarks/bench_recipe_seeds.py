@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, help="folder of the runs (default: artifacts/<recipe>-seeds)")
     args = ap.parse_intermixed_args()  # overrides may come before or after the options
-    console = Console(width=150)
+    console = Console(width=190)
     try:
         if any(o.split("=", 1)[0] == "seed" or o.split("=", 1)[0].endswith(".seed") for o in args.overrides):
             raise ToolchainError("the seeds come from --seeds; drop the seed overrides")

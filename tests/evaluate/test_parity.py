@@ -84,6 +84,9 @@ def test_backbone_parity_rows(tiny_exports):
     assert fp["decision_agreement"] == 100.0 and fp["accuracy_drop"] == pytest.approx(0, abs=1e-9)
     assert fp["embedding_cosine_min"] > 0.9999 and fp["max_abs_gap"] < 1e-4
     assert i8["embedding_cosine_mean"] > 0.95 and i8["max_abs_gap"] >= i8["mean_abs_gap"]
+    diff = np.array(i8["scores"]) - np.array(i8["float_scores"])
+    assert i8["score_shift"] == pytest.approx(diff.mean()) and i8["score_noise"] == pytest.approx(diff.std())
+    assert i8["score_noise"] > 0 and abs(fp["score_shift"]) < 1e-4
     for r in rows:
         assert len(r["scores"]) == len(r["float_scores"]) == len(r["issame"]) == 40
         assert r["latency_ms"] > 0 and r["float_latency_ms"] > 0 and r["passed"]

@@ -119,6 +119,26 @@ def test_bias_correction_reaches_convolutions_whose_batchnorm_pt2e_folds():
     assert err_corr < 0.5 * err_plain
 
 
+@pytest.mark.parametrize("linear_bias", [True, False])
+def test_bias_correction_of_an_embedding_head_linear_then_batchnorm(linear_bias):
+    # The backbones' head: Linear -> BatchNorm1d, which PT2E folds into the linear. The float
+    # reference must fold it too. Unfolded, a biased linear (VarGFaceNet) was "corrected" by the
+    # BatchNorm's whole shift and a bias-free one (MobileFaceNet) was never corrected.
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+                        nn.Linear(8, 6, bias=linear_bias), nn.BatchNorm1d(6)).eval()
+    bn = net[5]
+    bn.running_mean.uniform_(-2.0, 2.0)  # a shift far larger than int8's own mean error
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    net.spec = build_model("verifier", width=4).spec
+    report, err_plain, err_corr = _corrected_mean_errors(net)
+    assert report["layers"] == 2  # the convolution and the head's linear layer
+    # Less mean error than without correction (the wrong correction added the BatchNorm's shift,
+    # hundreds of times more); what is left is mostly the output's own rounding.
+    assert err_corr < 0.75 * err_plain
+
+
 def test_bias_correction_skips_the_per_user_tensors():
     torch.manual_seed(0)
     model = build_model("verifier", width=4, film=True).eval()

@@ -20,10 +20,12 @@ def test_embedding_report_shows_cosine_and_outside(tmp_path):
                "embedding_cosine_mean": 0.99943, "embedding_cosine_min": 0.99738} for a in arts]
     core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": arts,
             "budgets": [], "parity": parity, "failures": ["x"], "passed": False}
+    parity[0] |= {"score_shift": -0.00363, "score_noise": 0.0101, "gap_of": "cosine score"}
     write_report(core, tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "embedding cosine to float (mean / min)" in md
-    assert "| export/m_int8.pte | 62.80% | 64.50% | -1.7 | 0.9994 / 0.9974 | 99.00% |" in md
+    assert "embedding cosine to float (mean / min)" in md and "cosine score shift / noise" in md
+    assert "| -0.0036 / 0.0101 |" in md and "| n/a / n/a |" in md
+    assert "| export/m_int8.pte | 62.80% | 64.50% | -1.7 | 0.9994 / 0.9974 | -0.0036 / 0.0101 | 99.00% |" in md
     assert "| `export/m_int8.pte` | executorch | int8 | 10 | abababababababab | prelu (float) x33 |" in md
     assert "| tflite | int8 | 10 | cdcdcdcdcdcdcdcd | PRELU (not XNNPACK) x33 |" in md
     assert "| efefefefefefefef | none |" in md

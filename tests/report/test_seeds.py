@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _manifest(agreements: dict, float_accuracy: float, passed: bool, name: str = "mobilefacenet") -> dict:
     rows = [{"file": f, "decision_agreement": a, "num": 1200, "float_accuracy": float_accuracy,
              "accuracy_drop": 0.1, "tar_drop": None, "embedding_cosine_mean": 0.999,
-             "embedding_cosine_min": 0.99, "passed": a >= 99.5} for f, a in agreements.items()]
+             "embedding_cosine_min": 0.99, "score_shift": -0.001, "score_noise": 0.0075,
+             "passed": a >= 99.5} for f, a in agreements.items()]
     return {"name": name, "passed": passed, "parity": rows}
 
 
@@ -64,6 +65,18 @@ def test_table_shows_each_seed_and_the_mean():
     text = console.export_text()
     assert "Some CPU" in text and "99.00 (12)" in text and "99.75 (3)" in text
     assert "99.38 ± 0.53 (7.5 ± 6.4)" in text and "1/2 passed" in text and "1/2 pass" in text
+    assert "-0.0010 / 0.0075" in text and "-0.0010 ± 0.0000 / 0.0075 ± 0.0000" in text
+
+
+def test_table_keeps_file_names_whole_at_the_bench_width():
+    from rich.console import Console
+
+    names = {"vargfacenet_int8.pte": 99.5, "vargfacenet_int8.tflite": 99.0}
+    s = summarize_seeds({0: _manifest(names, 65.5, False), 1: _manifest(names, 68.75, False)})
+    console = Console(record=True, width=190)  # the bench's width
+    console.print(seed_table(s))
+    text = console.export_text()
+    assert "vargfacenet_int8.pte" in text and "vargfacenet_int8.tflite" in text
 
 
 def test_seed_plot_is_written(tmp_path):

@@ -655,15 +655,17 @@ def default_stages(recipe: Recipe) -> list[Stage]:
     stages += [
         Stage("evaluate", _stage_evaluate, title="evaluate on the pairs", after=("data", *trained), version=2,
               external=_external_data, config=lambda ctx: ctx.recipe.evaluate.model_dump(mode="json")),
-        Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=4,
+        # version 5: bias correction and QAT fold a Linear -> BatchNorm1d head as PT2E does.
+        Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=5,
               external=_external_data, workdir="export",
               config=lambda ctx: {"export": ctx.recipe.export.model_dump(mode="json"), "seed": ctx.recipe.seed,
                                   **_fallback_targets_key(ctx)}),
         Stage("profile", _stage_profile, title="profile + budgets", after=("export", *trained),
               config=lambda ctx: {"budgets": ctx.recipe.budgets.model_dump(mode="json"),
                                   "zoo": ctx.recipe.report.compare_backbones}),
+        # version 2: rows gain the score's shift and noise against float.
         Stage("parity", _stage_parity, title="parity in the runtimes", after=("data", "export", *trained),
-              external=_external_data, workdir="parity",
+              external=_external_data, workdir="parity", version=2,
               config=lambda ctx: ctx.recipe.parity.model_dump(mode="json")),
     ]
     return stages

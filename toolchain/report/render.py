@@ -55,6 +55,10 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{float(v):.2f}%"
 
 
+def _signed(v: Any, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{float(v):+.{digits}f}"
+
+
 def _verdict(passed: Any) -> str:
     return "PASS" if passed else "FAIL"
 
@@ -138,6 +142,12 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
         headers.insert(4, "TAR@FAR=1e-3 drop (points)")
         for row, p in zip(rows, parity):
             row.insert(4, _num(p.get("tar_drop")))
+    if any(p.get("score_noise") is not None for p in parity):
+        # Flips come from the artifact's scores moving against the threshold: all of them at once
+        # (shift) or each pair its own way (noise).
+        headers.insert(4, f"{parity[0].get('gap_of', 'score')} shift / noise")
+        for row, p in zip(rows, parity):
+            row.insert(4, f"{_signed(p.get('score_shift'))} / {_num(p.get('score_noise'), 4)}")
     if any(p.get("embedding_cosine_mean") is not None for p in parity):
         # Embedding models: how close each artifact's embeddings are to the float model's.
         headers.insert(4, "embedding cosine to float (mean / min)")

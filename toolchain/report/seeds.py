@@ -6,7 +6,8 @@ the run manifests of the same recipe run with different seeds (`benchmarks/bench
 makes them) and returns, per seed and as mean ± sample std (ddof=1) over the seeds:
 - the float model's accuracy on the recipe's pairs or probes (parity's float reference);
 - for each artifact: decision agreement and the flipped decisions it is made of, accuracy drop,
-  TAR@FAR=1e-3 drop, embedding cosine mean and min (embedding models), and whether its parity
+  TAR@FAR=1e-3 drop, embedding cosine mean and min (embedding models), the score's shift and
+  noise against float (runs made before parity measured them have none), and whether its parity
   bounds held;
 - whether the whole run passed (budgets and parity: the run's exit 0).
 """
@@ -26,6 +27,8 @@ PARITY_METRICS = {
     "tar_drop": "tar_drop",
     "embedding_cosine_mean": "cosine_mean",
     "embedding_cosine_min": "cosine_min",
+    "score_shift": "score_shift",
+    "score_noise": "score_noise",
 }
 
 
@@ -98,8 +101,10 @@ def seed_table(summary: Mapping):
     title = f"{summary['recipe']}: {len(seeds)} seeds" + (f"; {summary['cpu']}" if summary.get("cpu") else "")
     table = Table(title=title)
     for col in ("seed", "exit", "float accuracy %", "artifact", "agreement % (flips)", "accuracy drop",
-                "TAR@1e-3 drop", "cosine mean / min", "parity"):
-        table.add_column(col, justify="left" if col == "artifact" else "right")
+                "TAR@1e-3 drop", "cosine mean / min", "score shift / noise", "parity"):
+        # The file name is what tells the .pte from the .tflite: never cut it short.
+        table.add_column(col, justify="left" if col == "artifact" else "right", no_wrap=col == "artifact",
+                         min_width=max(map(len, summary["artifacts"])) if col == "artifact" else None)
     for i, seed in enumerate(seeds):
         for j, (name, a) in enumerate(summary["artifacts"].items()):
             first = j == 0
@@ -109,6 +114,7 @@ def seed_table(summary: Mapping):
                           "-" if agreement is None else f"{agreement:.2f} ({a['flips']['values'][i]})",
                           _num(a["accuracy_drop"]["values"][i]), _num(a["tar_drop"]["values"][i]),
                           f"{_num(a['cosine_mean']['values'][i], 4)} / {_num(a['cosine_min']['values'][i], 4)}",
+                          f"{_num(a['score_shift']['values'][i], 4)} / {_num(a['score_noise']['values'][i], 4)}",
                           "pass" if a["passed"][i] else "FAIL")
         table.add_section()
     n = len(seeds)
@@ -118,5 +124,6 @@ def seed_table(summary: Mapping):
                       mean_std(summary["float_accuracy"]) if first else "", name,
                       f"{mean_std(a['agreement'])} ({mean_std(a['flips'], 1)})", mean_std(a["accuracy_drop"]),
                       mean_std(a["tar_drop"]), f"{mean_std(a['cosine_mean'], 4)} / {mean_std(a['cosine_min'], 4)}",
+                      f"{mean_std(a['score_shift'], 4)} / {mean_std(a['score_noise'], 4)}",
                       f"{sum(a['passed'])}/{n} pass")
     return table
