@@ -412,25 +412,6 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
                    time.perf_counter() - t0)
 
 
-TFLITE_CORRECTED_BY = "TFLite converter (ranges: torchao observers; biases corrected on the PT2E graph)"
-
-
-def _bias_corrected_for_converter(int8_model, spec, example, calib, int8) -> tuple[nn.Module, dict]:
-    """The model onnx2tf's int8 .tflite is converted from when `bias_correction` is on: its biases
-    corrected by the mean errors of PT2E's int8 graph of it (every layer int8, as the .tflite is;
-    toolchain.quantize.bias_correction.with_corrected_biases). The TFLite converter has no graph
-    to correct on. Embedding models only: a verifier's per-user tensors are written per user."""
-    from toolchain.quantize.bias_correction import with_corrected_biases
-    from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
-    from toolchain.quantize.pt2e import quantize_xnnpack_int8
-
-    report: dict = {}
-    quantize_xnnpack_int8(int8_model, example, calib, spec.mean, spec.std, report=report,
-                          input_qparams=(INPUT_SCALE, INPUT_ZERO_POINT) if _exact_input(spec) else None,
-                          int8=dataclasses.replace(int8, float_layers=()))
-    return with_corrected_biases(int8_model, report["bias_shifts"]), report["bias_correction"]
-
-
 def _export_tflite(model, int8_model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
                    require_full, staging, backend, compute_head=None, user=None,
                    templates: dict | None = None, int8=None) -> list[ArtifactRecord]:
@@ -442,9 +423,6 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
 
     t0 = time.perf_counter()
     head_feature_scale = None
-    tflite_bias = None
-    if backend == "onnx2tf" and int8.bias_correction and "int8" in precisions and spec.output == "embedding":
-        int8_model, tflite_bias = _bias_corrected_for_converter(int8_model, spec, example, calib, int8)
     if backend == "onnx2tf":
         if int8_model is model or "int8" not in precisions:
             blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
@@ -492,8 +470,6 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
         method = None
         if precision == "int8":
             method = int8.applied(pt2e=backend != "onnx2tf", float_layers=False)  # (the .pte's fallback)
-            if tflite_bias is not None:
-                method |= {"bias_correction": True, "by": TFLITE_CORRECTED_BY, "bias_corrected": tflite_bias}
         records.append(_record(staging, f"{model_name}_{precision}.tflite", data, meta, "tflite", precision,
                                backend, _checks({"tflite": report.to_dict()},
                                                 head_feature_scale if precision == "int8" else None, method), seconds))

@@ -24,8 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.quantize.batchnorm import fold_batchnorm
-
 _LAYERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 
 
@@ -89,20 +87,19 @@ def correct_biases(converted: nn.Module, float_graph: nn.Module, inputs, skip=()
     """Correct `converted`'s biases in place against `float_graph` (the same model exported in
     float, node names alike) on `inputs` (an iterable of input batches; consumed twice, so a
     list). Returns {"layers": n corrected, "mean_abs_shift": mean |correction| over channels,
-    "skipped": [bias names left alone], "shifts": {float_graph's bias name: per-channel shift
-    subtracted}} (the shifts carry the correction to another int8 path: `with_corrected_biases`)."""
+    "skipped": [bias names left alone]}."""
     inputs = list(inputs)
     q_layers, f_layers = _biased_layers(converted), _biased_layers(float_graph)
     skipped = sorted(b for b in q_layers.values() if any(b == s or b.startswith(s + ".") for s in skip))
     names = [n for n, b in q_layers.items() if n in f_layers and b not in skipped]
     if not names:
-        return {"layers": 0, "mean_abs_shift": 0.0, "skipped": skipped, "shifts": {}}
+        return {"layers": 0, "mean_abs_shift": 0.0, "skipped": skipped}
     float_means = dict(zip(names, _channel_means(float_graph, names, inputs)))
     # One interpreter per image, all stepped through the graph together.
     runs = [torch.fx.Interpreter(converted) for _ in inputs]
     for run, x in zip(runs, inputs):
         run.args_iter = iter([x])
-    shifts, by_bias = [], {}
+    shifts = []
     with torch.no_grad():
         for node in converted.graph.nodes:
             if node.op == "output":
@@ -123,27 +120,8 @@ def correct_biases(converted: nn.Module, float_graph: nn.Module, inputs, skip=()
                     run.env[bias_node] = corrected
                     run.env[node] = run.run_node(node)
                 shifts.append(np.abs(shift))
-                by_bias[f_layers[node.name]] = shift.astype(np.float32)
             for run in runs:  # free what no later node reads
                 for done in run.user_to_last_uses.get(node, []):
                     del run.env[done]
     converted.recompile()
-    return {"layers": len(names), "mean_abs_shift": float(np.mean(np.concatenate(shifts))), "skipped": skipped,
-            "shifts": by_bias}
-
-
-def with_corrected_biases(model: nn.Module, shifts: dict) -> nn.Module:
-    """A copy of `model`, BatchNorm folded as PT2E folds it (the float reference's form), with
-    each bias named in `shifts` (`correct_biases`) lowered by its shift.
-
-    The correction measured on the PT2E graph, carried to an int8 path that has no such graph:
-    onnx2tf's .tflite is quantised by the TFLite converter from this model, with the same weight
-    rounding (per-channel symmetric) and the same activation ranges (torchao observers), so its
-    layers' mean errors are close to PT2E's. Exact in float up to the shifts themselves."""
-    folded, _ = fold_batchnorm(model)
-    with torch.no_grad():
-        for name, shift in shifts.items():
-            owner, leaf = _owner(folded, name)
-            bias = getattr(owner, leaf)
-            bias.sub_(torch.as_tensor(shift, dtype=bias.dtype).reshape(bias.shape))
-    return folded
+    return {"layers": len(names), "mean_abs_shift": float(np.mean(np.concatenate(shifts))), "skipped": skipped}

@@ -23,9 +23,7 @@
 The calibration method applies to every int8 file: PT2E's observers make the ExecuTorch `.pte`
 and the litert-torch `.tflite`, and the same observers set the ranges of onnx2tf's `.tflite`
 before the TFLite converter quantises it (toolchain.export.tflite_calibration). Bias correction
-needs the PT2E graph: for an embedding model, onnx2tf's `.tflite` is converted from the model
-whose biases PT2E's graph corrected (toolchain.export.api); a verifier's `.tflite` is not
-corrected. Each artifact records what it got (`int8_method`).
+needs the PT2E graph: onnx2tf's `.tflite` has none, and its artifacts record that (`int8_method`).
 """
 
 from __future__ import annotations

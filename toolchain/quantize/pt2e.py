@@ -327,8 +327,7 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarr
         corrected = correct_biases(converted, float_graph, list(calibration_batches(calibration, mean, std, batch=1)),
                                    skip=[n for n in per_user if n.endswith(".bias")])
         if report is not None:
-            report["bias_correction"] = {k: v for k, v in corrected.items() if k != "shifts"}
-            report["bias_shifts"] = corrected["shifts"]  # arrays: not for the manifest
+            report["bias_correction"] = corrected
     if compute_head is not None:
         if not fold_quantize:
             raise ToolchainError("int8 export: the per-user head is written into folded int8 weights")
