@@ -1,6 +1,8 @@
 """A recipe run with several seeds: its float accuracy and each file's parity as mean ± std.
 
-    python benchmarks/bench_recipe_seeds.py RECIPE [--seeds 0 1 2] [--out DIR] [OVERRIDES...]
+    python benchmarks/bench_recipe_seeds.py RECIPE [OVERRIDES...] [--out DIR] [--seeds 0 1 2]
+
+(Overrides go before `--seeds`, which takes every number after it.)
 
 Runs `toolchain run RECIPE --out DIR/seed-S seed=S train.<part>.seed=S OVERRIDES` for each seed,
 one after the other, each in its own process (its stages and progress show as it runs): every
