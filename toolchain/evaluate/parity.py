@@ -230,11 +230,12 @@ def run_parity(artifacts: Sequence, eval_set, reference=None, bounds=None, *, re
         row["auc"] = m["auc"] if m else None
         row["float_auc"] = fm["auc"] if fm else None
         row["decision_agreement"] = float(np.mean(dec == fdec) * 100)
-        gap = np.abs(a - f)
+        diff = a - f
+        gap = np.abs(diff)
         # What moves the decisions: a shift common to every pair (a systematic error, which
         # bias correction can remove) and the per-pair spread around it (rounding noise).
-        row["score_shift"] = float(np.mean(a - f))
-        row["score_noise"] = float(np.std(a - f))
+        row["score_shift"] = float(diff.mean())
+        row["score_noise"] = float(diff.std())
         row["max_abs_gap"] = float(gap.max())
         row["mean_abs_gap"] = float(gap.mean())
         row["gap_of"] = "logit" if kind == "verifier" else "cosine score"
