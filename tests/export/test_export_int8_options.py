@@ -80,7 +80,7 @@ def test_qat_and_fallback_reach_the_manifest(tmp_path):
     assert recovery["sensitivity"]["layers"]
 
 
-def test_equalization_reaches_the_int8_files_and_the_manifest(tmp_path):
+def test_equalization_and_bias_correction_reach_both_int8_files_and_the_manifest(tmp_path):
     from toolchain.models.registry import ModelSpec
 
     class WithBatchNorm(torch.nn.Module):
@@ -98,8 +98,10 @@ def test_equalization_reaches_the_int8_files_and_the_manifest(tmp_path):
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
     recs = export_model(WithBatchNorm().eval(), tmp_path, ["executorch", "tflite"], "int8", images,
-                        progress=False, int8={"equalize": True})
-    assert all(r.checks["int8_method"]["equalize"] for r in recs)  # the .pte and the .tflite alike
+                        progress=False, int8={"equalize": True, "bias_correction": True})
+    # The .pte and the .tflite alike, each corrected on its own int8 graph.
+    assert all(r.checks["int8_method"]["equalize"] and r.checks["int8_method"]["bias_correction"] for r in recs)
+    assert sorted(r.checks["int8_method"]["by"].split()[0] for r in recs) == ["PT2E", "TFLite"]
     manifest = json.loads((tmp_path / "export_manifest.json").read_text())
     assert manifest["int8"]["equalize"] and manifest["int8_recovery"]["equalize"]["pairs"] == 1
 

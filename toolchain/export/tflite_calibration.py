@@ -48,7 +48,13 @@ def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8
     calibrated = converter.convert()
     if options.calibration != "minmax":
         calibrated = set_ranges(calibrated, inputs, options)
-    return convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8, output_data_type=tf.int8)
+    quantized = convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
+                                      output_data_type=tf.int8)
+    if options.bias_correction:  # measured on the converter's own int8 graph (toolchain.export.tflite_bias_correction)
+        from toolchain.export.tflite_bias_correction import correct_tflite_biases
+
+        quantized, _ = correct_tflite_biases(quantized, calibrated, inputs)
+    return quantized
 
 
 def _observer(options: Int8Options):

@@ -10,8 +10,9 @@
   some layer, exceed this many times the median over the images are left out of calibration
   (toolchain.quantize.outliers).
 - `bias_correction`: after conversion, each convolution's and linear layer's bias absorbs the
-  mean error its int8 output shows against the float model on the calibration images
-  (toolchain.quantize.bias_correction).
+  mean error its int8 output shows against the float model on the calibration images, measured
+  on each runtime's own int8 graph (toolchain.quantize.bias_correction for PT2E,
+  toolchain.export.tflite_bias_correction for the TFLite converter's file).
 - `equalize`: cross-layer range equalization before either runtime quantises: every channel of
   an activation between a convolution and the next gets the tensor's full int8 range, exact in
   float (toolchain.quantize.equalize).
@@ -22,8 +23,7 @@
 
 The calibration method applies to every int8 file: PT2E's observers make the ExecuTorch `.pte`
 and the litert-torch `.tflite`, and the same observers set the ranges of onnx2tf's `.tflite`
-before the TFLite converter quantises it (toolchain.export.tflite_calibration). Bias correction
-needs the PT2E graph: onnx2tf's `.tflite` has none, and its artifacts record that (`int8_method`).
+before the TFLite converter quantises it (toolchain.export.tflite_calibration).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import dataclasses
 from dataclasses import dataclass
 
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
-# onnx2tf's .tflite: the converter quantises, with ranges from the same observers; no bias correction.
-TFLITE_CONVERTER_METHOD = {"bias_correction": False, "by": "TFLite converter (ranges: torchao observers)"}
+# onnx2tf's .tflite: the converter quantises, with ranges from the same observers.
+TFLITE_CONVERTER_METHOD = {"by": "TFLite converter (ranges: torchao observers)"}
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,8 @@ class Int8Options:
         return out
 
     def applied(self, pt2e: bool, float_layers: bool | None = None) -> dict:
-        """What an int8 artifact records as its method (`checks.int8_method`): PT2E applies every
-        option; onnx2tf's converter path applies the calibration method only. `float_layers`
-        (default: `pt2e`) says whether the file keeps the fallback's layers in float: only the
+        """What an int8 artifact records as its method (`checks.int8_method`): PT2E and the
+        TFLite converter path both apply every option. `float_layers` (default: `pt2e`) says whether the file keeps the fallback's layers in float: only the
         ExecuTorch `.pte` does, so a `.tflite` never records them."""
         keep_float = pt2e if float_layers is None else float_layers
         done = {k: v for k, v in self.to_dict().items() if keep_float or k != "float_layers"}

@@ -1,0 +1,94 @@
+"""Bias correction of the TFLite converter's int8 graph (toolchain.export.tflite_bias_correction)."""
+
+import numpy as np
+import pytest
+
+from toolchain.quantize.int8_options import Int8Options
+
+tf = pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """conv + bias -> PReLU-like -> conv + bias -> relu (fused) -> dense + bias."""
+    rng = np.random.default_rng(0)
+    k1, b1 = (tf.constant(v.astype(np.float32)) for v in (rng.normal(size=(3, 3, 3, 16)) / 3, rng.normal(size=16)))
+    k2, b2 = (tf.constant(v.astype(np.float32)) for v in (rng.normal(size=(3, 3, 16, 16)) / 6, rng.normal(size=16)))
+    w3, b3 = (tf.constant(v.astype(np.float32)) for v in (rng.normal(size=(8 * 8 * 16, 32)) / 30, rng.normal(size=32)))
+
+    class Net(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+        def __call__(self, x):
+            y = tf.nn.conv2d(x, k1, 1, "SAME") + b1
+            y = tf.nn.relu(tf.nn.conv2d(0.5 * y + tf.nn.relu(y), k2, 1, "SAME") + b2)
+            return tf.matmul(tf.reshape(y, [1, -1]), w3) + b3
+
+    net = Net()
+    path = tmp_path_factory.mktemp("net") / "saved_model"
+    tf.saved_model.save(net, str(path))
+    x = rng.normal(size=(48, 8, 8, 3)).astype(np.float32)
+    reference = np.stack([net(tf.constant(x[i:i + 1])).numpy()[0] for i in range(len(x))])
+    return str(path), x, reference
+
+
+def _outputs(buf: bytes, x: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=buf)
+    interpreter.allocate_tensors()
+    feed, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    (s_in, z_in), (s_out, z_out) = feed["quantization"], out["quantization"]
+    ys = []
+    for i in range(len(x)):
+        interpreter.set_tensor(feed["index"], np.clip(np.round(x[i:i + 1] / s_in) + z_in, -128, 127).astype(np.int8))
+        interpreter.invoke()
+        ys.append((interpreter.get_tensor(out["index"])[0].astype(np.float64) - z_out) * s_out)
+    return np.stack(ys)
+
+
+def _biases(buf: bytes) -> dict[str, np.ndarray]:
+    from toolchain.export.tflite_flatbuffer import load_flatbuffer
+
+    _, model = load_flatbuffer(buf)
+    sub = model.subgraphs[0]
+    return {f"op{k}": np.frombuffer(bytes(model.buffers[sub.tensors[op.inputs[2]].buffer].data), "<i4").copy()
+            for k, op in enumerate(sub.operators) if len(op.inputs) > 2 and op.inputs[2] >= 0}
+
+
+def test_bias_correction_removes_the_mean_output_error_and_spares_fused_activations(saved_model):
+    from toolchain.export.tflite_calibration import quantize_saved_model
+
+    path, x, reference = saved_model
+    plain = quantize_saved_model(path, x, Int8Options())
+    corrected = quantize_saved_model(path, x, Int8Options(bias_correction=True))
+    mean_error = {name: np.abs((_outputs(buf, x) - reference).mean(axis=0)).mean()
+                  for name, buf in (("plain", plain), ("corrected", corrected))}
+    assert mean_error["corrected"] < 0.5 * mean_error["plain"]
+    before, after = _biases(plain), _biases(corrected)
+    changed = [k for k in before if not np.array_equal(before[k], after[k])]
+    # The first conv and the dense layer; the second conv's fused relu hides its mean.
+    assert len(before) == 3 and len(changed) == 2
+
+
+def test_the_correction_reports_what_it_did_and_needs_matching_tensors(saved_model):
+    from tensorflow.lite.python import convert
+
+    from toolchain.export.tflite_bias_correction import correct_tflite_biases
+
+    path, x, _ = saved_model
+    converter = tf.lite.TFLiteConverter.from_saved_model(path)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([tf.constant(x[i:i + 1])] for i in range(len(x)))
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    quantized = convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
+                                      output_data_type=tf.int8)
+    buf, report = correct_tflite_biases(quantized, calibrated, x)
+    assert report["layers"] == 2 and report["mean_abs_shift"] > 0
+    # A float graph with other tensor names matches nothing: the file is returned as it was.
+    unrelated = tf.lite.TFLiteConverter.from_concrete_functions(
+        [tf.function(lambda v: v * 2.0, input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+         .get_concrete_function()]).convert()
+    same, report = correct_tflite_biases(quantized, unrelated, x)
+    assert same == quantized and report["layers"] == 0
