@@ -39,7 +39,7 @@ def _console():
 @click.option("--outlier-factor", type=click.FloatRange(min=1, min_open=True), default=None,
               help="Leave out calibration images whose activations exceed this many times the set's median at "
                    "some layer (default: keep all).")
-@click.option("--bias-correction", is_flag=True, help="Biases absorb the int8 graph's mean error (PT2E files).")
+@click.option("--bias-correction", is_flag=True, help="Biases absorb each int8 file's mean error against float (.pte and .tflite).")
 @click.option("--equalize", is_flag=True, help="Cross-layer range equalization before int8 (exact in float).")
 @click.option("--qat-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Embedding models: PT2E QAT steps towards the float embeddings, on the calibration images.")

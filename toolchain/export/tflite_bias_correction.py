@@ -13,7 +13,7 @@ LiteRT runs a file only whole, and XNNPACK hides a graph's inner tensors unless 
 So each layer is corrected in graph order, measured after the ones before it were corrected (a
 correction never double-counts a shift an earlier layer already removed): the file is run on the
 images with that layer's output added to the graph's outputs, in the runtime it ships to (LiteRT
-with XNNPACK): one run over the images per layer (VarGFaceNet's file has 121 such layers).
+with XNNPACK): one run over the images per layer (VarGFaceNet's file has 103 such layers of 185).
 """
 
 from __future__ import annotations
