@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from toolchain.errors import ToolchainError
-from toolchain.export.tflite_flatbuffer import load_flatbuffer, pack_flatbuffer
+from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name, pack_flatbuffer
 
 _SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
 LITERT_TORCH_VERSION = "0.10.0"
@@ -197,12 +197,6 @@ def canonical_tensor_names(buf: bytes) -> bytes:
     return pack_flatbuffer(model, len(buf))
 
 
-def _op_name(schema, model, op) -> str:
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    code = model.operatorCodes[op.opcodeIndex]
-    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
-
-
 def _set_quant(tensor, scales, zero_points) -> None:
     q = tensor.quantization
     q.scale = [float(x) for x in np.atleast_1d(scales).astype(np.float32)]
@@ -217,7 +211,7 @@ def write_head_quant_tflite(buf: bytes, compute_head) -> tuple[bytes, dict]:
     quantisation take the values computed. Returns (bytes, {"head", "feature_scale"})."""
     schema, model = load_flatbuffer(buf)
     sub = model.subgraphs[0]
-    fcs = [op for op in sub.operators if _op_name(schema, model, op) == "FULLY_CONNECTED"]
+    fcs = [op for op in sub.operators if op_name(schema, model, op) == "FULLY_CONNECTED"]
     if len(fcs) < 2:
         raise ToolchainError(f"int8 .tflite: expected the head's FULLY_CONNECTED layers, found {len(fcs)}")
     feature = sub.tensors[int(fcs[-2].inputs[0])]

@@ -20,13 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolchain.export.tflite_flatbuffer import load_flatbuffer, pack_flatbuffer
+from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name, pack_flatbuffer
 
 _BIASED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-
-
-def _op_names(schema) -> dict[int, str]:
-    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
 
 def _name(tensor) -> str:
@@ -81,13 +77,11 @@ def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarra
     `inputs`: the normalised float32 NHWC calibration images."""
     schema, model = load_flatbuffer(quantized)
     sub = model.subgraphs[0]
-    ops = _op_names(schema)
     _, float_model = load_flatbuffer(calibrated)
     float_index = {_name(t): i for i, t in enumerate(float_model.subgraphs[0].tensors)}
     targets = []  # (output tensor index, bias tensor, float tensor index), in graph order
     for op in sub.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        if ops.get(max(code.builtinCode, code.deprecatedBuiltinCode)) not in _BIASED_OPS:
+        if op_name(schema, model, op) not in _BIASED_OPS:
             continue
         if len(op.inputs) < 3 or op.inputs[2] < 0 or getattr(op.builtinOptions, "fusedActivationFunction", 0):
             continue

@@ -18,3 +18,10 @@ def pack_flatbuffer(model, size_hint: int) -> bytes:
     builder = flatbuffers.Builder(size_hint + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def op_name(schema, model, op) -> str:
+    """The builtin operator name of `op` ("CONV_2D", ...), or "?" for a custom one."""
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    code = model.operatorCodes[op.opcodeIndex]
+    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
