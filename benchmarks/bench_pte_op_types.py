@@ -28,7 +28,8 @@ from rich.table import Table
 from toolchain.environment import describe_cpu
 from toolchain.runtime.executorch_runner import etdump_times
 
-_NOT_OPERATORS = {"Method::execute", "Program::load_method", "Method::init", "DELEGATE_CALL"}
+# Runtime events (Method::execute, Program::load_method, ...) hold "::"; DELEGATE_CALL spans the partition.
+_DELEGATE_SPAN = "DELEGATE_CALL"
 
 
 def operator_type(event: str) -> str:
@@ -47,7 +48,7 @@ def op_type_times(path: Path, calls: int, warmup: int) -> tuple[float, dict[str,
     events = etdump_times(path, [torch.rand(shape)], warmup + calls)
     per_type: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for name, raw in events.items():
-        if name in _NOT_OPERATORS or "::" in name:
+        if name == _DELEGATE_SPAN or "::" in name:
             continue
         # The Inspector merges same-named events: one per call after the warm-up.
         times = np.asarray(raw[len(raw) * warmup // (warmup + calls):])
