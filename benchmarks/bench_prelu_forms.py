@@ -6,10 +6,12 @@ form of PReLU, int8 and fp32, in ExecuTorch (XNNPACK) and LiteRT (onnx2tf).
 Rows (all int8 but the first):
 - fp32: the plain PReLU, one float op (what the fp32 artifacts hold);
 - PReLU left in float: a float island each, dequantise, PReLU, quantise;
+- XNNPACK's int8 PReLU: one int8 op (ExecuTorch only: what the int8 `.pte` holds; LiteRT's
+  XNNPACK delegate refuses an int8 PRELU, so its cell stays empty);
 - three ops: a*x + (1 - a)*relu(x) on two depthwise 1x1 convolutions and an add (the form the
   int8 artifacts had before);
 - two ops: x + (1 - a)*relu(-x), one depthwise 1x1 with a fused ReLU and an add
-  (toolchain/export/int8_prelu.py, what the int8 artifacts hold now);
+  (toolchain/export/int8_prelu.py, what the int8 `.tflite` holds);
 - ReLU instead of PReLU: not the same function; the speed of the network with its PReLUs free.
 
 Latency is inside the runtime, one thread, median: ExecuTorch's `Method::execute` (ETDump),
@@ -35,6 +37,7 @@ from toolchain.export.int8_prelu import with_int8_prelu
 from toolchain.export.module_swap import replace_modules
 from toolchain.export.tflite import export_tflite_onnx2tf
 from toolchain.models import build_model
+from toolchain.quantize.int8_options import Int8Options
 from toolchain.quantize.pt2e import quantize_xnnpack_int8
 from toolchain.runtime.executorch_runner import ExecuTorchRunner
 from toolchain.runtime.litert_runner import LiteRTRunner
@@ -62,23 +65,30 @@ def _is_prelu(m: nn.Module) -> bool:
     return isinstance(m, nn.PReLU)
 
 
-def forms(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+def forms(model: nn.Module) -> dict[str, tuple[nn.Module, str, Int8Options | None]]:
+    """name -> (module, precision, the int8 options of the .pte: which layers stay float)."""
+    prelus = tuple(name for name, m in model.named_modules() if _is_prelu(m))
     return {
-        "fp32 (plain PReLU)": (model, "fp32"),
-        "int8, PReLU left in float": (model, "int8"),
-        "int8, three ops (earlier form)": (replace_modules(model, _is_prelu, ThreeOpPReLU), "int8"),
-        "int8, two ops (int8_prelu.py)": (with_int8_prelu(model), "int8"),
-        "int8, ReLU instead (not exact)": (replace_modules(model, _is_prelu, lambda p: nn.ReLU()), "int8"),
+        "fp32 (plain PReLU)": (model, "fp32", Int8Options()),
+        "int8, PReLU left in float": (model, "int8", Int8Options(float_layers=prelus)),
+        "int8, XNNPACK's int8 PReLU (.pte)": (model, "int8", Int8Options()),
+        "int8, three ops (earlier form)": (replace_modules(model, _is_prelu, ThreeOpPReLU), "int8", Int8Options()),
+        "int8, two ops (int8_prelu.py, .tflite)": (with_int8_prelu(model), "int8", Int8Options()),
+        "int8, ReLU instead (not exact)": (replace_modules(model, _is_prelu, lambda p: nn.ReLU()), "int8",
+                                           Int8Options()),
     }
 
 
-def _latency(module, precision, runtime, calib, example, repeats, tmp: Path) -> float:
+NOT_LITERT = {"int8, XNNPACK's int8 PReLU (.pte)"}  # LiteRT's XNNPACK refuses int8 PRELU
+
+
+def _latency(module, precision, int8, runtime, calib, example, repeats, tmp: Path) -> float:
     meta = {"input": {"mean": list(MEAN), "std": list(STD)}, "output": "embedding"}
     if runtime == "executorch":
         from executorch.exir import to_edge_transform_and_lower
 
         if precision == "int8":
-            module = quantize_xnnpack_int8(module, example, calib, MEAN, STD)
+            module = quantize_xnnpack_int8(module, example, calib, MEAN, STD, int8=int8)
         program = torch.export.export(module, (example,), strict=False)
         path = tmp / f"m_{precision}.pte"
         path.write_bytes(to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()]).to_executorch().buffer)
@@ -104,9 +114,12 @@ def main() -> None:
     console = Console(width=120)
     times: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-prelu-") as tmp:
-        for name, (module, precision) in forms(model).items():
+        for name, (module, precision, int8) in forms(model).items():
             for runtime in runtimes:
-                times[name, runtime] = _latency(module, precision, runtime, calib, example, args.repeats, Path(tmp))
+                if runtime == "litert" and name in NOT_LITERT:
+                    continue
+                times[name, runtime] = _latency(module, precision, int8, runtime, calib, example, args.repeats,
+                                                Path(tmp))
                 console.print(f"{name} / {runtime}: {times[name, runtime]:.3f} ms")
     t = Table(title=f"{args.model}: in-runtime ms (one thread, median of {args.repeats}) and ratio to fp32 "
                     f"in the same runtime; {describe_cpu()}")
@@ -118,6 +131,9 @@ def main() -> None:
     for name in dict.fromkeys(n for n, _ in times):
         cells = []
         for runtime in runtimes:
+            if (name, runtime) not in times:
+                cells += ["-", "-"]
+                continue
             cells += [f"{times[name, runtime]:.3f}", f"{times[name, runtime] / times[fp32, runtime]:.2f}"]
         t.add_row(name, *cells)
     console.print(t)

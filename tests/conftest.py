@@ -57,3 +57,45 @@ def enrolled_random_verifier():
         return model, user, rng
 
     return make
+
+
+@pytest.fixture
+def check_int8_pte(tmp_path):
+    """check_int8_pte(model): export `model` as an int8 .pte (toolchain's quantizer and
+    partitioner) and check that it is one XNNPACK partition with no float op, and that its outputs
+    on random 32x32 images are within two output steps of torch's int8 reference graph and near
+    float."""
+    return lambda model: _check_int8_pte(model, tmp_path)
+
+
+def _check_int8_pte(model, tmp_path, size: int = 32) -> None:
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from toolchain.export.executorch import delegation_report, xnnpack_partitioner
+    from toolchain.quantize.pt2e import quantize_xnnpack_int8
+    from toolchain.runtime.preprocess import model_input
+
+    rng = np.random.default_rng(0)
+    calib = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    mean = std = (0.5, 0.5, 0.5)
+    x = torch.zeros(1, 3, size, size)
+    report = {}
+    reference = quantize_xnnpack_int8(model, x, calib, mean, std, report=report)  # torch's int8 graph
+    assert report["float_ops"] == {}, report
+    edge = to_edge_transform_and_lower(torch.export.export(reference, (x,), strict=False),
+                                       partitioner=[xnnpack_partitioner()])
+    delegation = delegation_report(edge)
+    assert delegation.partitions == 1 and delegation.fully_delegated, delegation.to_dict()
+    path = tmp_path / "model_int8.pte"
+    path.write_bytes(edge.to_executorch().buffer)
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    reference = quantize_xnnpack_int8(model, x, calib, mean, std)  # lowering consumed the first one
+    for image in rng.integers(0, 256, (4, 1, size, size, 3), dtype=np.uint8):
+        inp = torch.from_numpy(model_input(image, mean, std))
+        out = method.execute([inp])[0].numpy()
+        with torch.no_grad():
+            ref_q, ref_f = reference(inp).numpy(), model(inp).numpy()
+        step = np.abs(ref_f).max() / 127
+        assert np.abs(out - ref_q).max() <= 2 * step + 1e-6  # within two output steps of torch's int8
+        assert np.abs(out - ref_f).max() < 0.1 * np.abs(ref_f).max()

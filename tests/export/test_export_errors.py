@@ -29,9 +29,9 @@ def _no_artifacts(out):
 
 
 class TinyPReLU(nn.Module):
-    """A small embedding model with a PReLU of one shared slope, which the int8 rewrite
-    (toolchain.export.int8_prelu, per-channel slopes only) leaves alone: XNNPACK's int8 path then
-    keeps it in float, and these tests check that the reports say so."""
+    """A small embedding model with a PReLU of one shared slope, which the .tflite's int8 rewrite
+    (toolchain.export.int8_prelu, per-channel slopes only) leaves alone: LiteRT's XNNPACK then
+    refuses its int8 PRELU, and the test below checks that the export says so."""
 
     def __init__(self):
         super().__init__()
@@ -43,6 +43,21 @@ class TinyPReLU(nn.Module):
 
     def forward(self, x):
         return self.fc(self.pool(self.act(self.conv(x))).flatten(1))
+
+
+class TinyAbs(nn.Module):
+    """A small embedding model with an op XNNPACK's int8 path keeps in float (abs: the quantizer
+    does not annotate it, the delegate runs it in fp32); these tests check that the reports say so."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 4, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+        self.spec = ModelSpec(name="tiny-abs", output="embedding", output_dim=4)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.abs(self.conv(x))).flatten(1))
 
 
 class WrongSize(nn.Module):
@@ -100,26 +115,34 @@ def test_litert_torch_backend_absent_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_prelu_fails_full_delegation_and_leaves_nothing(tmp_path):
+def test_float_island_fails_full_delegation_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     torch.manual_seed(0)
-    with pytest.raises(CheckFailed) as exc:
-        export_model(TinyPReLU(), out, formats="executorch", precisions="int8", calibration_images=_calib(),
+    with pytest.raises(CheckFailed, match="abs x1"):
+        export_model(TinyAbs(), out, formats="executorch", precisions="int8", calibration_images=_calib(),
                      require_full_delegation=True, progress=False)
-    assert "prelu" in str(exc.value).lower()
     assert _no_artifacts(out)
 
 
 @pytest.mark.slow
-def test_prelu_report_when_partial_delegation_allowed(tmp_path):
+def test_float_island_report_when_partial_delegation_allowed(tmp_path):
     out = tmp_path / "out"
     torch.manual_seed(0)
-    recs = export_model(TinyPReLU(), out, formats="executorch", precisions="int8", calibration_images=_calib(),
+    recs = export_model(TinyAbs(), out, formats="executorch", precisions="int8", calibration_images=_calib(),
                         progress=False)
     d = recs[0].checks["delegation"]
-    # XNNPACK runs the float PReLU inside its partition; the report names it as a float island.
-    assert d["float_ops"].get("prelu", 0) == 1, d
+    # XNNPACK runs the float abs inside its partition; the report names it as a float island.
+    assert d["float_ops"] == {"abs": 1} and d["partitions"] == 1, d
     assert not d["float_prefix_ops"], d
+
+
+def test_shared_slope_prelu_is_int8_in_the_pte(tmp_path):
+    """XNNPACK's int8 PReLU takes one shared slope as well as per-channel ones."""
+    torch.manual_seed(0)
+    recs = export_model(TinyPReLU(), tmp_path / "out", formats="executorch", precisions="int8",
+                        calibration_images=_calib(), require_full_delegation=True, progress=False)
+    d = recs[0].checks["delegation"]
+    assert d["float_ops"] == {} and d["partitions"] == 1 and not d["ops_outside"], d
 
 
 @pytest.mark.slow

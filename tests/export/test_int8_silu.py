@@ -2,7 +2,6 @@
 (toolchain.export.int8_silu), sigmoid annotated on XNNPACK's fixed output grid
 (toolchain.quantize.pt2e) and handed over by the partitioner (toolchain.export.executorch)."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -64,35 +63,6 @@ def test_sigmoid_gets_the_fixed_int8_grid_and_no_float_op_is_left():
 
 
 @pytest.mark.slow
-def test_int8_pte_runs_sigmoid_in_xnnpack_and_matches_the_reference(tmp_path):
-    from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
-
-    from toolchain.export.executorch import delegation_report, xnnpack_partitioner
-    from toolchain.quantize.pt2e import quantize_xnnpack_int8
-    from toolchain.runtime.preprocess import model_input
-
+def test_int8_pte_runs_sigmoid_in_xnnpack_and_matches_the_reference(check_int8_pte):
     torch.manual_seed(0)
-    model = with_int8_silu(_Gated().eval())
-    rng = np.random.default_rng(0)
-    calib = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-    mean = std = (0.5, 0.5, 0.5)
-    x = torch.zeros(1, 3, 32, 32)
-    report = {}
-    reference = quantize_xnnpack_int8(model, x, calib, mean, std, report=report)  # torch's int8 graph
-    assert report["float_ops"] == {}, report
-    edge = to_edge_transform_and_lower(torch.export.export(reference, (x,), strict=False),
-                                       partitioner=[xnnpack_partitioner()])
-    delegation = delegation_report(edge)
-    assert delegation.partitions == 1 and delegation.fully_delegated, delegation.to_dict()
-    path = tmp_path / "gated_int8.pte"
-    path.write_bytes(edge.to_executorch().buffer)
-    method = Runtime.get().load_program(str(path)).load_method("forward")
-    reference = quantize_xnnpack_int8(model, x, calib, mean, std)  # torch's int8 reference graph
-    for image in rng.integers(0, 256, (4, 1, 32, 32, 3), dtype=np.uint8):
-        inp = torch.from_numpy(model_input(image, mean, std))
-        out = method.execute([inp])[0].numpy()
-        ref_q, ref_f = reference(inp).detach().numpy(), model(inp).detach().numpy()
-        step = np.abs(ref_f).max() / 127
-        assert np.abs(out - ref_q).max() <= 2 * step + 1e-6  # within two output steps of torch's int8
-        assert np.abs(out - ref_f).max() < 0.1 * np.abs(ref_f).max()
+    check_int8_pte(with_int8_silu(_Gated().eval()))

@@ -199,3 +199,35 @@ def test_fast_reference_computes_what_the_converted_graph_computes(model):
     with torch.no_grad():
         torch.testing.assert_close(fast(x), converted(x), rtol=0, atol=1e-5)
     assert spec.output == "embedding"
+
+
+def test_qat_fake_quantises_prelu_as_the_pte_runs_it():
+    """The .pte runs XNNPACK's int8 PReLU (toolchain.quantize.pt2e.annotate_prelu): QAT trains
+    against the same rounding, slopes included, and freezes only the activation ranges."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from toolchain.quantize.int8_options import Int8Options
+    from toolchain.quantize.qat import _is_weight, _qat_quantizer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.PReLU(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    graph = torch.export.export(net.eval(), (torch.zeros(2, 3, 32, 32),), strict=False).module()
+    prepared = prepare_qat_pt2e(graph, _qat_quantizer(Int8Options()))
+    prelu = next(n for n in prepared.graph.nodes if n.target == torch.ops.aten.prelu.default)
+    slope_fq, out_fq = getattr(prepared, prelu.args[1].target), getattr(prepared, next(iter(prelu.users)).target)
+    assert slope_fq.qscheme == torch.per_tensor_symmetric and _is_weight(slope_fq)
+    assert "affine" in str(out_fq.qscheme) and not _is_weight(out_fq)  # an activation: its range freezes
+    tuned, report = qat_finetune(_PReLUEmbedder().eval(), _images(16), (0.5,) * 3, (0.5,) * 3, steps=3, lr=1e-3,
+                                 batch=4, progress=False)
+    assert not torch.equal(tuned.act.weight, _PReLUEmbedder().act.weight)  # the slopes train too
+
+
+class _PReLUEmbedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.act = nn.Conv2d(3, 8, 3, 4, 1), nn.PReLU(8)
+        self.pool, self.emb = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)), nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.emb(self.pool(self.act(self.conv(x))))

@@ -222,8 +222,6 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     # int8 artifacts compute a patchify stem in the layout XNNPACK's int8 kernels run fastest
     # (toolchain.export.row_stem); fp32 ones keep the plain convolution.
     int8_model = with_row_stem(int8_model, spec.input_size[2]) or int8_model
-    # ... and every PReLU on ops that run in int8 in both runtimes (toolchain.export.int8_prelu).
-    int8_model = with_int8_prelu(int8_model) or int8_model
     # ... and every SiLU as x * sigmoid(x), which ExecuTorch's partition then runs in int8 too.
     int8_model = with_int8_silu(int8_model) or int8_model
     if calib is not None:
@@ -263,7 +261,10 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                                                int8))
                     advance(f"executorch {p}")
             if "tflite" in formats:
-                records += _export_tflite(model, int8_model, spec, model_name, example, precisions, calib,
+                # LiteRT's XNNPACK refuses an int8 PRELU: the .tflite computes each PReLU on ops it
+                # runs in int8 (toolchain.export.int8_prelu); the .pte keeps XNNPACK's int8 PReLU.
+                tflite_int8_model = with_int8_prelu(int8_model) or int8_model
+                records += _export_tflite(model, tflite_int8_model, spec, model_name, example, precisions, calib,
                                           threshold, source_rec, versions, require_full_delegation, staging,
                                           tflite_backend, compute_head, user,
                                           {p: template("tflite", p, tflite_backend) for p in precisions}, int8)

@@ -22,22 +22,48 @@ _STRUCTURAL_OPS = {"getitem"}
 
 
 def xnnpack_partitioner():
-    """ExecuTorch's XNNPACK partitioner, taking int8 sigmoids too.
+    """ExecuTorch's XNNPACK partitioner, taking int8 sigmoids and PReLUs too.
 
-    ExecuTorch 1.5.1's `SigmoidConfig` lists fp32 only, so a quantised sigmoid (annotated by
-    toolchain.quantize.pt2e on XNNPACK's fixed 1/256 output grid) stayed a float op inside the
-    partition. XNNPACK itself runs int8 sigmoid; this config only lets the partitioner hand it
-    over (tests/export/test_int8_silu.py runs such a file against torch's reference)."""
+    ExecuTorch 1.5.1's `SigmoidConfig` and `PreluConfig` list fp32 only, so a quantised sigmoid
+    or PReLU (annotated by toolchain.quantize.pt2e) stayed a float op inside the partition.
+    XNNPACK itself runs both in int8; these configs only let the partitioner hand them over
+    (tests/export/test_int8_silu.py and test_executorch_prelu.py run such files against torch's
+    reference)."""
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
-    from executorch.backends.xnnpack.partition.config.generic_node_configs import SigmoidConfig
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import (
+        GenericNodePartitionerConfig,
+        SigmoidConfig,
+    )
+    from executorch.backends.xnnpack.partition.config.node_configs import PreluConfig
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+    from executorch.backends.xnnpack.utils.utils import is_param_node
+
+    both = [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
 
     class Int8SigmoidConfig(SigmoidConfig):
         def supported_precision_types(self):
-            return [ConfigPrecisionType.FP32, ConfigPrecisionType.STATIC_QUANT]
+            return both
 
-    return XnnpackPartitioner(configs=[Int8SigmoidConfig if c is SigmoidConfig else c for c in ALL_PARTITIONER_CONFIGS])
+    class Int8PreluConfig(GenericNodePartitionerConfig):
+        """PreluConfig's rule (the slope is a parameter, read through its dequantise when int8),
+        with the generic config's int8 pattern: dequantised inputs, a quantised output."""
+        target_name = "prelu.default"
+
+        def check_constraints(self, node, ep) -> bool:
+            slope = node.all_input_nodes[1]
+            slope = slope.all_input_nodes[0] if is_dequant(slope) else slope
+            return self.check_common_constraints(node, ep) and is_param_node(ep, slope)
+
+        def get_original_aten(self):
+            return torch.ops.aten.prelu.default
+
+        def supported_precision_types(self):
+            return both
+
+    swap = {SigmoidConfig: Int8SigmoidConfig, PreluConfig: Int8PreluConfig}
+    return XnnpackPartitioner(configs=[swap.get(c, c) for c in ALL_PARTITIONER_CONFIGS])
 
 
 @dataclass

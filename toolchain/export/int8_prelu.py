@@ -1,9 +1,8 @@
-"""The int8 artifacts' form of PReLU: the same function on ops both runtimes run in int8.
+"""The int8 `.tflite`'s form of PReLU: the same function on ops LiteRT runs in int8.
 
-PReLU stays in float inside ExecuTorch's int8 XNNPACK partition (its quantizer does not annotate
-it), and LiteRT's XNNPACK delegate refuses an int8 PRELU: each one was a float island, a
-dequantise and a quantise, in the backbones' int8 files (MobileFaceNet has 33). Per channel,
-since x = relu(x) - relu(-x),
+LiteRT's XNNPACK delegate refuses an int8 PRELU: each one was a float island, a dequantise and a
+quantise, in the backbones' int8 `.tflite` files (MobileFaceNet has 33). Per channel, since
+x = relu(x) - relu(-x),
 
     prelu(x) = relu(x) - a*relu(-x) = x + (1 - a)*relu(-x) = x + s*relu(-|1 - a|*x),  s = sign(1 - a)
 
@@ -12,10 +11,11 @@ own input: conv+relu and add, which both quantizers annotate and both delegates 
 Where some 1 - a < 0, a second depthwise 1x1 (weights s = +-1) follows the ReLU. Exact in float
 (up to rounding). The input reaches the add as it is, so the only new rounding is the ReLU
 branch's. This form costs two int8 passes over the tensor; the earlier a*x + (1 - a)*relu(x)
-cost three, and made MobileFaceNet's int8 .pte slower than its fp32 one on a VNNI Xeon (README,
-`benchmarks/bench_prelu_forms.py`). A PReLU on a 2-D tensor runs on an (N, C, 1, 1) view. A
-PReLU with one shared slope is left as it is (the backbones here have per-channel slopes). The
-fp32 artifacts keep the plain PReLU, which is one float op.
+cost three (README, `benchmarks/bench_prelu_forms.py`). A PReLU on a 2-D tensor runs on an
+(N, C, 1, 1) view. A PReLU with one shared slope is left as it is (the backbones here have
+per-channel slopes). The int8 `.pte` does not need this form: XNNPACK's own int8 PReLU, one op,
+runs there (toolchain.quantize.pt2e annotates it, toolchain.export.executorch's partitioner takes
+it), and is faster. The fp32 artifacts keep the plain PReLU, which is one float op.
 """
 
 from __future__ import annotations

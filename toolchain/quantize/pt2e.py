@@ -2,7 +2,8 @@
 
 Weights are symmetric per-channel int8, activations per-tensor int8 (XNNPACK's native scheme).
 The converted module keeps quantize/dequantize pairs that the XNNPACK partitioner folds into
-int8 kernels; ops the quantizer does not annotate (e.g. PReLU) stay in float between them.
+int8 kernels; ops the quantizer does not annotate stay in float between them. PReLU and sigmoid,
+which ExecuTorch's quantizer leaves in float, are annotated here too (XNNPACK runs both in int8).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def float_ops(prepared: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
     """Compute ops the quantizer did not annotate, as (inside, prefix).
 
     inside: fed by an int8 tensor (an observed output), so int8 is dequantised around them
-    (e.g. PReLU): float islands in an int8 model. prefix: they read the float input before
+    (e.g. a layer the fallback keeps in float): float islands in an int8 model. prefix: they read the float input before
     the first quantise (e.g. the verifier's input avg-pool), which a float-input .pte expects.
     """
     inside: dict[str, int] = {}
@@ -37,7 +38,7 @@ def float_ops(prepared: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
 
     def observed(arg, seen=None) -> bool:
         """Does int8 data reach `arg`? Walks back through plumbing and other float ops (a
-        view between an int8 op and a PReLU still makes that PReLU a float island)."""
+        view between an int8 op and a float layer still makes that layer a float island)."""
         seen = set() if seen is None else seen
         if arg in seen:
             return False
@@ -163,6 +164,9 @@ def _own_pool_range(base):
     global average pooling takes distinct input and output quantisation; the graph still lowers
     to one partition.
 
+    PReLUs (with their slopes as a parameter) and sigmoids are annotated too, which the stock
+    quantizer leaves in float (annotate_prelu, _annotate_sigmoid).
+
     Ops of the modules named in `float_layers` lose their annotations, so they read and write
     float and the int8 ops around them quantise at the boundary (this ExecuTorch's
     XNNPACKQuantizer refuses `set_module_name(name, None)`)."""
@@ -191,6 +195,8 @@ def _own_pool_range(base):
                 if spec is not None and ann is None and n.op == "call_function" and \
                         n.target == torch.ops.aten.sigmoid.default:
                     _annotate_sigmoid(n, self.global_config.input_activation)
+                if spec is not None and n.op == "call_function" and n.target == torch.ops.aten.prelu.default:
+                    annotate_prelu(n, self.global_config.input_activation, spec)
             _drop_dangling_shares(model, popped)
             return model
 
@@ -245,6 +251,25 @@ def _annotate_sigmoid(node, input_spec) -> None:
         ann = user.meta.get("quantization_annotation")
         if ann is not None and node in ann.input_qspec_map:
             ann.input_qspec_map[node] = SharedQuantizationSpec(node)
+
+
+def annotate_prelu(node, input_spec, output_spec, qat: bool = False) -> None:
+    """An int8 PReLU: input and output on the given activation specs, the slopes one per-tensor
+    symmetric int8 weight (XNNPACK's int8 PReLU takes a per-tensor int8 slope tensor, not
+    per-channel scales); `qat`: fake-quantised slopes, for toolchain.quantize.qat. ExecuTorch's
+    quantizer leaves PReLU in float; its partitioner takes the int8 one with
+    toolchain.export.executorch's PReLU config. Only PReLUs whose slopes are a parameter."""
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
+
+    if node.meta.get("quantization_annotation") is not None or getattr(node.args[1], "op", "") != "get_attr":
+        return
+    observer = MinMaxObserver.with_args(eps=2 ** -12)
+    slope = QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_tensor_symmetric,
+                             observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer) if qat else observer)
+    node.meta["quantization_annotation"] = QuantizationAnnotation(
+        input_qspec_map={node.args[0]: input_spec, node.args[1]: slope}, output_qspec=output_spec, _annotated=True)
 
 
 def xnnpack_quantizer(int8):

@@ -41,6 +41,7 @@ def _qat_quantizer(int8):
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
 
     from toolchain.quantize.int8_options import with_calibration
+    from toolchain.quantize.pt2e import annotate_prelu
 
     ptq = with_calibration(get_symmetric_quantization_config(is_per_channel=True), int8)
     qat = get_symmetric_quantization_config(is_per_channel=True, is_qat=True)
@@ -53,11 +54,23 @@ def _qat_quantizer(int8):
 
     config = dataclasses.replace(qat, input_activation=calibrated(qat.input_activation, ptq.input_activation),
                                  output_activation=calibrated(qat.output_activation, ptq.output_activation))
-    return XNNPACKQuantizer().set_global(config)
+
+    class WithInt8PReLU(XNNPACKQuantizer):
+        """PReLUs fake-quantised as the .pte runs them (toolchain.quantize.pt2e.annotate_prelu)."""
+
+        def annotate(self, model):
+            model = super().annotate(model)
+            for n in model.graph.nodes:
+                if n.op == "call_function" and n.target == torch.ops.aten.prelu.default:
+                    annotate_prelu(n, config.input_activation, config.output_activation, qat=True)
+            return model
+
+    return WithInt8PReLU().set_global(config)
 
 
 def _is_weight(fake_quant) -> bool:
-    return "per_channel" in str(getattr(fake_quant, "qscheme", ""))  # XNNPACK: weights only
+    # XNNPACK: weights per-channel symmetric, PReLU slopes per-tensor symmetric, activations affine
+    return "symmetric" in str(getattr(fake_quant, "qscheme", ""))
 
 
 def qat_finetune(model: nn.Module, images: np.ndarray, mean, std, *, steps: int, lr: float = 1e-5,
