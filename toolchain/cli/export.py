@@ -94,6 +94,8 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
                 ", ".join(f"{k} x{v}" for k, v in d["ops_outside"].items()) or "nothing")
             if d.get("float_ops"):
                 note += "; left in float: " + ", ".join(f"{k} x{v}" for k, v in d["float_ops"].items())
+            if d.get("xnnpack_float_nodes"):  # what the file's XNNPACK graph runs in float
+                note += "; float in XNNPACK: " + ", ".join(f"{k} x{v}" for k, v in d["xnnpack_float_nodes"].items())
         else:
             c = r.checks.get("tflite", {})
             note = ("int8 end to end" if c.get("is_int8") else "float") + (

@@ -166,6 +166,8 @@ def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress
                 "max_abs_gap": i8["max_abs_gap"], "fp32_max_abs_gap": f32["max_abs_gap"],
                 "outside": {**{f"{k} (outside)": v for k, v in (checks.get("ops_outside") or {}).items()},
                             **{f"{k} (float)": v for k, v in (checks.get("float_ops") or {}).items()},
+                            **{f"{k} (float in XNNPACK)": v
+                               for k, v in (checks.get("xnnpack_float_nodes") or {}).items()},
                             **{f"{k} (not XNNPACK)": v for k, v in (tfl.get("xnnpack_unsupported") or {}).items()}},
                 "partitions": checks.get("partitions"), "backend": rec8.backend,
             }

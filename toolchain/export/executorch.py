@@ -76,6 +76,10 @@ class DelegationReport:
     float_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float islands inside int8
     float_prefix_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float ops on the input
     bias_correction: dict | None = None  # int8 model: what toolchain.quantize.bias_correction changed
+    # The delegate's own XNNPACK graph (toolchain.export.xnnpack_graph): {"op precision": count}
+    # of every node, and of an int8 file's nodes that touch a float tensor (its float I/O aside).
+    xnnpack_ops: dict[str, int] = field(default_factory=dict)
+    xnnpack_float_nodes: dict[str, int] = field(default_factory=dict)
 
     @property
     def fully_delegated(self) -> bool:
@@ -83,14 +87,16 @@ class DelegationReport:
 
     @property
     def int8_end_to_end(self) -> bool:
-        """No float island between int8 ops (a float prefix on the float input is allowed)."""
-        return not self.float_ops
+        """No float island between int8 ops, by the quantizer's annotations and by the XNNPACK
+        graph in the file (a float prefix on the float input is allowed)."""
+        return not self.float_ops and not self.xnnpack_float_nodes
 
     def to_dict(self) -> dict:
         return {"backend": "XnnpackBackend", "partitions": self.partitions,
                 "delegated_nodes": self.delegated_nodes, "non_delegated_nodes": self.non_delegated_nodes,
                 "ops_outside": dict(self.ops_outside), "float_ops": dict(self.float_ops),
                 "float_prefix_ops": dict(self.float_prefix_ops), "fully_delegated": self.fully_delegated,
+                "xnnpack_ops": dict(self.xnnpack_ops), "xnnpack_float_nodes": dict(self.xnnpack_float_nodes),
                 **({"bias_correction": self.bias_correction} if self.bias_correction else {})}
 
 
@@ -174,8 +180,15 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
         outside = ", ".join(f"{op} x{n}" for op, n in sorted(report.ops_outside.items())) or "none"
         raise CheckFailed(f"{meta['model']} {precision} .pte is not fully delegated to XNNPACK: "
                           f"{report.partitions} partition(s); ops left outside: {outside}")
-    if require_full_delegation and not report.int8_end_to_end:
-        islands = ", ".join(f"{op} x{n}" for op, n in sorted(report.float_ops.items()))
-        raise CheckFailed(f"{meta['model']} int8 .pte leaves ops in float between int8 ops: {islands}")
     # 16-byte segment alignment (default 128) trims about 1 KB of padding from tiny models.
-    return bytes(edge.to_executorch(ExecutorchBackendConfig(segment_alignment=16)).buffer), meta, report
+    pte = bytes(edge.to_executorch(ExecutorchBackendConfig(segment_alignment=16)).buffer)
+    from toolchain.export.xnnpack_graph import float_nodes, op_table, xnnpack_nodes
+
+    nodes = xnnpack_nodes(pte)
+    report.xnnpack_ops = op_table(nodes)
+    report.xnnpack_float_nodes = float_nodes(nodes) if precision == "int8" else {}
+    if require_full_delegation and not report.int8_end_to_end:
+        islands = ", ".join(f"{op} x{n}" for op, n in sorted({**report.float_ops,
+                                                               **report.xnnpack_float_nodes}.items()))
+        raise CheckFailed(f"{meta['model']} int8 .pte leaves ops in float between int8 ops: {islands}")
+    return pte, meta, report

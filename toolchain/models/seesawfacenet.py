@@ -36,7 +36,10 @@ class ChannelShuffle(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         g = self.groups
-        return x.reshape(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
+        # contiguous() spelled out: the copy a reshape after a transpose needs is then an op the
+        # int8 quantizer sees (toolchain.quantize.pt2e), not one ExecuTorch's lowering adds
+        # between a dequantise and the reshape, which left the reshape in float in XNNPACK.
+        return x.reshape(n, g, c // g, h, w).transpose(1, 2).contiguous().reshape(n, c, h, w)
 
 
 class SqueezeExcite(nn.Module):

@@ -473,7 +473,7 @@ def _outside(checks: dict) -> dict[str, int]:
     d, t = checks.get("delegation") or {}, checks.get("tflite") or {}
     out: dict[str, int] = {}
     for key, where in (("ops_outside", "outside delegate"), ("float_ops", "float"),
-                       ("float_prefix_ops", "float prefix")):
+                       ("float_prefix_ops", "float prefix"), ("xnnpack_float_nodes", "float in XNNPACK")):
         out.update({f"{k} ({where})": int(v) for k, v in (d.get(key) or {}).items()})
     if t.get("is_int8"):  # the check lists ops XNNPACK cannot run in int8 (float PReLU it runs)
         out.update({f"{k} (not XNNPACK)": int(v) for k, v in (t.get("xnnpack_unsupported") or {}).items()})

@@ -165,7 +165,8 @@ def _own_pool_range(base):
     to one partition.
 
     PReLUs (with their slopes as a parameter) and sigmoids are annotated too, which the stock
-    quantizer leaves in float (annotate_prelu, _annotate_sigmoid).
+    quantizer leaves in float (annotate_prelu, _annotate_sigmoid), and reshapes of an int8 tensor
+    (flatten, unsqueeze, ...) keep its quantisation (_share_input_quantization).
 
     Ops of the modules named in `float_layers` lose their annotations, so they read and write
     float and the int8 ops around them quantise at the boundary (this ExecuTorch's
@@ -197,6 +198,9 @@ def _own_pool_range(base):
                     _annotate_sigmoid(n, self.global_config.input_activation)
                 if spec is not None and n.op == "call_function" and n.target == torch.ops.aten.prelu.default:
                     annotate_prelu(n, self.global_config.input_activation, spec)
+                if n.op == "call_function" and n.target in _SHAPE_OPS and ann is None:
+                    _share_input_quantization(n)
+            _read_reshapes_as_written(model)
             _drop_dangling_shares(model, popped)
             return model
 
@@ -251,6 +255,45 @@ def _annotate_sigmoid(node, input_spec) -> None:
         ann = user.meta.get("quantization_annotation")
         if ann is not None and node in ann.input_qspec_map:
             ann.input_qspec_map[node] = SharedQuantizationSpec(node)
+
+
+# Ops that only reshape or copy: XNNPACK runs them on int8 data when they read and write the same
+# int8 quantisation. Unannotated, a quantised tensor was converted to float for them and back
+# (found in the delegate's own graph, toolchain.export.xnnpack_graph: SeesawFaceNet's int8 .pte
+# held 75 float reshapes and 90 converts, in its SE blocks and channel shuffles).
+_SHAPE_OPS = {torch.ops.aten.flatten.using_ints, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
+              torch.ops.aten.squeeze.dims, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+              torch.ops.aten.contiguous.default, torch.ops.aten.clone.default}
+
+
+def _share_input_quantization(node) -> None:
+    """A reshape of an int8 tensor keeps that tensor's quantisation (input and output)."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+
+    src = node.args[0]
+    src_ann = getattr(src, "meta", {}).get("quantization_annotation")
+    if src_ann is None or src_ann.output_qspec is None:
+        return
+    shared = SharedQuantizationSpec(src)
+    node.meta["quantization_annotation"] = QuantizationAnnotation(
+        input_qspec_map={src: shared}, output_qspec=shared, _annotated=True)
+
+
+def _read_reshapes_as_written(model) -> None:
+    """Each op reading a reshape that keeps its input's quantisation reads it on that same grid.
+    With a range of its own, an int8 tensor on a fixed grid (a sigmoid's, reshaped for the SE
+    multiply) was requantised on the way: a Convert to float and back in XNNPACK."""
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec, SharedQuantizationSpec
+
+    for n in model.graph.nodes:
+        ann = n.meta.get("quantization_annotation")
+        if n.op != "call_function" or n.target not in _SHAPE_OPS or ann is None or \
+                not isinstance(ann.output_qspec, SharedQuantizationSpec):
+            continue
+        for user in n.users:
+            user_ann = user.meta.get("quantization_annotation")
+            if user_ann is not None and type(user_ann.input_qspec_map.get(n)) is QuantizationSpec:
+                user_ann.input_qspec_map[n] = SharedQuantizationSpec(n)
 
 
 def annotate_prelu(node, input_spec, output_spec, qat: bool = False) -> None:
