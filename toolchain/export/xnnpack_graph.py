@@ -65,7 +65,7 @@ def _node_values(node: dict) -> tuple[str, list[int], list[int]]:
     kind = node["xnode_union_type"].removeprefix("XNN")
     outputs = [v for k, v in body.items() if k.startswith("output") and k.endswith("_id")]
     inputs = [v for k, v in body.items() if k.endswith("_id") and not k.startswith("output")]
-    inputs += [v for k, v in body.items() if k.endswith("_ids") and isinstance(v, list) for v in v]
+    inputs += [i for k, ids in body.items() if k.endswith("_ids") and isinstance(ids, list) for i in ids]
     return kind, inputs, outputs
 
 
