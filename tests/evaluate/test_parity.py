@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,11 @@ def test_backbone_parity_rows(tiny_exports):
     diff = np.array(i8["scores"]) - np.array(i8["float_scores"])
     assert i8["score_shift"] == pytest.approx(diff.mean()) and i8["score_noise"] == pytest.approx(diff.std())
     assert i8["score_noise"] > 0 and abs(fp["score_shift"]) < 1e-4
+    flipped = (np.array(i8["scores"]) > i8["threshold"]) != (np.array(i8["float_scores"]) > i8["threshold"])
+    assert i8["flips"] == int(flipped.sum()) and fp["flips"] == 0
+    assert i8["allowed_flips"] == 40  # ParityBounds(100, 0): every decision may flip
+    assert i8["expected_flips"] > 0 and fp["expected_flips"] < 1e-6
+    assert i8["noise_budget"] > 0
     for r in rows:
         assert len(r["scores"]) == len(r["float_scores"]) == len(r["issame"]) == 40
         assert r["latency_ms"] > 0 and r["float_latency_ms"] > 0 and r["passed"]
@@ -127,3 +134,25 @@ def test_wrong_kind_of_set_and_missing_reference(tiny_exports, tmp_path):
     # A custom module has no reloadable float reference: the manifest records none.
     with pytest.raises(ToolchainError, match="--reference"):
         run_parity([paths["fp32"]], pairs, repeats=1)
+
+
+@pytest.mark.slow
+def test_parity_cli_shows_flips_and_noise_budget(tiny_exports, tmp_path, capsys):
+    from toolchain.cli import main
+    from toolchain.data.codec import encode_jpeg
+    from toolchain.data.insightface_bin import write_bin
+
+    model, paths, pairs = tiny_exports
+    jpegs = [encode_jpeg(im) for ab in zip(pairs.images_a, pairs.images_b) for im in ab]
+    write_bin(tmp_path / "pairs.bin", jpegs, pairs.issame)
+    # the fp32 file stands in for the float model (the tiny model has no checkpoint on disk)
+    rc = main(["parity", str(paths["int8"]), "--pairs", str(tmp_path / "pairs.bin"), "--reference",
+               str(paths["fp32"]), "--min-agreement", "0", "--max-accuracy-drop", "100", "--repeats", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    # rich wraps the headers at spaces, so look for whole words
+    assert all(word in out for word in ("flips", "expected", "allowed", "budget"))
+    rc = main(["parity", str(paths["int8"]), "--pairs", str(tmp_path / "pairs.bin"), "--reference",
+               str(paths["fp32"]), "--min-agreement", "0", "--max-accuracy-drop", "100", "--repeats", "2", "--json"])
+    row = json.loads(capsys.readouterr().out)[0]
+    assert rc == 0 and row["allowed_flips"] == 40 and row["noise_budget"] > 0

@@ -26,6 +26,12 @@ def test_embedding_report_shows_cosine_and_outside(tmp_path):
     assert "embedding cosine to float (mean / min)" in md and "cosine score shift / noise" in md
     assert "| -0.0036 / 0.0101 |" in md and "| n/a / n/a |" in md
     assert "| export/m_int8.pte | 62.80% | 64.50% | -1.7 | 0.9994 / 0.9974 | -0.0036 / 0.0101 | 99.00% |" in md
+    assert "flips" not in md  # rows from before the flip columns render as they did
+    parity[0] |= {"flips": 12, "expected_flips": 9.46, "allowed_flips": 6, "noise_budget": 0.00502}
+    write_report(core, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "flips: measured / expected / allowed | noise budget |" in md
+    assert "| 99.00% | 12 / 9.5 / 6 | 0.005 |" in md and "| - / n/a / - | n/a |" in md
     assert "| `export/m_int8.pte` | executorch | int8 | 10 | abababababababab | prelu (float) x33 |" in md
     assert "| tflite | int8 | 10 | cdcdcdcdcdcdcdcd | PRELU (not XNNPACK) x33 |" in md
     assert "| efefefefefefefef | none |" in md

@@ -145,14 +145,16 @@ def parity(artifacts, eval_set, reference, max_accuracy_drop, min_agreement, max
         from rich.table import Table
 
         t = Table(title="parity against the float model (torch eager)")
-        for col in ("artifact", "runtime", "accuracy", "float", "drop", "agree %", "max gap", "mean gap",
-                    "cos mean/min", "ms", "passed"):
+        for col in ("artifact", "runtime", "accuracy", "float", "drop", "agree %", "flips / expected / allowed",
+                    "noise / budget", "max gap", "mean gap", "cos mean/min", "ms", "passed"):
             t.add_column(col)
         for r in rows:
             cos = (f"{r['embedding_cosine_mean']:.4f}/{r['embedding_cosine_min']:.4f}"
                    if "embedding_cosine_mean" in r else "-")
             t.add_row(r["file"], r["runtime"], f"{r['accuracy']:.2f}", f"{r['float_accuracy']:.2f}",
-                      f"{r['accuracy_drop']:+.2f}", f"{r['decision_agreement']:.2f}", f"{r['max_abs_gap']:.4g}",
+                      f"{r['accuracy_drop']:+.2f}", f"{r['decision_agreement']:.2f}",
+                      f"{r['flips']} / {r['expected_flips']:.1f} / {r['allowed_flips']}",
+                      f"{r['score_noise']:.4f} / {r['noise_budget']:.4f}", f"{r['max_abs_gap']:.4g}",
                       f"{r['mean_abs_gap']:.4g}", cos, f"{r['latency_ms']:.3f}",
                       "yes" if r["passed"] else f"NO: {r['reason']}")
         _console().print(t)

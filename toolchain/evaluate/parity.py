@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from toolchain.errors import CheckFailed, ToolchainError
+from toolchain.evaluate.flips import allowed_flips, expected_flips, noise_budget
 
 PROBE_SCHEMA = "toolchain.probe_set/1"
 
@@ -236,6 +237,11 @@ def run_parity(artifacts: Sequence, eval_set, reference=None, bounds=None, *, re
         # bias correction can remove) and the per-pair spread around it (rounding noise).
         row["score_shift"] = float(diff.mean())
         row["score_noise"] = float(diff.std())
+        # The flips this noise predicts on these float scores, and the noise the bound allows.
+        row["flips"] = int(np.sum(dec != fdec))
+        row["allowed_flips"] = allowed_flips(len(y), bounds.min_agreement)
+        row["expected_flips"] = expected_flips(f, thr, row["score_noise"])
+        row["noise_budget"] = noise_budget(f, thr, row["allowed_flips"])
         row["max_abs_gap"] = float(gap.max())
         row["mean_abs_gap"] = float(gap.mean())
         row["gap_of"] = "logit" if kind == "verifier" else "cosine score"

@@ -148,6 +148,13 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
         headers.insert(4, f"{parity[0].get('gap_of', 'score')} shift / noise")
         for row, p in zip(rows, parity):
             row.insert(4, f"{_signed(p.get('score_shift'))} / {_num(p.get('score_noise'), 4)}")
+    if any(p.get("noise_budget") is not None for p in parity):
+        # Flips expected at the file's noise (toolchain.evaluate.flips), and the noise the bound allows.
+        headers.insert(-3, "flips: measured / expected / allowed")
+        headers.insert(-3, "noise budget")
+        for row, p in zip(rows, parity):
+            row.insert(-3, f"{p.get('flips', '-')} / {_num(p.get('expected_flips'), 1)} / {p.get('allowed_flips', '-')}")
+            row.insert(-3, _num(p.get("noise_budget"), 4))
     if any(p.get("embedding_cosine_mean") is not None for p in parity):
         # Embedding models: how close each artifact's embeddings are to the float model's.
         headers.insert(4, "embedding cosine to float (mean / min)")
@@ -164,6 +171,10 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
         out += [f"Bounds: accuracy drop <= {bounds.get('max_accuracy_drop')} points, decision agreement >= "
                 f"{bounds.get('min_decision_agreement')}%{extra}. Latency: median of one single-image inference, "
                 f"one thread, on {_latency_cpu(core)}.", ""]
+        if any(p.get("noise_budget") is not None for p in parity):
+            out += ["Flips expected: the sum over the pairs of Phi(-|float score - threshold| / score noise); "
+                    "noise budget: the score noise at which that sum equals the flips the agreement bound "
+                    "allows. A file far over its budget needs quieter int8 scores, not luck.", ""]
         probes = {p.get("num") for p in parity if p.get("num")}
         if probes:
             out += [f"Evaluated on {', '.join(str(n) for n in sorted(probes))} inputs per artifact.", ""]
