@@ -94,6 +94,15 @@ def test_backbone_parity_rows(tiny_exports):
     assert i8["allowed_flips"] == 40  # ParityBounds(100, 0): every decision may flip
     assert i8["expected_flips"] > 0 and fp["expected_flips"] < 1e-6
     assert i8["noise_budget"] > 0
+    # the artifact's accuracy is at the float model's fold thresholds: only flipped decisions move it
+    from toolchain.evaluate.metrics import fold_indices, verification_metrics
+
+    y, a, f = np.array(i8["issame"]), np.array(i8["scores"]), np.array(i8["float_scores"])
+    folds, _ = fold_indices(y)
+    fold_thresholds = verification_metrics(f, y)["fold_thresholds"]
+    moved = sum(int(np.sum((a[k] > t) != (f[k] > t))) for k, t in zip(folds, fold_thresholds))
+    assert abs(i8["accuracy_drop"]) <= 100 * moved / len(y) + 1e-9
+    assert i8["refit_accuracy"] == pytest.approx(verification_metrics(a, y)["accuracy"] * 100)
     for r in rows:
         assert len(r["scores"]) == len(r["float_scores"]) == len(r["issame"]) == 40
         assert r["latency_ms"] > 0 and r["float_latency_ms"] > 0 and r["passed"]

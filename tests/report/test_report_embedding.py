@@ -32,6 +32,11 @@ def test_embedding_report_shows_cosine_and_outside(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "flips: measured / expected / allowed | noise budget |" in md
     assert "| 99.00% | 12 / 9.5 / 6 | 0.005 |" in md and "| - / n/a / - | n/a |" in md
+    parity[0] |= {"refit_accuracy": 61.9}
+    write_report(core, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| artifact accuracy (float's thresholds) | artifact accuracy (own thresholds) | drop (points) |" in md
+    assert "| export/m_int8.pte | 62.80% | 64.50% | 61.90% | -1.7 |" in md
     assert "| `export/m_int8.pte` | executorch | int8 | 10 | abababababababab | prelu (float) x33 |" in md
     assert "| tflite | int8 | 10 | cdcdcdcdcdcdcdcd | PRELU (not XNNPACK) x33 |" in md
     assert "| efefefefefefefef | none |" in md

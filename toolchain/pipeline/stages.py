@@ -665,7 +665,8 @@ def default_stages(recipe: Recipe) -> list[Stage]:
               config=lambda ctx: {"budgets": ctx.recipe.budgets.model_dump(mode="json"),
                                   "zoo": ctx.recipe.report.compare_backbones}),
         # version 2: rows gain the score's shift and noise against float.
-        # version 3: and the flips that noise predicts, and the noise budget (toolchain.evaluate.flips).
+        # version 3: and the flips that noise predicts, the noise budget (toolchain.evaluate.flips), and
+        # an embedding model's accuracy at the float model's fold thresholds (refit_accuracy: its own).
         Stage("parity", _stage_parity, title="parity in the runtimes", after=("data", "export", *trained),
               external=_external_data, workdir="parity", version=3,
               config=lambda ctx: ctx.recipe.parity.model_dump(mode="json")),

@@ -160,6 +160,13 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
         headers.insert(4, "embedding cosine to float (mean / min)")
         for row, p in zip(rows, parity):
             row.insert(4, f"{_num(p.get('embedding_cosine_mean'), 4)} / {_num(p.get('embedding_cosine_min'), 4)}")
+    if any(p.get("refit_accuracy") is not None for p in parity):
+        # Embedding models: the artifact's accuracy is at the float model's fold thresholds; its
+        # own protocol (thresholds fitted again on its scores) is shown beside it.
+        headers[2] = "artifact accuracy (float's thresholds)"
+        headers.insert(3, "artifact accuracy (own thresholds)")
+        for row, p in zip(rows, parity):
+            row.insert(3, _pct(p.get("refit_accuracy")))
     out += [_table(headers, rows), ""]
     bounds = core.get("recipe", {}).get("parity", {})
     if bounds:
