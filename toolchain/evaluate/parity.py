@@ -156,6 +156,14 @@ def _metrics(scores: np.ndarray, issame: np.ndarray) -> dict | None:
         return None
 
 
+def _accuracy_at(scores: np.ndarray, issame: np.ndarray, fold_thresholds: list[float]) -> float:
+    """Percent accuracy of `scores` over the protocol's folds, each at the given fold's threshold."""
+    from toolchain.evaluate.metrics import fold_indices
+
+    folds, _ = fold_indices(issame)  # the folds verification_metrics used
+    return float(np.mean([np.mean((scores[k] > t) == issame[k]) for k, t in zip(folds, fold_thresholds)]) * 100)
+
+
 def _reference_source(artifact: Path, reference):
     """What the float reference is: given explicitly, else the source recorded by the export."""
     from toolchain.runtime.manifest import find_manifest_for
@@ -222,11 +230,7 @@ def run_parity(artifacts: Sequence, eval_set, reference=None, bounds=None, *, re
             thr = fm["threshold"]
             dec, fdec = a > thr, f > thr
             row["threshold"] = float(thr)
-            from toolchain.evaluate.metrics import fold_indices
-
-            folds, _ = fold_indices(y)  # the folds verification_metrics used
-            row["accuracy"] = float(np.mean([np.mean((a[k] > t) == y[k])
-                                             for k, t in zip(folds, fm["fold_thresholds"])]) * 100)
+            row["accuracy"] = _accuracy_at(a, y, fm["fold_thresholds"])
             row["refit_accuracy"] = float(m["accuracy"] * 100) if m else None
             row["float_accuracy"] = float(fm["accuracy"] * 100)
             cos = np.sum(_l2(s["embeddings"]) * _l2(fs["embeddings"]), axis=1)
