@@ -1,23 +1,28 @@
 """The int8 trade-off of a trained backbone: each accuracy-recovery method's parity and speed.
 
-    python benchmarks/bench_int8_tradeoff.py RUN [--out DIR] [--qat-steps 200] [--float-layers 4,16]
-        [--repeats 50] [--rounds 5] [--reuse]
+    python benchmarks/bench_int8_tradeoff.py RUN [--out DIR] [--format executorch|tflite]
+        [--qat-steps 200] [--float-layers 4,16] [--repeats 50] [--rounds 5] [--reuse]
 
 RUN: a recipe run folder of the embedding route (`toolchain run recipes/mobilefacenet.yaml`):
 its trained model (train/backbone/backbone.pt), identity images (data/train.rec) and held-out
 pairs (data/synthetic.bin). For each method the model is exported to an int8 ExecuTorch `.pte`
-with `export_model`, the recipe's own path, on the recipe's 64 calibration images (drawn as the
-pipeline draws them, seed 0); then, in one run:
+(or, with `--format tflite`, an int8 onnx2tf `.tflite`) with `export_model`, the recipe's own
+path, on the recipe's 64 calibration images (drawn as the pipeline draws them, seed 0); then, in
+one run:
 - parity in the runtime on the pairs against the float model (`run_parity`): decision agreement
   and flipped decisions, accuracy and TAR@FAR=1e-3 drops, embedding cosine mean / min, and the
   score noise: the std over the pairs of (int8 score - float score). Flips are a small count
   (each pair near the threshold flips or not); the score noise is what drives them, and is far
   less noisy from one export to the next;
-- in-runtime latency (ExecuTorch's ETDump), every file and the fp32 `.pte` taken in turn in each
-  round (`interleaved_latency`), and the int8 / fp32 ratio.
+- in-runtime latency (ExecuTorch's ETDump; LiteRT's `invoke()` for a `.tflite`), every file and
+  the fp32 file of the same format taken in turn in each round (`interleaved_latency`), and the
+  int8 / fp32 ratio.
 Methods: the three calibration methods, bias correction, equalization, equalization with QAT,
 and the same with the K layers the fallback ranks most sensitive kept in float (the ranking of
-`toolchain.quantize.sensitivity`, read from the QAT export's manifest). Issue 12's bounds are
+`toolchain.quantize.sensitivity`, read from the QAT export's manifest; `.pte` only, as the
+fallback is: onnx2tf's tensor names do not name the torch layer). With `--format tflite`, bias
+correction is the `.tflite`'s own, measured on its int8 graph in LiteRT
+(toolchain.export.tflite_bias_correction). Issue 12's bounds are
 the recipe's (`parity` section): a row passes when all of them hold. The table is printed, and
 written with a plot of agreement against the latency ratio to DIR (tradeoff.json, tradeoff.png).
 `--reuse` keeps the files a previous run left in DIR and measures again (e.g. on quieter cores).
@@ -53,17 +58,18 @@ def methods(qat_steps: int) -> list[tuple[str, dict]]:
             ("percentile 99.99", {"calibration": "percentile"}),
             ("mse", {}),
             ("mse, bias correction", {"bias_correction": True}),
-            ("mse, equalize", {"equalize": True}),
-            (f"mse, equalize, QAT {qat_steps}", qat)]
+            ("mse, equalize", {"equalize": True})] + \
+        ([(f"mse, equalize, QAT {qat_steps}", qat)] if qat_steps else [])
 
 
 def export_file(run: Path, out: Path, int8: dict, calib: np.ndarray, identity: np.ndarray | None,
-                fallback_targets: dict | None = None, reuse: bool = False, precision: str = "int8") -> Path:
+                fallback_targets: dict | None = None, reuse: bool = False, precision: str = "int8",
+                fmt: str = "executorch") -> Path:
     if reuse and (out / MANIFEST_NAME).is_file():
         return out / read_manifest(out)["artifacts"][0]["file"]
     if out.exists():
         shutil.rmtree(out)
-    records = export_model(run / "train/backbone/backbone.pt", out, ["executorch"], [precision], calib,
+    records = export_model(run / "train/backbone/backbone.pt", out, [fmt], [precision], calib,
                            calibration_size=len(calib), int8=int8, identity_images=identity,
                            fallback_targets=fallback_targets)
     return Path(records[0].path)
@@ -73,7 +79,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--out", type=Path, default=Path("artifacts/bench_int8_tradeoff"))
-    ap.add_argument("--qat-steps", type=int, default=200)
+    ap.add_argument("--format", default="executorch", choices=["executorch", "tflite"],
+                    help="the int8 file each method makes (the fallback rows are .pte only)")
+    ap.add_argument("--qat-steps", type=int, default=200, help="0: no QAT row (nor the fallback's)")
     ap.add_argument("--float-layers", default="4,16", help="comma-separated K: rows with the K most sensitive "
                                                            "layers in float, after equalization and QAT")
     ap.add_argument("--repeats", type=int, default=50)
@@ -92,10 +100,13 @@ def main() -> None:
     files: dict[str, Path] = {}
     float_layers: dict[str, list[str]] = {}
     reuse = args.reuse  # every export below
-    fp32 = export_file(run, out / "fp32", {}, calib, None, reuse=reuse, precision="fp32")
+    fmt = args.format
+    fp32 = export_file(run, out / "fp32", {}, calib, None, reuse=reuse, precision="fp32", fmt=fmt)
     for name, int8 in methods(args.qat_steps):
         slug = out / name.replace(", ", "_").replace(" ", "-")
-        if int8.get("qat_steps"):
+        if int8.get("qat_steps") and fmt == "tflite":
+            files[name] = export_file(run, slug, int8, calib, identity, reuse=reuse, fmt=fmt)
+        elif int8.get("qat_steps"):
             # The fallback with a target no file meets (mean cosine 1) ranks every layer and keeps
             # none: the file is all int8, and its manifest holds the ranking for the rows below.
             files[name] = export_file(run, slug, int8 | {"fallback": True, "max_float_layers": 1}, calib, identity,
@@ -107,7 +118,7 @@ def main() -> None:
                 files[row] = export_file(run, out / f"qat_float{k}", int8 | {"float_layers": ranking[:k]}, calib,
                                          identity, reuse=reuse)
         else:
-            files[name] = export_file(run, slug, int8, calib, None, reuse=reuse)
+            files[name] = export_file(run, slug, int8, calib, None, reuse=reuse, fmt=fmt)
 
     rows = run_parity(list(files.values()), run / "data/synthetic.bin", reference=run / "train/backbone/backbone.pt",
                       bounds=ParityBounds.from_any(BOUNDS), repeats=5)
@@ -127,8 +138,8 @@ def main() -> None:
                         "score_noise": noise,
                         "int8_ms": ms, "fp32_ms": fp32_ms, "ratio": ms / fp32_ms, "passed": row["passed"],
                         "reason": row["reason"]})
-    table = Table(title=f"int8 trade-off: {run} ({rows[0]['num']} pairs; fp32 .pte {fp32_ms:.2f} ms in the "
-                        f"runtime; {describe_cpu(cpu)})")
+    table = Table(title=f"int8 trade-off: {run} ({rows[0]['num']} pairs; fp32 {fp32.suffix} {fp32_ms:.2f} ms in "
+                        f"the runtime; {describe_cpu(cpu)})")
     for col in ("method", "agreement (flips)", "score noise", "acc. drop", "TAR drop", "cosine mean / min",
                 "int8 ms", "x fp32", "bounds"):
         table.add_column(col, justify="left" if col == "method" else "right")
@@ -138,7 +149,8 @@ def main() -> None:
                       f"{r['tar_drop']:.2f}", f"{r['cosine_mean']:.5f} / {r['cosine_min']:.4f}",
                       f"{r['int8_ms']:.2f}", f"{r['ratio']:.2f}", "pass" if r["passed"] else "FAIL")
     Console(width=160).print(table)
-    write_json_atomic(out / "tradeoff.json", {"run": str(run), "cpu": cpu, "bounds": BOUNDS, "rows": results})
+    write_json_atomic(out / "tradeoff.json", {"run": str(run), "format": fmt, "cpu": cpu, "bounds": BOUNDS,
+                                             "rows": results})
     plot(results, out / "tradeoff.png", describe_cpu(cpu))
     print(f"wrote {out / 'tradeoff.json'} and {out / 'tradeoff.png'}")
 
