@@ -104,9 +104,7 @@ def main() -> None:
     fp32 = export_file(run, out / "fp32", {}, calib, None, reuse=reuse, precision="fp32", fmt=fmt)
     for name, int8 in methods(args.qat_steps):
         slug = out / name.replace(", ", "_").replace(" ", "-")
-        if int8.get("qat_steps") and fmt == "tflite":
-            files[name] = export_file(run, slug, int8, calib, identity, reuse=reuse, fmt=fmt)
-        elif int8.get("qat_steps"):
+        if int8.get("qat_steps") and fmt == "executorch":
             # The fallback with a target no file meets (mean cosine 1) ranks every layer and keeps
             # none: the file is all int8, and its manifest holds the ranking for the rows below.
             files[name] = export_file(run, slug, int8 | {"fallback": True, "max_float_layers": 1}, calib, identity,
@@ -117,8 +115,9 @@ def main() -> None:
                 float_layers[row] = ranking[:k]
                 files[row] = export_file(run, out / f"qat_float{k}", int8 | {"float_layers": ranking[:k]}, calib,
                                          identity, reuse=reuse)
-        else:
-            files[name] = export_file(run, slug, int8, calib, None, reuse=reuse, fmt=fmt)
+        else:  # QAT trains on the identity images; the fallback rows are .pte only
+            files[name] = export_file(run, slug, int8, calib, identity if int8.get("qat_steps") else None,
+                                      reuse=reuse, fmt=fmt)
 
     rows = run_parity(list(files.values()), run / "data/synthetic.bin", reference=run / "train/backbone/backbone.pt",
                       bounds=ParityBounds.from_any(BOUNDS), repeats=5)
