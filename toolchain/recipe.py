@@ -131,11 +131,27 @@ Format = Literal["executorch", "tflite"]
 Precision = Literal["fp32", "int8"]
 
 
+class Int8FormatSection(_Strict):
+    """One format's own `export.int8` settings (`export.int8.executorch` / `export.int8.tflite`):
+    each key set here replaces the section's value for that format's int8 file; null inherits.
+    The runtimes round differently, so a recovery method that helps one file can hurt the other
+    (README: QAT lowered the `.pte`'s score noise and raised the `.tflite`'s)."""
+    calibration: Optional[Literal["mse", "minmax", "percentile"]] = None
+    percentile: Optional[float] = Field(None, gt=50, le=100)
+    outlier_factor: Optional[float] = Field(None, gt=1)
+    bias_correction: Optional[bool] = None
+    equalize: Optional[bool] = None
+    qat_steps: Optional[int] = Field(None, ge=0, le=100_000)
+    qat_lr: Optional[float] = Field(None, gt=0, le=1)
+    qat_batch: Optional[int] = Field(None, ge=2, le=512)
+
+
 class Int8Section(_Strict):
     """int8 accuracy recovery (toolchain.quantize.int8_options): how activation ranges are
     calibrated (every int8 file), whether biases absorb the int8 graph's mean error (PT2E files),
     quantization-aware fine-tuning of an embedding model (both runtimes), and the accuracy-aware
-    fallback that keeps the fewest layers in float until the parity bounds hold."""
+    fallback that keeps the fewest layers in float until the parity bounds hold. `executorch` and
+    `tflite` override any of the first eight keys for that format's file alone."""
     calibration: Literal["mse", "minmax", "percentile"] = "mse"
     percentile: float = Field(99.99, gt=50, le=100, description="percentile: the share of values kept in range")
     outlier_factor: Optional[float] = Field(None, gt=1, description="leave out calibration images whose activations "
@@ -149,6 +165,8 @@ class Int8Section(_Strict):
                                               "until the parity bounds hold (ExecuTorch files)")
     max_float_layers: int = Field(8, ge=1, le=1000, description="fallback: most layers kept in float")
     float_layers: list[str] = Field(default_factory=list, description="modules kept in float (names)")
+    executorch: Optional[Int8FormatSection] = None
+    tflite: Optional[Int8FormatSection] = None
 
 
 class ExportSection(_Strict):

@@ -106,6 +106,22 @@ def test_equalization_and_bias_correction_reach_both_int8_files_and_the_manifest
     assert manifest["int8"]["equalize"] and manifest["int8_recovery"]["equalize"]["pairs"] == 1
 
 
+def test_each_format_gets_its_own_int8_options(tmp_path):
+    """`export.int8.tflite`: QAT for the .pte, bias correction and no QAT for the .tflite; each file
+    records its own method, and the manifest keeps the .tflite's recovery apart."""
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), dtype=np.uint8)
+    recs = export_model(_Embedder().eval(), tmp_path, ["executorch", "tflite"], "int8", images[:8], progress=False,
+                        identity_images=images,
+                        int8={"qat_steps": 2, "qat_batch": 4, "tflite": {"qat_steps": 0, "bias_correction": True}})
+    method = {r.format: r.checks["int8_method"] for r in recs}
+    assert method["executorch"]["qat_steps"] == 2 and not method["executorch"]["bias_correction"]
+    assert "qat_steps" not in method["tflite"] and method["tflite"]["bias_correction"]
+    manifest = json.loads((tmp_path / "export_manifest.json").read_text())
+    assert manifest["int8"]["qat_steps"] == 2 and manifest["int8_recovery"]["qat"]["steps"] == 2
+    assert manifest["int8_recovery"]["tflite"] == {"int8": {"calibration": "mse", "bias_correction": True}}
+
+
 def test_calibration_outliers_are_left_out_before_quantising(tmp_path):
     """`toolchain export --outlier-factor`: the image on which activations explode is left out,
     the manifest says which, and the calibration record counts the images used."""

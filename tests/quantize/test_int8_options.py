@@ -168,6 +168,21 @@ def test_bad_options_are_refused():
     assert "float_layers" not in tuned.applied(pt2e=True, float_layers=False)  # litert-torch's .tflite
 
 
+def test_a_format_overrides_the_keys_it_sets_and_inherits_the_rest():
+    from toolchain.recipe import Int8Section
+
+    section = Int8Section(equalize=True, qat_steps=200, fallback=True,
+                          tflite={"qat_steps": 0, "bias_correction": True})
+    pte, tfl = Int8Options.from_any(section, "executorch"), Int8Options.from_any(section, "tflite")
+    assert pte == Int8Options(equalize=True, qat_steps=200, fallback=True)
+    assert tfl == Int8Options(equalize=True, qat_steps=0, bias_correction=True, fallback=True)
+    # The section's own values, for anything not made per format; a plain dict reads the same.
+    assert Int8Options.from_any(section) == pte
+    assert Int8Options.from_any(section.model_dump(), "tflite") == tfl
+    with pytest.raises(ToolchainError, match="QAT"):
+        Int8Options.from_any({"tflite": {"qat_steps": -1}}, "tflite")
+
+
 @pytest.mark.parametrize("override,key", [("export.int8.calibration=kl", "export.int8.calibration"),
                                           ("export.int8.percentile=20", "export.int8.percentile"),
                                           ("export.int8.bias_correction=maybe", "export.int8.bias_correction"),
@@ -177,7 +192,11 @@ def test_bad_options_are_refused():
                                           ("export.int8.qat_batch=1", "export.int8.qat_batch"),
                                           ("export.int8.max_float_layers=0", "export.int8.max_float_layers"),
                                           ("export.int8.fallback=sometimes", "export.int8.fallback"),
-                                          ("export.int8.outlier_factor=1", "export.int8.outlier_factor")])
+                                          ("export.int8.outlier_factor=1", "export.int8.outlier_factor"),
+                                          ("export.int8.tflite.qat_steps=-1", "export.int8.tflite.qat_steps"),
+                                          ("export.int8.executorch.calibration=kl",
+                                           "export.int8.executorch.calibration"),
+                                          ("export.int8.tflite.fallback=true", "export.int8.tflite.fallback")])
 def test_recipe_with_a_bad_int8_setting_exits_2(tmp_path, capsys, override, key):
     from pathlib import Path
 

@@ -91,3 +91,15 @@ def test_report_names_the_calibration_images_left_out(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "Calibration outliers (activation peak above 8 x" in md
     assert "1 of 64 left out (image 42: 642.1 x at `head.4`)" in md
+
+
+def test_report_says_the_tflite_had_its_own_int8_options(tmp_path):
+    recovery = {"qat": {"steps": 200, "batch": 16, "lr": 1e-5, "loss_first": 0.004, "loss_last": 0.002,
+                        "fake_quant_cosine_before": 0.996, "fake_quant_cosine_after": 0.998},
+                "tflite": {"int8": {"calibration": "mse", "bias_correction": True, "equalize": True}}}
+    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
+            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+    write_report(core, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "QAT (PT2E fake quantisation" in md
+    assert "The `.tflite` has its own int8 options (calibration mse, bias_correction True, equalize True); no QAT." in md

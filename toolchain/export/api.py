@@ -182,17 +182,20 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     outside, and no op LiteRT's XNNPACK refuses in int8) and False for zoo models, whose
     report then lists what stays outside.
     int8: calibration method, bias correction, QAT and the fallback
-    (toolchain.quantize.int8_options.Int8Options or a dict; None: the defaults). Each int8
+    (toolchain.quantize.int8_options.Int8Options or a dict; None: the defaults); a dict's
+    `executorch` / `tflite` keys override it for that format's file. Each int8
     artifact records the method it was made with; QAT and the fallback (toolchain.quantize.recovery)
     train on / measure with `identity_images` (uint8 NHWC; default: the calibration images), the
     fallback towards `fallback_targets` ({"min_cosine_mean", "min_cosine_min"}). What they did is
-    in the manifest's `int8_recovery`.
+    in the manifest's `int8_recovery` (the `.tflite`'s under its `tflite` key when its options differ).
     """
     from toolchain.quantize.int8_options import Int8Options
 
-    int8 = Int8Options.from_any(int8)
     formats = _parse_list(formats, FORMATS, "format")
     precisions = _parse_list(precisions, PRECISIONS, "precision")
+    options = {f: Int8Options.from_any(int8, f) for f in FORMATS}
+    if options["tflite"] != options["executorch"]:  # a .tflite keeps no float layers: no fallback to run
+        options["tflite"] = dataclasses.replace(options["tflite"], fallback=False, float_layers=())
     if tflite_backend not in TFLITE_BACKENDS:
         raise ToolchainError(f"unknown TFLite backend {tflite_backend!r} ({', '.join(TFLITE_BACKENDS)})")
     model, meta, source_rec = resolve_source(source, model_kwargs, seed)
@@ -208,6 +211,112 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     float_model = model  # the reference kept beside the artifacts
     model, spec = _exact_input_view(model)
     calib = _prepare_calibration(calibration_images, spec, calibration_size, seed) if "int8" in precisions else None
+    # One int8 graph per distinct set of options: the two formats share it unless the recipe
+    # gives one of them its own settings.
+    prepared: dict[Int8Options, _Int8Graph] = {}
+    for f in formats:
+        if options[f] not in prepared:
+            prepared[options[f]] = _int8_graph(model, spec, calib, identity_images, options[f], fallback_targets,
+                                               seed, progress)
+    graphs = {f: prepared[options[f]] for f in formats}
+    first = graphs[formats[0]]
+    recovery = dict(first.recovery)
+    if "tflite" in graphs and graphs["tflite"] is not first:
+        recovery["tflite"] = {"int8": graphs["tflite"].options.to_dict(), **graphs["tflite"].recovery}
+    versions = tool_versions()
+    user = meta.get("user") if spec.output == "logit" else None
+
+    def template(fmt: str, precision: str, backend: str) -> str | None:
+        if user is None:
+            return None
+        calib_sha = graphs[fmt].calibration_sha256
+        return template_id(hypernet_sha256=meta.get("hypernet_sha256"), calibration_sha256=calib_sha, fmt=fmt,
+                           precision=precision, versions=backend_versions(versions, backend),
+                           model_kwargs=meta.get("model_kwargs", {}), int8=graphs[fmt].options)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=out))
+    records: list[ArtifactRecord] = []
+    try:
+        jobs = [(f, p) for f in formats for p in precisions]
+        with _progress(progress, len(jobs)) as advance:
+            if "executorch" in formats:
+                g = graphs["executorch"]
+                compute_head = _head_quantizer(model, spec, g.calibration, threshold) if g.calibration is not None \
+                    else None
+                for p in precisions:
+                    records.append(_export_pte(g.model if p == "int8" else model, spec, model_name, example, p,
+                                               g.calibration, threshold, source_rec, versions,
+                                               require_full_delegation, staging, compute_head, user,
+                                               template("executorch", p, "xnnpack"), g.options))
+                    advance(f"executorch {p}")
+            if "tflite" in formats:
+                g = graphs["tflite"]
+                compute_head = _head_quantizer(model, spec, g.calibration, threshold) if g.calibration is not None \
+                    else None
+                # LiteRT's XNNPACK refuses an int8 PRELU: the .tflite computes each PReLU on ops it
+                # runs in int8 (toolchain.export.int8_prelu); the .pte keeps XNNPACK's int8 PReLU.
+                tflite_int8_model = with_int8_prelu(g.model) or g.model
+                records += _export_tflite(model, tflite_int8_model, spec, model_name, example, precisions,
+                                          g.calibration, threshold, source_rec, versions, require_full_delegation,
+                                          staging, tflite_backend, compute_head, user,
+                                          {p: template("tflite", p, tflite_backend) for p in precisions}, g.options)
+                advance("tflite " + ",".join(precisions))
+        g = graphs.get("executorch")
+        if g is not None and g.options.float_layers and "int8" in precisions:
+            # Float layers chosen by the fallback, or named in export.int8.float_layers.
+            kept = recovery.setdefault("fallback", {"float_layers": list(g.options.float_layers), "given": True})
+            kept["latency"] = _fallback_latency(
+                next(r for r in records if r.format == "executorch" and r.precision == "int8"),
+                lambda: _export_pte(g.model, spec, model_name, example, "int8", g.calibration, threshold,
+                                    source_rec, versions, require_full_delegation, staging, None, user, None,
+                                    dataclasses.replace(g.options, float_layers=()), file_name=".all_int8.pte"),
+                staging)
+        reference = _save_float_reference(float_model, meta, staging) if source_rec["kind"] in ("module", "registry") \
+            else source_rec.get("path")
+        # All artifacts passed: move them into place, then record them.
+        for f in staging.iterdir():
+            if not f.name.startswith("."):
+                f.replace(out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for r in records:
+        r.path = str((out / r.file).resolve())
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "model": model_name,
+        "spec": spec.to_dict(),
+        "model_kwargs": meta.get("model_kwargs", {}),
+        "source": source_rec,
+        "reference": reference,
+        "threshold": threshold,
+        "calibration": None if first.calibration is None else {"images": int(len(first.calibration)),
+                                                                "sha256": first.calibration_sha256},
+        "int8": first.options.to_dict() if calib is not None else None,
+        "int8_recovery": recovery or None,
+        "tool_versions": versions,
+        "artifacts": _merge_previous(out, source_rec, [r.to_dict() for r in records]),
+    }
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return records
+
+
+@dataclasses.dataclass
+class _Int8Graph:
+    """What one set of int8 options makes of the float model before a runtime quantises it."""
+    model: nn.Module  # the model to quantise (rewrites, equalization, QAT applied)
+    options: Any  # Int8Options, with the fallback's float layers filled in
+    calibration: np.ndarray | None  # the calibration images left after outlier screening
+    recovery: dict  # what equalization, screening, QAT and the fallback did
+
+    @property
+    def calibration_sha256(self) -> str | None:
+        return None if self.calibration is None else hashlib.sha256(self.calibration.tobytes()).hexdigest()
+
+
+def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_targets, seed: int,
+                progress: bool) -> _Int8Graph:
     recovery: dict = {}
     if calib is not None and int8.outlier_factor is not None:  # toolchain.quantize.outliers
         from toolchain.quantize.outliers import screen_outliers
@@ -234,75 +343,7 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                                                   targets=fallback_targets, embedding=spec.output == "embedding",
                                                   seed=seed, progress=progress)
         recovery |= recovered
-    versions = tool_versions()
-    calib_sha = None if calib is None else hashlib.sha256(calib.tobytes()).hexdigest()
-    compute_head = _head_quantizer(model, spec, calib, threshold) if calib is not None else None
-    user = meta.get("user") if spec.output == "logit" else None
-
-    def template(fmt: str, precision: str, backend: str) -> str | None:
-        if user is None:
-            return None
-        return template_id(hypernet_sha256=meta.get("hypernet_sha256"), calibration_sha256=calib_sha, fmt=fmt,
-                           precision=precision, versions=backend_versions(versions, backend),
-                           model_kwargs=meta.get("model_kwargs", {}), int8=int8)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-staging-", dir=out))
-    records: list[ArtifactRecord] = []
-    try:
-        jobs = [(f, p) for f in formats for p in precisions]
-        with _progress(progress, len(jobs)) as advance:
-            if "executorch" in formats:
-                for p in precisions:
-                    records.append(_export_pte(int8_model if p == "int8" else model, spec, model_name, example, p,
-                                               calib, threshold, source_rec, versions, require_full_delegation,
-                                               staging, compute_head, user, template("executorch", p, "xnnpack"),
-                                               int8))
-                    advance(f"executorch {p}")
-            if "tflite" in formats:
-                # LiteRT's XNNPACK refuses an int8 PRELU: the .tflite computes each PReLU on ops it
-                # runs in int8 (toolchain.export.int8_prelu); the .pte keeps XNNPACK's int8 PReLU.
-                tflite_int8_model = with_int8_prelu(int8_model) or int8_model
-                records += _export_tflite(model, tflite_int8_model, spec, model_name, example, precisions, calib,
-                                          threshold, source_rec, versions, require_full_delegation, staging,
-                                          tflite_backend, compute_head, user,
-                                          {p: template("tflite", p, tflite_backend) for p in precisions}, int8)
-                advance("tflite " + ",".join(precisions))
-        if int8.float_layers and "executorch" in formats and "int8" in precisions:
-            # Float layers chosen by the fallback, or named in export.int8.float_layers.
-            kept = recovery.setdefault("fallback", {"float_layers": list(int8.float_layers), "given": True})
-            kept["latency"] = _fallback_latency(
-                next(r for r in records if r.format == "executorch" and r.precision == "int8"),
-                lambda: _export_pte(int8_model, spec, model_name, example, "int8", calib, threshold, source_rec,
-                                    versions, require_full_delegation, staging, None, user, None,
-                                    dataclasses.replace(int8, float_layers=()), file_name=".all_int8.pte"), staging)
-        reference = _save_float_reference(float_model, meta, staging) if source_rec["kind"] in ("module", "registry") \
-            else source_rec.get("path")
-        # All artifacts passed: move them into place, then record them.
-        for f in staging.iterdir():
-            if not f.name.startswith("."):
-                f.replace(out / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for r in records:
-        r.path = str((out / r.file).resolve())
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "model": model_name,
-        "spec": spec.to_dict(),
-        "model_kwargs": meta.get("model_kwargs", {}),
-        "source": source_rec,
-        "reference": reference,
-        "threshold": threshold,
-        "calibration": None if calib is None else {"images": int(len(calib)), "sha256": calib_sha},
-        "int8": int8.to_dict() if calib is not None else None,
-        "int8_recovery": recovery or None,
-        "tool_versions": versions,
-        "artifacts": _merge_previous(out, source_rec, [r.to_dict() for r in records]),
-    }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
-    return records
+    return _Int8Graph(int8_model, int8, calib, recovery)
 
 
 def _fallback_latency(kept: ArtifactRecord, all_int8, staging: Path) -> dict:

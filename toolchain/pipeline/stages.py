@@ -392,7 +392,7 @@ def _stage_export(ctx: RunContext) -> StageOutput:
         if "int8" in cfg.precisions:
             ds = _identity_dataset(ctx)
             calib = identity_calibration_set(ds, cfg.calibration_images, ctx.recipe.seed)
-            if cfg.int8.qat_steps or cfg.int8.fallback:  # they train on / measure with the identity images
+            if any(o.qat_steps or o.fallback for o in _int8_options(cfg)):  # they train on / measure with these
                 identity = np.stack([ds.get_uint8(i) for i in range(len(ds))])
         jobs.append((None, _embedding_source(ctx), out_root, calib))
     for user, source, out_dir, calib in jobs:
@@ -412,6 +412,13 @@ def _stage_export(ctx: RunContext) -> StageOutput:
     recovery = (read_json(out_root / "export_manifest.json") or {}).get("int8_recovery") \
         if ctx.recipe.kind == "embedding" else None
     return StageOutput(files=files, data={"artifacts": artifacts, **({"int8_recovery": recovery} if recovery else {})})
+
+
+def _int8_options(cfg) -> list:
+    """The int8 options of each format the recipe exports (`export.int8` and its per-format keys)."""
+    from toolchain.quantize.int8_options import Int8Options
+
+    return [Int8Options.from_any(cfg.int8, f) for f in cfg.formats]
 
 
 def _fleet_export(ctx: RunContext) -> bool:

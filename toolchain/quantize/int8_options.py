@@ -21,6 +21,9 @@
 - `float_layers`: modules kept in float inside the int8 file (the accuracy-aware fallback of
   toolchain.quantize.sensitivity chooses them; `fallback: true` in a recipe).
 
+`from_any(value, fmt)` reads a recipe's section for one format: its `executorch` / `tflite`
+sub-mapping replaces the keys it sets (None inherits), for that format's int8 file alone.
+
 The calibration method applies to every int8 file: PT2E's observers make the ExecuTorch `.pte`
 and the litert-torch `.tflite`, and the same observers set the ranges of onnx2tf's `.tflite`
 before the TFLite converter quantises it (toolchain.export.tflite_calibration).
@@ -32,6 +35,7 @@ import dataclasses
 from dataclasses import dataclass
 
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
+FORMATS = ("executorch", "tflite")  # the keys of a section's per-format overrides
 # onnx2tf's .tflite: the converter quantises, with ranges from the same observers.
 TFLITE_CONVERTER_METHOD = {"by": "TFLite converter (ranges: torchao observers)"}
 
@@ -68,14 +72,20 @@ class Int8Options:
         object.__setattr__(self, "float_layers", tuple(str(x) for x in self.float_layers))
 
     @classmethod
-    def from_any(cls, value) -> "Int8Options":
+    def from_any(cls, value, fmt: str | None = None) -> "Int8Options":
+        """Options from None, an Int8Options, a recipe section or a dict. With `fmt`, that
+        format's overrides (`value[fmt]`) apply; without it, the section's own values."""
         if value is None:
             return cls()
         if isinstance(value, cls):
             return value
         if hasattr(value, "model_dump"):
             value = value.model_dump()
-        return cls(**dict(value))
+        data = dict(value)
+        overrides = {f: data.pop(f, None) or {} for f in FORMATS}
+        if fmt is not None:
+            data |= {k: v for k, v in dict(overrides[fmt]).items() if v is not None}
+        return cls(**data)
 
     def to_dict(self) -> dict:
         out = {"calibration": self.calibration, "bias_correction": self.bias_correction}

@@ -258,6 +258,13 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
             out += [f"Latency cost ({lat.get('source') or 'wall'}): {_num(lat['with_float_layers'], 4)} ms with "
                     f"those layers in float against {_num(lat['all_int8'], 4)} ms all int8 "
                     f"({lat['ratio']:.2f} x), the .pte in ExecuTorch on {_latency_cpu(core)}.", ""]
+    own = rec.get("tflite")
+    if own:  # export.int8.tflite: the .tflite came from its own int8 graph
+        opts = ", ".join(f"{k} {v}" for k, v in own["int8"].items())
+        qat = own.get("qat")
+        out += [f"The `.tflite` has its own int8 options ({opts})"
+                + (f"; its QAT: {qat['steps']} steps, fake-quantised cosine {_num(qat['fake_quant_cosine_before'], 5)}"
+                   f" -> {_num(qat['fake_quant_cosine_after'], 5)}." if qat else "; no QAT."), ""]
     return out
 
 
