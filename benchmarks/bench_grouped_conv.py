@@ -8,7 +8,8 @@ channels with ReLU, average pooling and a linear embedding. Each form is exporte
 `export_model` (int8 and fp32, `.pte` and onnx2tf `.tflite`, 16 random calibration images,
 random weights: latency does not depend on them), then every file is timed inside its runtime,
 one thread (ExecuTorch's ETDump `Method::execute`, LiteRT's `invoke()` less a one-op model's),
-each file in turn in each round; the table gives the median over rounds, the CPU named.
+each file in turn in each round (`interleaved_latency`, as `toolchain bench`); the table gives the
+median over rounds, the CPU named.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from torch import nn
 
 from toolchain.environment import describe_cpu
 from toolchain.export import export_model
+from toolchain.export.bench import interleaved_latency
 from toolchain.models.registry import ModelSpec
-from toolchain.runtime import load_runner
 
 GROUP = 8  # input channels a group, as in VarGFaceNet
 
@@ -61,15 +62,10 @@ def main() -> None:
         for grouped in (True, False):
             recs = export_model(ConvNet(args.channels, args.blocks, grouped).eval(), f"{tmp}/{grouped}",
                                 ["executorch", "tflite"], ["int8", "fp32"], calib, progress=False)
-            runners = {(r.format, r.precision): load_runner(r.path) for r in recs}
-            ms: dict = {}
-            for _ in range(args.rounds):
-                for key, runner in runners.items():
-                    lat = runner.runtime_latency(repeats=args.repeats)
-                    ms.setdefault(key, []).append(lat["runtime_ms"] if lat.get("runtime_ms") is not None
-                                                  else lat["wall_ms"])
+            latency = interleaved_latency({(r.format, r.precision): r.path for r in recs}, args.repeats, args.rounds)
+            ms = {k: v["runtime_ms"] if v.get("runtime_ms") is not None else v["wall_ms"] for k, v in latency.items()}
             for fmt, name in (("executorch", "ExecuTorch"), ("tflite", "TFLite (onnx2tf)")):
-                i8, f32 = float(np.median(ms[(fmt, "int8")])), float(np.median(ms[(fmt, "fp32")]))
+                i8, f32 = ms[(fmt, "int8")], ms[(fmt, "fp32")]
                 table.add_row(f"grouped ({GROUP} channels a group)" if grouped else "dense", name,
                               f"{i8:.3f}", f"{f32:.3f}", f"{i8 / f32:.2f}")
     Console().print(table)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -39,9 +38,11 @@ TRAIN_STAGES = ("data", "train_backbone", "pairs", "train_hypernet", "enroll", "
 
 
 def device_name() -> str:
-    if torch.cuda.is_available():
-        return f"CUDA {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    from toolchain.environment import cuda_devices, describe_cpu
+
+    gpus = cuda_devices()
+    where = f"CUDA {gpus[0]}" if gpus else "CPU"
+    return f"{where}, torch {torch.__version__}; host CPU {describe_cpu()}"
 
 
 def run_recipe_training(faces: Path, out: Path, epochs: int, amp: str, workers: int, overrides: list[str]) -> dict:

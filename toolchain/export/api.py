@@ -226,6 +226,9 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     versions = tool_versions()
     user = meta.get("user") if spec.output == "logit" else None
 
+    def head_quantizer(g: _Int8Graph):
+        return _head_quantizer(model, spec, g.calibration, threshold) if g.calibration is not None else None
+
     def template(fmt: str, precision: str, backend: str) -> str | None:
         if user is None:
             return None
@@ -243,8 +246,7 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
         with _progress(progress, len(jobs)) as advance:
             if "executorch" in formats:
                 g = graphs["executorch"]
-                compute_head = _head_quantizer(model, spec, g.calibration, threshold) if g.calibration is not None \
-                    else None
+                compute_head = head_quantizer(g)
                 for p in precisions:
                     records.append(_export_pte(g.model if p == "int8" else model, spec, model_name, example, p,
                                                g.calibration, threshold, source_rec, versions,
@@ -253,8 +255,7 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                     advance(f"executorch {p}")
             if "tflite" in formats:
                 g = graphs["tflite"]
-                compute_head = _head_quantizer(model, spec, g.calibration, threshold) if g.calibration is not None \
-                    else None
+                compute_head = head_quantizer(g)
                 # LiteRT's XNNPACK refuses an int8 PRELU: the .tflite computes each PReLU on ops it
                 # runs in int8 (toolchain.export.int8_prelu); the .pte keeps XNNPACK's int8 PReLU.
                 tflite_int8_model = with_int8_prelu(g.model) or g.model
