@@ -149,3 +149,40 @@ def test_embedding_recipe_route():
     assert r.train.hypernet is None
     with pytest.raises(ToolchainError, match="kind 'verifier' needs"):
         validate_recipe({"name": "x"})
+
+
+def test_backbone_init_is_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    recipe = folder / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"kind": "embedding", "train": {"backbone": {
+        "model": "mobilefacenet", "max_steps": 0, "init": "checkpoints/mfn.pt"}}}))
+    monkeypatch.chdir(tmp_path)
+    rec = load_recipe(recipe)
+    assert rec.train.backbone.init == str((folder / "checkpoints" / "mfn.pt").resolve())
+    # an override is the user's own path, relative to where they run
+    rec = load_recipe(recipe, ["train.backbone.init=other.pt"])
+    assert rec.train.backbone.init == "other.pt"
+
+
+def test_zero_steps_without_init_names_the_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"kind": "embedding", "train": {"backbone": {"model": "mobilefacenet",
+                                                                                   "max_steps": 0}}}))
+    with pytest.raises(ToolchainError, match="train.backbone.*needs init"):
+        load_recipe(recipe)
+
+
+@pytest.mark.parametrize("name", ["mobilefacenet", "seesawfacenet", "vargfacenet"])
+def test_shipped_backbone_checkpoints_fit_their_recipes(name):
+    # The backbone recipes start from a shipped checkpoint: it must exist beside them, load
+    # without pickled code, fit the recipe's model and size, and say what made it.
+    from toolchain.models.io import load_model
+
+    backbone = load_recipe(RECIPES / f"{name}.yaml").train.backbone
+    assert backbone.max_steps == 0 and Path(backbone.init).is_file()
+    model, meta = load_model(backbone.init)
+    assert meta["model"] == backbone.model
+    assert meta["model_kwargs"] == {"embedding_size": backbone.embedding_size, **backbone.model_kwargs}
+    assert meta["data"]["seed"] != load_recipe(RECIPES / f"{name}.yaml").data.synthetic.seed  # no held-out identity seen
+    assert meta["weights"] == "float16" and meta["step"] > 0

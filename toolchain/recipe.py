@@ -347,6 +347,14 @@ def validate_recipe(raw: Any, source: str = "recipe") -> Recipe:
         raise ToolchainError(f"{source}: {first}{more}") from None
 
 
+def _resolve_from_recipe(raw: dict, folder: Path) -> None:
+    """A checkpoint named in the recipe file is relative to the file, so the recipe runs from any
+    directory (a path given as an override stays relative to the working directory)."""
+    backbone = (raw.get("train") or {}).get("backbone") if isinstance(raw.get("train"), dict) else None
+    if isinstance(backbone, dict) and isinstance(backbone.get("init"), str) and not Path(backbone["init"]).is_absolute():
+        backbone["init"] = str((folder / backbone["init"]).resolve())
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `key=value` overrides, validate. Bad input -> ToolchainError."""
     path = Path(path)
@@ -360,4 +368,5 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = {}
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
+        _resolve_from_recipe(raw, path.parent)
     return validate_recipe(apply_overrides(raw, overrides) if isinstance(raw, dict) else raw, str(path))

@@ -156,3 +156,50 @@ def test_bf16_autocast_trains(tiny_model, toy_data, tmp_path):
     cfg = BackboneConfig(model=tiny_model, epochs=8, amp="bf16", **FAST)
     hist = load_state(train_backbone(cfg, toy_data, tmp_path / "bb"))["history"]
     assert all(torch.isfinite(torch.tensor(hist))) and sum(hist[-4:]) / 4 < 0.8 * sum(hist[:4]) / 4
+
+
+def test_init_with_zero_steps_is_the_checkpoint(tiny_model, toy_data, tmp_path):
+    trained = train_backbone(BackboneConfig(model=tiny_model, epochs=2, **FAST), toy_data, tmp_path / "a")
+    cfg = BackboneConfig(model=tiny_model, max_steps=0, init=str(trained), **FAST)
+    copied = load_state(train_backbone(cfg, toy_data, tmp_path / "b"))
+    source = load_state(trained)
+    assert copied["history"] == [] and copied["step"] == 0
+    for name, value in source["state_dict"].items():
+        assert torch.equal(copied["state_dict"][name], value), name
+    # init is a start: more steps move the weights away from it
+    tuned = load_state(train_backbone(BackboneConfig(model=tiny_model, max_steps=3, init=str(trained), **FAST),
+                                      toy_data, tmp_path / "c"))
+    assert tuned["step"] == 3
+    assert not all(torch.equal(tuned["state_dict"][k], v) for k, v in source["state_dict"].items())
+
+
+def test_init_errors_are_one_line(tiny_model, toy_data, tmp_path):
+    with pytest.raises(ValueError, match="max_steps 0 trains nothing"):
+        BackboneConfig(model=tiny_model, max_steps=0, **FAST)
+    with pytest.raises(ToolchainError, match="no such checkpoint"):
+        train_backbone(BackboneConfig(model=tiny_model, max_steps=0, init=str(tmp_path / "none.pt"), **FAST),
+                       toy_data, tmp_path / "x")
+    trained = train_backbone(BackboneConfig(model=tiny_model, epochs=1, **FAST), toy_data, tmp_path / "a")
+    wider = BackboneConfig(model=tiny_model, max_steps=0, init=str(trained), **{**FAST, "embedding_size": 8})
+    with pytest.raises(ToolchainError, match="do not fit"):
+        train_backbone(wider, toy_data, tmp_path / "y")
+
+
+def test_max_seconds_stops_and_anneals(tiny_model, toy_data, tmp_path, monkeypatch):
+    # A fake clock that advances 1 s per reading: the 6 s budget ends the run long before 1,000 steps.
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(backbone_mod.time, "monotonic", lambda: float(next(ticks)))
+    cfg = BackboneConfig(model=tiny_model, max_steps=1000, max_seconds=6, **FAST)
+    lrs = []
+    real_follow = backbone_mod._Budget.follow
+
+    def recording_follow(self, optimizer, step, env):
+        done = real_follow(self, optimizer, step, env)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return done
+
+    monkeypatch.setattr(backbone_mod._Budget, "follow", recording_follow)
+    state = load_state(train_backbone(cfg, toy_data, tmp_path))
+    assert 1 <= state["step"] < 10 and state["complete"] is True
+    assert len(state["history"]) == state["step"]
+    assert lrs[-1] < 0.05 * FAST["lr"]  # the schedule followed the clock to its end, not the 1,000 steps

@@ -44,6 +44,12 @@ def _external_data(ctx: RunContext) -> list[Path]:
     return [Path(p) for p in ctx.results["data"]["inputs"]]
 
 
+def _backbone_inputs(ctx: RunContext) -> list[Path]:
+    """The training data's files, and the checkpoint the backbone starts from (`init`)."""
+    init = ctx.recipe.train.backbone.init
+    return _external_data(ctx) + ([Path(init)] if init else [])
+
+
 def _stage_data(ctx: RunContext) -> StageOutput:
     d = ctx.recipe.data
     train_name, pairs_name = d.files()
@@ -638,7 +644,7 @@ def default_stages(recipe: Recipe) -> list[Stage]:
     stages = [data]
     if recipe.train.backbone is not None:
         stages.append(Stage("train_backbone", _stage_train_backbone, title="train backbone (h_bb)",
-                            after=("data",), external=_external_data, workdir="train/backbone",
+                            after=("data",), external=_backbone_inputs, workdir="train/backbone",
                             config=lambda ctx: _train_config(ctx.recipe.train.backbone)))
     if recipe.data.source == "folder":
         if recipe.train.backbone is None:

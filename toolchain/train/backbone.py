@@ -2,6 +2,8 @@
 
 - Data: any map-style data set whose items are (normalised float tensor 3x112x112, int label) and
   that has `.labels` and `.num_classes` (the synthetic default, RecordIO, image folders).
+- Optional start from a trained checkpoint (`init`; with `max_steps: 0` it is the model as is),
+  and an optional time budget (`max_seconds`) that the learning-rate schedule follows.
 - Optional angular distillation from a frozen teacher, recursive over generations (SPEC section 3).
 - Resumable: every `checkpoint_every` steps `last.pt` (model, ArcFace head, optimizer, scheduler,
   step, torch RNG state, config) is written atomically; a rerun with the same config continues
@@ -17,6 +19,8 @@ the config under "config") and `last.pt` (the resumable state).
 
 from __future__ import annotations
 
+import hashlib
+import time
 from pathlib import Path
 
 import torch
@@ -52,8 +56,10 @@ class _ArcFaceNet(nn.Module):
 
 
 def _fingerprint(cfg: BackboneConfig, dataset) -> dict:
+    # The starting weights by content: a changed checkpoint file under the same name retrains.
+    init = {"init_sha256": hashlib.sha256(Path(cfg.init).read_bytes()).hexdigest()} if cfg.init else {}
     return {"config": cfg.model_dump(exclude=_RUNTIME_FIELDS),
-            "num_items": len(dataset), "num_classes": int(dataset.num_classes)}
+            "num_items": len(dataset), "num_classes": int(dataset.num_classes), **init}
 
 
 def _check_dataset(dataset) -> None:
@@ -89,7 +95,9 @@ def train_backbone(cfg: BackboneConfig, dataset, out_dir: str | Path, resume: bo
     _check_dataset(dataset)
     out_dir = Path(out_dir)
     generations = cfg.distill.generations if cfg.distill else 1
-    init: Path | None = None
+    init: Path | None = Path(cfg.init) if cfg.init else None
+    if init is not None and not init.is_file():
+        raise ToolchainError(f"train.backbone.init: {init}: no such checkpoint")
     for gen in range(1, generations + 1):
         gen_dir = out_dir if gen == generations else out_dir / f"gen{gen}"
         init = _train_generation(cfg, dataset, gen_dir, resume, init_from=init, generation=gen)
@@ -115,8 +123,8 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
 
         model_kwargs = {"embedding_size": cfg.embedding_size, **cfg.model_kwargs}
         backbone = build_model(cfg.model, **model_kwargs)
-        if init_from is not None and state is None:  # recursive distillation: student g-1 -> g
-            backbone.load_state_dict(load_state(init_from)["state_dict"])
+        if init_from is not None and state is None:  # cfg.init, or recursive distillation: student g-1 -> g
+            _load_init(backbone, init_from, cfg)
         head = ArcFaceHead(cfg.embedding_size, int(dataset.num_classes), cfg.arcface_scale, cfg.arcface_margin)
         net = _ArcFaceNet(backbone, head).to(env.device)
         if cfg.channels_last:
@@ -131,24 +139,27 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
         steps_per_epoch = len(sampler) // per_rank
         if steps_per_epoch == 0:
             raise ToolchainError(f"data set of {len(dataset)} images is smaller than one batch of {cfg.batch_size}")
-        total = cfg.max_steps or cfg.epochs * steps_per_epoch
+        total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
         optimizer = _make_optimizer(cfg, net)
         scaler = grad_scaler(env.device, cfg.amp)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, cfg.warmup_steps))
-        step, history = 0, []
+        step, history, elapsed = 0, [], 0.0
         if state is not None:
             net.backbone.load_state_dict(state["state_dict"])
             net.head.load_state_dict(state["arcface"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, history = int(state["step"]), list(state["history"])
+            elapsed = float(state.get("elapsed", 0.0))
             torch.set_rng_state(state["rng_state"])
+        clock = _Budget(cfg.max_seconds, elapsed, total, cfg.warmup_steps)
         ddp = DistributedDataParallel(net) if env.distributed else net
 
         def save(path: Path, complete: bool) -> None:
             extra = {"fingerprint": fingerprint, "config": cfg.model_dump(), "step": step, "history": history,
-                     "num_classes": int(dataset.num_classes), "complete": complete, "generation": generation}
+                     "num_classes": int(dataset.num_classes), "complete": complete, "generation": generation,
+                     "elapsed": clock.elapsed()}
             if not complete:
                 extra |= {"arcface": net.head.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "rng_state": torch.get_rng_state()}
@@ -177,6 +188,8 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
                     scaler.update()
                     scheduler.step()
                     step += 1
+                    if clock.limited and clock.follow(optimizer, step, env):
+                        total = step  # the time budget is spent: this step is the last one
                     history.append(float(loss.detach()))
                     advance(1, loss=history[-1], **parts)
                     if step % cfg.checkpoint_every == 0 or step == total:
@@ -189,6 +202,43 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
             save(final, complete=True)
         env.barrier()
         return final
+
+
+def _load_init(backbone: nn.Module, path: Path, cfg: BackboneConfig) -> None:
+    """Start from a checkpoint's weights; a checkpoint of another model or size is a clear error."""
+    payload = load_state(path)
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ToolchainError(f"{path}: not a toolchain backbone checkpoint (needs 'state_dict')")
+    if payload.get("model", cfg.model) != cfg.model:
+        raise ToolchainError(f"{path}: holds model {payload['model']!r}, the config trains {cfg.model!r}")
+    try:
+        backbone.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise ToolchainError(f"{path}: weights do not fit {cfg.model} with embedding_size {cfg.embedding_size}: "
+                             f"{str(exc).splitlines()[0]}") from exc
+
+
+class _Budget:
+    """`max_seconds`: the training clock, and the learning rate that follows it. The schedule's
+    position is whichever of step / total and time / budget is further along, so a run stopped by
+    the clock still ends its cosine decay near zero."""
+
+    def __init__(self, seconds: float | None, elapsed: float, total: int, warmup: int) -> None:
+        self.seconds, self.total, self.limited = seconds, total, seconds is not None
+        self.factor = warmup_cosine(total, warmup)
+        self._start = time.monotonic() - elapsed
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+    def follow(self, optimizer: torch.optim.Optimizer, step: int, env) -> bool:
+        """Set the next step's learning rate; True when the time budget is spent. Under DDP the
+        ranks' clocks are averaged, so every rank takes the same rate and stops at the same step."""
+        share = distributed.all_reduce_mean(env, self.elapsed() / self.seconds)
+        position = max(step, int(share * self.total))
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.factor(position)
+        return share >= 1.0
 
 
 def _load_teacher(cfg: BackboneConfig, env) -> nn.Module:

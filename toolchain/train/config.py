@@ -35,7 +35,13 @@ class BackboneConfig(_Config):
     embedding_size: int = Field(128, ge=8)
     model_kwargs: dict = Field(default_factory=dict, description="extra builder arguments")
     epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (overrides epochs)")
+    max_steps: int | None = Field(None, ge=0, description="stop after this many steps (overrides epochs; "
+                                  "0: no training, `init` is the model)")
+    max_seconds: float | None = Field(None, gt=0, description="stop after this much training time; the "
+                                      "learning-rate schedule then follows whichever of steps and time is "
+                                      "further along (the step count depends on the machine)")
+    init: str | None = Field(None, description="backbone checkpoint (.pt) to start from; in a recipe file, "
+                             "relative to the recipe")
     batch_size: int = Field(64, ge=2, description="global batch; each of N ranks takes batch_size/N")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
@@ -54,6 +60,12 @@ class BackboneConfig(_Config):
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
     num_workers: int = Field(0, ge=0)
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _zero_steps_need_init(self) -> "BackboneConfig":
+        if self.max_steps == 0 and not self.init:
+            raise ValueError("max_steps 0 trains nothing: it needs init (a trained backbone checkpoint)")
+        return self
 
 
 class HypernetConfig(_Config):
