@@ -97,7 +97,7 @@ def score_on_recipe(model: str, checkpoint: Path, out: Path) -> dict:
     from toolchain.data.insightface_bin import read_bin
     from toolchain.evaluate.flips import allowed_flips, noise_budget
     from toolchain.evaluate.metrics import _best_threshold, verification_metrics
-    from toolchain.evaluate.parity import embed
+    from toolchain.evaluate.parity import pair_scores
     from toolchain.pipeline import run_recipe
     from toolchain.pipeline.stages import default_stages
     from toolchain.recipe import load_recipe
@@ -109,12 +109,7 @@ def score_on_recipe(model: str, checkpoint: Path, out: Path) -> dict:
     with third_party_log(out / "run.log", verbose=False):
         run_recipe(rec, out, stages=stages)
     pairs = read_bin(out / "data" / "synthetic.bin")
-    runner = load_runner(out / "train" / "backbone" / "backbone.pt")
-
-    def unit(x):
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    scores = (unit(embed(runner, pairs.images_a)) * unit(embed(runner, pairs.images_b))).sum(1)
+    scores, _, _ = pair_scores(load_runner(out / "train" / "backbone" / "backbone.pt"), pairs)
     issame = np.asarray(pairs.issame, bool)
     evaluation = verification_metrics(scores, issame)
     threshold, _ = _best_threshold(scores, issame)

@@ -198,14 +198,12 @@ def test_shipped_checkpoints_still_recognise_their_recipes_pairs(name, at_least)
 
     from toolchain.data.writers import benchmark_for
     from toolchain.evaluate.metrics import _best_threshold
-    from toolchain.evaluate.parity import embed
+    from toolchain.evaluate.parity import pair_scores
     from toolchain.runtime import load_runner
 
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     bench = benchmark_for(**recipe.data.synthetic.generator_kwargs())  # as the recipe's data stage builds it
     pairs = bench.verification_pairs(workers=1).subset(240)  # no fork: other tests may have loaded threaded libraries
-    runner = load_runner(recipe.train.backbone.init)
-    a, b = embed(runner, pairs.images_a), embed(runner, pairs.images_b)
-    scores = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    scores, _, _ = pair_scores(load_runner(recipe.train.backbone.init), pairs)
     _, accuracy = _best_threshold(scores, np.asarray(pairs.issame, bool))
     assert accuracy >= at_least, accuracy

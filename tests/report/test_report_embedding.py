@@ -6,6 +6,12 @@ from toolchain.pipeline.stages import _outside
 from toolchain.report import write_report
 
 
+def _recovery_only(recovery: dict) -> dict:
+    """A passed embedding run with no artifacts: the report's int8-recovery section alone."""
+    return {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
+            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+
+
 def test_embedding_report_shows_cosine_and_outside(tmp_path):
     checks_pte = {"delegation": {"ops_outside": {}, "float_ops": {"prelu": 33}, "float_prefix_ops": {}}}
     checks_tfl = {"tflite": {"is_int8": True, "xnnpack_unsupported": {"PRELU": 33}, "problems": []}}
@@ -58,8 +64,7 @@ def test_report_shows_qat_sensitivity_and_fallback(tmp_path):
                                        {"layers": 1, "cosine_mean": 0.9995, "cosine_min": 0.995}],
                              "latency": {"with_float_layers": 1.2, "all_int8": 1.0, "ratio": 1.2,
                                          "source": "ETDump Method::execute"}}}
-    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
-            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+    core = _recovery_only(recovery)
     written = write_report(core, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "## int8 accuracy recovery" in md and "QAT (PT2E fake quantisation" in md
@@ -74,8 +79,7 @@ def test_report_fallback_that_missed_keeps_nothing_and_says_so(tmp_path):
     trail = [{"layers": n, "cosine_mean": 0.9988, "cosine_min": 0.997} for n in range(3)]
     recovery = {"fallback": {"float_layers": [], "met": False, "tried": ["a.0", "b.0"],
                              "targets": {"min_cosine_mean": 0.999}, "trail": trail}}
-    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
-            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+    core = _recovery_only(recovery)
     write_report(core, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "no layer kept in float (2 tried did not reach it); the target was NOT met" in md
@@ -85,8 +89,7 @@ def test_report_fallback_that_missed_keeps_nothing_and_says_so(tmp_path):
 def test_report_names_the_calibration_images_left_out(tmp_path):
     recovery = {"calibration_outliers": {"factor": 8.0, "images": 64, "median_worst_ratio": 1.9,
                                          "left_out": [{"image": 42, "ratio": 642.1, "layer": "head.4"}]}}
-    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
-            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+    core = _recovery_only(recovery)
     write_report(core, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "Calibration outliers (activation peak above 8 x" in md
@@ -97,8 +100,7 @@ def test_report_says_the_tflite_had_its_own_int8_options(tmp_path):
     recovery = {"qat": {"steps": 200, "batch": 16, "lr": 1e-5, "loss_first": 0.004, "loss_last": 0.002,
                         "fake_quant_cosine_before": 0.996, "fake_quant_cosine_after": 0.998},
                 "tflite": {"int8": {"calibration": "mse", "bias_correction": True, "equalize": True}}}
-    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
-            "budgets": [], "parity": [], "failures": [], "passed": True, "int8_recovery": recovery}
+    core = _recovery_only(recovery)
     write_report(core, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "QAT (PT2E fake quantisation" in md

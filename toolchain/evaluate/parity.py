@@ -138,13 +138,19 @@ def embed(runner, images: np.ndarray) -> np.ndarray:
     return runner.run(images) + runner.run(_flip(images))
 
 
+def pair_scores(runner, pairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The insightface protocol's scores of verification pairs: cosine of the image + mirror
+    embeddings. Returns (scores as float64, embeddings of the a images, of the b images)."""
+    ea, eb = embed(runner, pairs.images_a), embed(runner, pairs.images_b)
+    return np.sum(_l2(ea) * _l2(eb), axis=1).astype(np.float64), ea, eb
+
+
 def _scores(runner, data) -> dict:
     if isinstance(data, ProbeSet):
         logits = runner.run(data.images)
         return {"scores": logits[:, 0].astype(np.float64)}
-    ea, eb = embed(runner, data.images_a), embed(runner, data.images_b)
-    scores = np.sum(_l2(ea) * _l2(eb), axis=1)
-    return {"scores": scores.astype(np.float64), "embeddings": np.concatenate([ea, eb], axis=0)}
+    scores, ea, eb = pair_scores(runner, data)
+    return {"scores": scores, "embeddings": np.concatenate([ea, eb], axis=0)}
 
 
 def _metrics(scores: np.ndarray, issame: np.ndarray) -> dict | None:

@@ -322,13 +322,12 @@ def _stage_evaluate(ctx: RunContext) -> StageOutput:
         data["diagnosis"] = _diagnosis(ctx, hypernet, pairs)
     else:
         from toolchain.evaluate.metrics import verification_metrics
-        from toolchain.evaluate.parity import embed
+        from toolchain.evaluate.parity import pair_scores
         from toolchain.runtime import load_runner
 
         # The insightface protocol, as parity scores it: image + mirror embeddings, cosine.
-        runner = load_runner(_embedding_source(ctx))
-        ea, eb = _normalised(embed(runner, pairs.images_a)), _normalised(embed(runner, pairs.images_b))
-        data = {"backbone": _metrics_summary(verification_metrics((ea * eb).sum(1), pairs.issame)),
+        scores, _, _ = pair_scores(load_runner(_embedding_source(ctx)), pairs)
+        data = {"backbone": _metrics_summary(verification_metrics(scores, pairs.issame)),
                 "backbone_model": ctx.recipe.export.model or ctx.recipe.train.backbone.model,
                 "pairs": int(len(pairs)), "note": "cosine of the float embeddings (image + mirror)"}
     data["pairs_file"] = ctx.rel(_data_files(ctx)[1])
@@ -350,10 +349,6 @@ def _diagnosis(ctx: RunContext, hypernet: Path, pairs) -> dict:
     return {"trunk_cosine": _metrics_summary(result["trunk_cosine"]),
             "head_upper_bound": _metrics_summary(result["head_upper_bound"]),
             "upper_bound_images": result["upper_bound_images"]}
-
-
-def _normalised(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _metrics_summary(m: dict) -> dict:
