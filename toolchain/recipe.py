@@ -163,7 +163,9 @@ class Int8Section(_Strict):
     qat_batch: int = Field(16, ge=2, le=512, description="QAT images per step")
     fallback: bool = Field(False, description="rank the layers by int8 sensitivity and keep the fewest in float "
                                               "until the parity bounds hold (ExecuTorch files)")
-    max_float_layers: int = Field(8, ge=1, le=1000, description="fallback: most layers kept in float")
+    max_float_layers: int = Field(8, ge=1, le=1000, description="fallback: most layers (or blocks) kept in float")
+    fallback_unit: Literal["layer", "block"] = Field("layer", description="fallback: what it keeps in float, one "
+                                                     "conv or linear layer or one block of the model at a time")
     float_layers: list[str] = Field(default_factory=list, description="modules kept in float (names)")
     executorch: Optional[Int8FormatSection] = None
     tflite: Optional[Int8FormatSection] = None

@@ -158,7 +158,7 @@ def test_bad_options_are_refused():
                                                                          "bias_correction": False}
     assert Int8Options().is_default and not Int8Options(bias_correction=True).is_default
     for bad in ({"qat_steps": -1}, {"qat_lr": 0.0}, {"qat_batch": 1}, {"max_float_layers": 0},
-                {"outlier_factor": 1.0}):
+                {"fallback_unit": "stage"}, {"outlier_factor": 1.0}):
         with pytest.raises(ToolchainError):
             Int8Options(**bad)
     tuned = Int8Options(qat_steps=5, float_layers=["a.b"])
@@ -192,6 +192,7 @@ def test_a_format_overrides_the_keys_it_sets_and_inherits_the_rest():
                                           ("export.int8.qat_batch=1", "export.int8.qat_batch"),
                                           ("export.int8.max_float_layers=0", "export.int8.max_float_layers"),
                                           ("export.int8.fallback=sometimes", "export.int8.fallback"),
+                                          ("export.int8.fallback_unit=stage", "export.int8.fallback_unit"),
                                           ("export.int8.outlier_factor=1", "export.int8.outlier_factor"),
                                           ("export.int8.tflite.qat_steps=-1", "export.int8.tflite.qat_steps"),
                                           ("export.int8.executorch.calibration=kl",

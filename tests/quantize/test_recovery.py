@@ -231,3 +231,55 @@ class _PReLUEmbedder(nn.Module):
 
     def forward(self, x):
         return self.emb(self.pool(self.act(self.conv(x))))
+
+
+class BlockEmbedder(nn.Module):
+    """Two blocks of two convolutions each in a container, then the embedding layer."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(c_in, c_out):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 2, 1), nn.ReLU(), nn.Conv2d(c_out, c_out, 1), nn.ReLU())
+
+        self.features = nn.Sequential(nn.Sequential(nn.AvgPool2d(4), block(3, 16)), block(16, 16))
+        self.emb = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 32))
+        self.spec = ModelSpec(name="tiny-blocks", output="embedding", output_dim=32)
+        with torch.no_grad():
+            self.features[0][1][0].weight[:, :, 0, 0] *= 40.0  # the same outlier taps as Embedder's
+
+    def forward(self, x):
+        return self.emb(self.features(x))
+
+
+def test_block_fallback_ranks_whole_blocks_and_restores_the_graph():
+    from toolchain.quantize.sensitivity import _float_blocks, block_names
+
+    torch.manual_seed(0)
+    model = BlockEmbedder().eval()
+    spec = model.spec
+    assert block_names(model) == ["features.0", "features.1", "emb.0", "emb.1", "emb.2"]
+    images, calib = _images(24, 1), _images(16, 2)
+    int8 = Int8Options(fallback=True, fallback_unit="block")
+    sens = layer_sensitivity(model, calib, images, spec.mean, spec.std, int8, batch=8, progress=False)
+    assert sens["unit"] == "block" and sens["measured"] == len(sens["layers"])
+    assert {r["layer"] for r in sens["layers"]} >= {"features.0", "features.1"}
+    assert all(r["op"] == "block" for r in sens["layers"])
+    base = sens["all_int8"]["cosine_mean"]
+    best = sens["layers"][0]
+    assert best["gain_mean"] > 0
+    ref = _embed(model, images, 8, spec.mean, spec.std)
+    # Every block float leaves only the input's rounding: closer to float than any one block.
+    with _float_blocks(sens["graph"], ["features.0", "features.1", "emb.2"]) as g:
+        all_float = float(np.sum(_embed(g, images, 8, spec.mean, spec.std) * ref, axis=1).mean())
+    assert all_float > best["cosine_mean"] > base
+    again = _embed(sens["graph"], images, 8, spec.mean, spec.std)
+    assert np.sum(again * ref, axis=1).mean() == pytest.approx(base, abs=1e-9)
+    got = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=3, batch=8,
+                              min_cosine_mean=base + 0.5 * best["gain_mean"], min_cosine_min=None)
+    assert got["met"] and got["float_layers"] == [best["layer"]]
+    # The file's graph: the block's two convolutions and ReLUs are left in float.
+    report = {}
+    quantize_xnnpack_int8(model, torch.zeros(1, 3, 112, 112), calib, spec.mean, spec.std, report=report,
+                          int8=Int8Options(float_layers=("features.1",)))
+    assert report["float_ops"].get("conv2d") == 2, report

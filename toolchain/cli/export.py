@@ -51,7 +51,9 @@ def _console():
 @click.option("--fallback-cosine-min", type=click.FloatRange(-1, 1), default=None,
               help="... and the lowest one reaches this.")
 @click.option("--max-float-layers", type=click.IntRange(min=1), default=8, show_default=True,
-              help="The fallback keeps at most this many layers in float.")
+              help="The fallback keeps at most this many layers (or blocks) in float.")
+@click.option("--fallback-unit", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
+              help="What the fallback keeps in float: one conv or linear layer, or one block of the model, at a time.")
 @click.option("--threshold", type=float, help="Decision threshold of a verifier (default: enrollment.json's).")
 @click.option("--require-full-delegation/--allow-partial-delegation", default=None,
               help="Fail unless everything runs in XNNPACK (default: only for the verifier).")
@@ -59,7 +61,7 @@ def _console():
 @logged("export.log")
 def export(source, out_dir, formats, precisions, calibration, calibration_size, tflite_backend, calibration_method,
            percentile, outlier_factor, bias_correction, equalize, qat_steps, qat_lr, fallback_cosine_mean, fallback_cosine_min,
-           max_float_layers, threshold, require_full_delegation, as_json) -> None:
+           max_float_layers, fallback_unit, threshold, require_full_delegation, as_json) -> None:
     """Export a float model to ExecuTorch (.pte) and TFLite, int8 and fp32, with checks.
 
     Writes DIR/<model>_<precision>.pte|.tflite and DIR/export_manifest.json (sha256, bytes,
@@ -76,7 +78,7 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
                                  "bias_correction": bias_correction, "equalize": equalize,
                                  "qat_steps": qat_steps, "qat_lr": qat_lr,
                                  "fallback": fallback_cosine_mean is not None or fallback_cosine_min is not None,
-                                 "max_float_layers": max_float_layers},
+                                 "max_float_layers": max_float_layers, "fallback_unit": fallback_unit},
                            fallback_targets={"min_cosine_mean": fallback_cosine_mean,
                                              "min_cosine_min": fallback_cosine_min})
     if as_json:

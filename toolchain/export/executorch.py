@@ -76,6 +76,7 @@ class DelegationReport:
     float_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float islands inside int8
     float_prefix_ops: dict[str, int] = field(default_factory=dict)  # int8 model: float ops on the input
     bias_correction: dict | None = None  # int8 model: what toolchain.quantize.bias_correction changed
+    sigmoid_ranges: dict | None = None  # int8 model: ranges narrowed before sigmoids (toolchain.quantize.saturation)
     # The delegate's own XNNPACK graph (toolchain.export.xnnpack_graph): {"op precision": count}
     # of every node, and of an int8 file's nodes that touch a float tensor (its float I/O aside).
     xnnpack_ops: dict[str, int] = field(default_factory=dict)
@@ -97,7 +98,8 @@ class DelegationReport:
                 "ops_outside": dict(self.ops_outside), "float_ops": dict(self.float_ops),
                 "float_prefix_ops": dict(self.float_prefix_ops), "fully_delegated": self.fully_delegated,
                 "xnnpack_ops": dict(self.xnnpack_ops), "xnnpack_float_nodes": dict(self.xnnpack_float_nodes),
-                **({"bias_correction": self.bias_correction} if self.bias_correction else {})}
+                **({"bias_correction": self.bias_correction} if self.bias_correction else {}),
+                **({"sigmoid_ranges": self.sigmoid_ranges} if self.sigmoid_ranges else {})}
 
 
 def delegation_report(edge_manager) -> DelegationReport:
@@ -176,6 +178,7 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
     report.float_prefix_ops = qreport.get("float_prefix_ops", {})
     report.head_feature_scale = qreport.get("feature_scale")
     report.bias_correction = qreport.get("bias_correction")
+    report.sigmoid_ranges = qreport.get("sigmoid_ranges")
     if require_full_delegation and not report.fully_delegated:
         outside = ", ".join(f"{op} x{n}" for op, n in sorted(report.ops_outside.items())) or "none"
         raise CheckFailed(f"{meta['model']} {precision} .pte is not fully delegated to XNNPACK: "

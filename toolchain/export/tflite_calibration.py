@@ -48,6 +48,7 @@ def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8
     calibrated = converter.convert()
     if options.calibration != "minmax":
         calibrated = set_ranges(calibrated, inputs, options)
+    calibrated, _ = narrow_sigmoid_inputs(calibrated)
     quantized = convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
                                       output_data_type=tf.int8)
     if options.bias_correction:  # measured on the converter's own int8 graph (toolchain.export.tflite_bias_correction)
@@ -55,6 +56,54 @@ def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8
 
         quantized, _ = correct_tflite_biases(quantized, calibrated, inputs)
     return quantized
+
+
+def narrow_sigmoid_inputs(calibrated: bytes) -> tuple[bytes, list[dict]]:
+    """The calibrated flatbuffer with the ranges of tensors read only by LOGISTIC ops, or by a
+    LOGISTIC and the MUL of the tensor with it (a SiLU), clipped where the int8 LOGISTIC writes
+    the same level anyway (toolchain.quantize.saturation). Returns (bytes, one row per tensor)."""
+    from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name
+    from toolchain.quantize.saturation import narrowed_range
+
+    schema, model = load_flatbuffer(calibrated)
+    graph = model.subgraphs[0]
+    readers: dict[int, list] = {}
+    for op in graph.operators:
+        for i in op.inputs:
+            if i >= 0:
+                readers.setdefault(int(i), []).append(op)
+    # A reshaped tensor keeps its source's range (LiteRT requires it): left as it is.
+    copied = {int(o) for op in graph.operators if op_name(schema, model, op) in _SAME_RANGE for o in op.outputs}
+    logistic_of = {int(op.outputs[0]): int(op.inputs[0]) for op in graph.operators
+                   if op_name(schema, model, op) == "LOGISTIC"}
+    rows = []
+    for i, ops in readers.items():
+        q = graph.tensors[i].quantization
+        if i in graph.outputs or i in copied or q is None or q.min is None or len(q.min) != 1:
+            continue
+        names = [op_name(schema, model, op) for op in ops]
+        sigmoids = [op for op, n in zip(ops, names) if n == "LOGISTIC"]
+        if not sigmoids:
+            continue
+        if len(sigmoids) == len(ops):
+            kind = "sigmoid"
+        elif len(ops) == 2 and sorted(names) == ["LOGISTIC", "MUL"] and \
+                sorted(logistic_of.get(int(j)) == i for j in ops[names.index("MUL")].inputs) == [False, True]:
+            kind = "silu"
+        else:
+            continue
+        lo, hi = float(q.min[0]), float(q.max[0])
+        new_lo, new_hi = narrowed_range(lo, hi, kind)
+        if new_lo > lo or new_hi < hi:
+            q.min, q.max = np.array([new_lo], np.float32), np.array([new_hi], np.float32)
+            rows.append({"tensor": graph.tensors[i].name.decode() if isinstance(graph.tensors[i].name, bytes)
+                         else str(graph.tensors[i].name), "readers": kind, "range": [lo, hi],
+                         "narrowed": [new_lo, new_hi]})
+    if not rows:
+        return calibrated, rows
+    from toolchain.export.tflite_flatbuffer import pack_flatbuffer
+
+    return pack_flatbuffer(model, len(calibrated)), rows
 
 
 def _observer(options: Int8Options):

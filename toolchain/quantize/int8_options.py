@@ -19,7 +19,9 @@
 - `qat_steps` (0: off), `qat_lr`, `qat_batch`: quantization-aware fine-tuning under PT2E fake
   quantisation before either runtime quantises (toolchain.quantize.qat); embedding models only.
 - `float_layers`: modules kept in float inside the int8 file (the accuracy-aware fallback of
-  toolchain.quantize.sensitivity chooses them; `fallback: true` in a recipe).
+  toolchain.quantize.sensitivity chooses them; `fallback: true` in a recipe). `fallback_unit`:
+  what the fallback ranks and keeps, one conv or linear `layer` at a time (default) or one
+  `block` (a child of the model's top-level containers: `features.3`, with every op inside).
 
 `from_any(value, fmt)` reads a recipe's section for one format: its `executorch` / `tflite`
 sub-mapping replaces the keys it sets (None inherits), for that format's int8 file alone.
@@ -35,6 +37,7 @@ import dataclasses
 from dataclasses import dataclass
 
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
+FALLBACK_UNITS = ("layer", "block")
 FORMATS = ("executorch", "tflite")  # the keys of a section's per-format overrides
 # onnx2tf's .tflite: the converter quantises, with ranges from the same observers.
 TFLITE_CONVERTER_METHOD = {"by": "TFLite converter (ranges: torchao observers)"}
@@ -53,6 +56,7 @@ class Int8Options:
     float_layers: tuple[str, ...] = ()
     fallback: bool = False
     max_float_layers: int = 8
+    fallback_unit: str = "layer"
 
     def __post_init__(self):
         from toolchain.errors import ToolchainError
@@ -66,6 +70,8 @@ class Int8Options:
             raise ToolchainError(f"int8 calibration: outlier_factor {self.outlier_factor} must be > 1 (or null: off)")
         if int(self.max_float_layers) < 1:
             raise ToolchainError(f"int8 fallback: max_float_layers {self.max_float_layers} must be >= 1")
+        if self.fallback_unit not in FALLBACK_UNITS:
+            raise ToolchainError(f"unknown int8 fallback_unit {self.fallback_unit!r} ({', '.join(FALLBACK_UNITS)})")
         if int(self.qat_steps) < 0 or not float(self.qat_lr) > 0 or int(self.qat_batch) < 2:
             raise ToolchainError(f"int8 QAT: steps {self.qat_steps} (>= 0), lr {self.qat_lr} (> 0) and batch "
                                  f"{self.qat_batch} (>= 2) are out of range")
@@ -99,6 +105,8 @@ class Int8Options:
             out |= {"qat_steps": int(self.qat_steps), "qat_lr": float(self.qat_lr), "qat_batch": int(self.qat_batch)}
         if self.fallback:
             out |= {"fallback": True, "max_float_layers": int(self.max_float_layers)}
+            if self.fallback_unit != "layer":
+                out["fallback_unit"] = self.fallback_unit
         if self.float_layers:
             out["float_layers"] = list(self.float_layers)
         return out

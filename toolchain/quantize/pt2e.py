@@ -13,17 +13,14 @@ import torch
 from torch import nn
 
 from toolchain.errors import ToolchainError
+from toolchain.quantize.fx_nodes import PLUMBING, is_plumbing
+from toolchain.quantize.saturation import narrow_sigmoid_ranges, summarize_narrowed
 from toolchain.runtime.preprocess import model_input
 
 
 def calibration_batches(images: np.ndarray, mean, std, batch: int = 16):
     for i in range(0, len(images), batch):
         yield torch.from_numpy(model_input(images[i:i + batch], mean, std))
-
-
-# Graph nodes that compute nothing (shape plumbing, tuple access) are not "left in float".
-_PLUMBING = ("getitem", "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "contiguous",
-             "clone", "_assert", "sym_size", "dropout", "detach", "alias")
 
 
 def float_ops(prepared: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
@@ -53,7 +50,7 @@ def float_ops(prepared: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
         if n.op != "call_function":
             continue
         name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
-        if any(p in name for p in _PLUMBING) or "quantize" in name:
+        if any(p in name for p in PLUMBING) or "quantize" in name:
             continue
         ann = n.meta.get("quantization_annotation")
         if ann is None or not getattr(ann, "_annotated", True):
@@ -66,8 +63,7 @@ def float_ops(prepared: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
 def through_plumbing(node):
     """The first ancestor of `node` that computes something: layout plumbing (a view, reshape,
     permute; e.g. the row stem's) is seen through."""
-    while getattr(node, "op", "") == "call_function" and \
-            any(p in getattr(node.target, "__name__", str(node.target)) for p in _PLUMBING):
+    while is_plumbing(node):
         node = node.args[0]
     return node
 
@@ -165,7 +161,7 @@ def _own_pool_range(base):
     to one partition.
 
     PReLUs (with their slopes as a parameter) and sigmoids are annotated too, which the stock
-    quantizer leaves in float (annotate_prelu, _annotate_sigmoid), and reshapes of an int8 tensor
+    quantizer leaves in float (annotate_prelu, annotate_sigmoid), and reshapes of an int8 tensor
     (flatten, unsqueeze, ...) keep its quantisation (_share_input_quantization).
 
     Ops of the modules named in `float_layers` lose their annotations, so they read and write
@@ -195,7 +191,7 @@ def _own_pool_range(base):
                     ann.output_qspec = spec
                 if spec is not None and ann is None and n.op == "call_function" and \
                         n.target == torch.ops.aten.sigmoid.default:
-                    _annotate_sigmoid(n, self.global_config.input_activation)
+                    annotate_sigmoid(n, self.global_config.input_activation)
                 if spec is not None and n.op == "call_function" and n.target == torch.ops.aten.prelu.default:
                     annotate_prelu(n, self.global_config.input_activation, spec)
                 if n.op == "call_function" and n.target in _SHAPE_OPS and ann is None:
@@ -236,7 +232,7 @@ def _drop_dangling_shares(model, popped: set) -> None:
 SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128
 
 
-def _annotate_sigmoid(node, input_spec) -> None:
+def annotate_sigmoid(node, input_spec) -> None:
     """An int8 sigmoid: input on the calibrated range, output on the fixed [0, 1) grid, and each
     consumer reading that output on the same grid (no second rounding in between). ExecuTorch's
     quantizer leaves sigmoid in float; its partitioner takes the int8 one with
@@ -247,8 +243,9 @@ def _annotate_sigmoid(node, input_spec) -> None:
         SharedQuantizationSpec,
     )
 
+    # (qscheme given: QAT's fixed fake quantisation refuses none)
     out = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=SIGMOID_SCALE, zero_point=SIGMOID_ZERO_POINT,
-                                       quant_min=-128, quant_max=127)
+                                       quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
     node.meta["quantization_annotation"] = QuantizationAnnotation(
         input_qspec_map={node.args[0]: input_spec}, output_qspec=out, _annotated=True)
     for user in node.users:
@@ -386,6 +383,9 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarr
         for x in calibration_batches(calibration, mean, std, batch=1):
             prepared(x)
     converted = convert_pt2e(prepared, fold_quantize=fold_quantize)
+    narrowed = narrow_sigmoid_ranges(converted)  # exact: see toolchain.quantize.saturation
+    if report is not None and narrowed:
+        report["sigmoid_ranges"] = summarize_narrowed(narrowed)
     if input_qparams is not None and pin_input_qparams(converted, *input_qparams) != 2:
         raise ToolchainError("int8 export: could not find the input quantise/dequantise pair to pin")
     if bias_correction:

@@ -23,6 +23,7 @@ from torch import nn
 
 from toolchain.errors import ToolchainError
 from toolchain.quantize.batchnorm import fold_batchnorm
+from toolchain.quantize.saturation import narrow_fake_quant_ranges
 from toolchain.runtime.preprocess import model_input
 
 
@@ -41,7 +42,7 @@ def _qat_quantizer(int8):
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
 
     from toolchain.quantize.int8_options import with_calibration
-    from toolchain.quantize.pt2e import annotate_prelu
+    from toolchain.quantize.pt2e import annotate_prelu, annotate_sigmoid
 
     ptq = with_calibration(get_symmetric_quantization_config(is_per_channel=True), int8)
     qat = get_symmetric_quantization_config(is_per_channel=True, is_qat=True)
@@ -56,13 +57,17 @@ def _qat_quantizer(int8):
                                  output_activation=calibrated(qat.output_activation, ptq.output_activation))
 
     class WithInt8PReLU(XNNPACKQuantizer):
-        """PReLUs fake-quantised as the .pte runs them (toolchain.quantize.pt2e.annotate_prelu)."""
+        """PReLUs and sigmoids fake-quantised as the .pte runs them (toolchain.quantize.pt2e:
+        annotate_prelu, annotate_sigmoid on the fixed output grid)."""
 
         def annotate(self, model):
             model = super().annotate(model)
             for n in model.graph.nodes:
                 if n.op == "call_function" and n.target == torch.ops.aten.prelu.default:
                     annotate_prelu(n, config.input_activation, config.output_activation, qat=True)
+                if n.op == "call_function" and n.target == torch.ops.aten.sigmoid.default and \
+                        n.meta.get("quantization_annotation") is None:
+                    annotate_sigmoid(n, config.input_activation)
             return model
 
     return WithInt8PReLU().set_global(config)
@@ -132,6 +137,7 @@ def qat_finetune(model: nn.Module, images: np.ndarray, mean, std, *, steps: int,
             m.enable_fake_quant()
             if not _is_weight(m):
                 m.disable_observer()
+        narrowed = narrow_fake_quant_ranges(prepared)  # the int8 file's grid (toolchain.quantize.saturation)
     with torch.no_grad():
         target = teacher(held_out)
     params = [p for p in prepared.parameters() if p.requires_grad]
@@ -167,5 +173,6 @@ def qat_finetune(model: nn.Module, images: np.ndarray, mean, std, *, steps: int,
     # The exporters expect the default memory layout (XNNPACK's lowering refuses a mix).
     student = student.to(memory_format=torch.contiguous_format)
     report = {"batchnorm_folded": folds, "steps": steps, "lr": lr, "batch": batch, "loss_first": losses[0],
-              "loss_last": losses[-1], "fake_quant_cosine_before": before, "fake_quant_cosine_after": after}
+              "loss_last": losses[-1], "fake_quant_cosine_before": before, "fake_quant_cosine_after": after,
+              "sigmoid_ranges_narrowed": len(narrowed)}
     return student.eval(), report

@@ -15,6 +15,10 @@ one-pass proxy (the noise int8 adds at each layer: its weights, and the output i
 picks the `measure` layers that get measured; the others are listed with the proxy only. The fallback keeps the top-ranked layers in float, one more at a
 time, until the mean and minimum reach their targets or `max_layers` are float; the exported
 file is then measured in its runtime like any other.
+
+With `fallback_unit: block` the unit is a whole block (`features.3`: every op inside, SiLUs and
+adds too). One float conv gains little where the error is in the activations: its output is
+still rounded where the next int8 op reads it (SeesawFaceNet, README: the other recipes).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch.fx.node import map_arg
 
 from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import module_of, xnnpack_quantizer
+from toolchain.quantize.saturation import narrow_sigmoid_ranges
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -126,6 +131,20 @@ def _is_fake_quant(node) -> bool:
 
 
 @contextlib.contextmanager
+def _restored_on_exit(graph: nn.Module, saved: list, added: list):
+    """Run the edited graph; on exit put back each node's saved args and remove the added nodes."""
+    graph.recompile()
+    try:
+        yield graph
+    finally:
+        for node, args in reversed(saved):
+            node.args = args
+        for node in added:
+            graph.graph.erase_node(node)
+        graph.recompile()
+
+
+@contextlib.contextmanager
 def _float_layers(graph: nn.Module, names):
     """The fast reference graph (fast_reference) with the layers `names` computing in float,
     edited in place (a copy per layer costs more than the evaluation) and restored on exit."""
@@ -154,15 +173,55 @@ def _float_layers(graph: nn.Module, names):
         if fq is not None and _feeds_only_output(fq):
             for user in list(fq.users):
                 rewire(user, map_arg(user.args, lambda a, fq=fq: after if a is fq else a))
-    graph.recompile()
-    try:
-        yield graph
-    finally:
-        for node, args in reversed(saved):
-            node.args = args
-        for node in added:
-            graph.graph.erase_node(node)
-        graph.recompile()
+    with _restored_on_exit(graph, saved, added) as edited:
+        yield edited
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """The model's blocks, the fallback's units with `fallback_unit: block`: each child of a
+    top-level container (nn.Sequential, nn.ModuleList; `features.3`), else the top-level module."""
+    names = []
+    for name, child in model.named_children():
+        subs = [n for n, _ in child.named_children()] if isinstance(child, (nn.Sequential, nn.ModuleList)) else []
+        names += [f"{name}.{sub}" for sub in subs] or [name]
+    return names
+
+
+def _in_blocks(node, names) -> bool:
+    module = module_of(node)
+    return module is not None and any(module == b or module.startswith(b + ".") for b in names)
+
+
+@contextlib.contextmanager
+def _float_blocks(graph: nn.Module, names):
+    """The fast reference graph with every op of the blocks `names` computing in float, as the
+    file computes them when they are left out of the quantizer's annotations: float weights, and
+    no quantisation of a tensor the block writes and only the block (or the model output) reads.
+    What the block writes for an int8 op outside it is still quantised there. In place; restored
+    on exit."""
+    inside = {n for n in graph.graph.nodes
+              if n.op == "call_function" and not _is_fake_quant(n) and _in_blocks(n, names)}
+    saved: list[tuple[object, tuple]] = []
+    added = []
+    for op in inside:
+        if "float_weight" in op.meta:
+            with graph.graph.inserting_before(op):
+                added.append(graph.graph.get_attr(op.meta["float_weight"]))
+            saved.append((op, op.args))
+            op.args = (op.args[0], added[-1], *op.args[2:])
+    for fq in [n for n in graph.graph.nodes if _is_fake_quant(n)]:
+        src = fq.args[0]
+        if src in inside and (all(u in inside for u in fq.users) or _feeds_only_output(fq)):
+            for user in list(fq.users):
+                saved.append((user, user.args))
+                user.args = map_arg(user.args, lambda a, fq=fq, src=src: src if a is fq else a)
+    with _restored_on_exit(graph, saved, added) as edited:
+        yield edited
+
+
+def _float_units(graph: nn.Module, names, unit: str):
+    """_float_layers or _float_blocks, by the fallback's unit."""
+    return _float_blocks(graph, names) if unit == "block" else _float_layers(graph, names)
 
 
 def _noise(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -216,6 +275,8 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     reference: the float model the cosines are to (default: `model` itself).
     measure: how many layers get the full measurement (one pass over `images` each); every
     layer gets the local-error proxy (`_LocalError`), which picks those with the largest.
+    With `int8.fallback_unit` "block" the units are the model's blocks (block_names), each
+    measured, its proxy the sum of its layers'; the rows then name blocks (op "block").
     Returns {"all_int8": {cosine_mean, cosine_min}, "layers": [{layer, op, local_error,
     cosine_mean, cosine_min, gain_mean, gain_min}, ...] measured ones first, best first (the
     others carry None), "images": n, "measured": k, "graph": converted graph}.
@@ -235,7 +296,9 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     with torch.no_grad():
         for x, _ in _batches(calibration, batch, mean, std):
             prepared(x)
-    converted = fast_reference(convert_pt2e(prepared, fold_quantize=False))
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    narrow_sigmoid_ranges(converted)  # as the export's int8 graph (toolchain.quantize.pt2e)
+    converted = fast_reference(converted)
     ref = _embed((reference or model).eval(), images, batch, mean, std)
     base = _cosines(_embed(converted, images, batch, mean, std), ref)
     layers = _layer_nodes(converted)
@@ -243,24 +306,33 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     with torch.no_grad():
         for x, _ in _batches(images, batch, mean, std):
             local.run(x)
-    by_proxy = sorted(layers, key=lambda name: -local.error.get(name, 0.0))
+    unit = int8.fallback_unit
+    if unit == "block":  # every block is measured; its proxy is the sum of its layers'
+        graph_nodes = list(converted.graph.nodes)
+        units = [b for b in block_names(model) if any(_in_blocks(n, [b]) for n in graph_nodes)]
+        proxy = {b: sum(e for name, e in local.error.items() if name == b or name.startswith(b + "."))
+                 for b in units}
+        op_of = {b: "block" for b in units}
+        measure = len(units)
+    else:
+        units, proxy = list(layers), local.error
+        op_of = {name: str(node.target).split(".")[-2] for name, node in layers.items()}
+    by_proxy = sorted(units, key=lambda name: -proxy.get(name, 0.0))
     rows, rest = [], []
-    with progress_bar("int8 sensitivity per layer", min(measure, len(layers)), enabled=progress) as advance:
+    with progress_bar(f"int8 sensitivity per {unit}", min(measure, len(units)), enabled=progress) as advance:
         for name in by_proxy[:measure]:
-            with _float_layers(converted, [name]) as g:
+            with _float_units(converted, [name], unit) as g:
                 c = _cosines(_embed(g, images, batch, mean, std), ref)
-            rows.append({"layer": name, "op": str(layers[name].target).split(".")[-2],
-                         "local_error": local.error.get(name, 0.0), **c,
+            rows.append({"layer": name, "op": op_of[name], "local_error": proxy.get(name, 0.0), **c,
                          "gain_mean": c["cosine_mean"] - base["cosine_mean"],
                          "gain_min": c["cosine_min"] - base["cosine_min"]})
             advance(1)
     for name in by_proxy[measure:]:
-        rest.append({"layer": name, "op": str(layers[name].target).split(".")[-2],
-                     "local_error": local.error.get(name, 0.0), "cosine_mean": None, "cosine_min": None,
-                     "gain_mean": None, "gain_min": None})
+        rest.append({"layer": name, "op": op_of[name], "local_error": proxy.get(name, 0.0),
+                     "cosine_mean": None, "cosine_min": None, "gain_mean": None, "gain_min": None})
     rows.sort(key=lambda r: (-r["gain_mean"], -r["gain_min"]))
     return {"all_int8": base, "layers": rows + rest, "images": int(len(images)), "measured": len(rows),
-            "graph": converted, "method": int8.to_dict()}
+            "graph": converted, "method": int8.to_dict(), "unit": unit}
 
 
 def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray, mean, std, *,
@@ -285,7 +357,7 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
               if r["gain_mean"] is not None and (r["gain_mean"] > 0 or r["gain_min"] > 0)]
     for name in ranked[:max_layers]:
         chosen.append(name)
-        with _float_layers(sensitivity["graph"], chosen) as g:
+        with _float_units(sensitivity["graph"], chosen, sensitivity.get("unit", "layer")) as g:
             c = _cosines(_embed(g, images, batch, mean, std), ref)
         trail.append({"layers": len(chosen), **c})
         if met(c):
