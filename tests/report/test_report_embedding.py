@@ -105,3 +105,19 @@ def test_report_says_the_tflite_had_its_own_int8_options(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "QAT (PT2E fake quantisation" in md
     assert "The `.tflite` has its own int8 options (calibration mse, bias_correction True, equalize True); no QAT." in md
+
+
+def test_report_block_fallback_names_blocks_and_what_each_step_added(tmp_path):
+    layers = [{"layer": "features.2", "op": "block", "local_error": 1e-3, "cosine_mean": 0.9985, "cosine_min": 0.996,
+               "gain_mean": 0.0004, "gain_min": 0.001}]
+    trail = [{"layers": 0, "cosine_mean": 0.9981, "cosine_min": 0.995},
+             {"layers": 1, "added": "features.2", "cosine_mean": 0.9985, "cosine_min": 0.996}]
+    recovery = {"sensitivity": {"all_int8": {"cosine_mean": 0.9981, "cosine_min": 0.995}, "layers": layers,
+                                "images": 32, "measured": 1, "unit": "block"},
+                "fallback": {"float_layers": [], "met": False, "tried": ["features.2"],
+                             "targets": {"min_cosine_mean": 0.999}, "trail": trail}}
+    write_report(_recovery_only(recovery), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Per-block sensitivity on 32 identity images, each with its mirror" in md
+    assert "| block | op |" in md and "| `features.2` | block |" in md
+    assert "| 1 | `features.2` | 0.9985 | 0.996 |" in md

@@ -52,7 +52,7 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
                                  progress=progress)
         choice = choose_float_layers(float_model, sens, measure, mean, std, max_layers=int8.max_float_layers,
                                      min_cosine_mean=targets.get("min_cosine_mean"),
-                                     min_cosine_min=targets.get("min_cosine_min"))
+                                     min_cosine_min=targets.get("min_cosine_min"), progress=progress)
         int8 = dataclasses.replace(int8, float_layers=tuple(choice["float_layers"]))
         report["sensitivity"] = {k: v for k, v in sens.items() if k != "graph"}
         report["fallback"] = {**choice, "targets": targets}

@@ -224,12 +224,14 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
     sens = rec.get("sensitivity")
     if sens:
         base = sens["all_int8"]
-        out += [f"Per-layer sensitivity on {sens['images']} identity images (torch's reference int8 graph): "
-                f"all int8, mean / min embedding cosine to float {_num(base['cosine_mean'], 5)} / "
-                f"{_num(base['cosine_min'], 5)}. Each row keeps one layer in float; "
-                f"{sens.get('measured', len(sens['layers']))} of {len(sens['layers'])} layers were measured "
-                "(those where int8 adds the most noise locally: weights and output), the most sensitive first:",
-                "", _table(["layer", "op", "local int8 noise", "cosine mean", "cosine min", "mean gained"],
+        unit = sens.get("unit", "layer")
+        out += [f"Per-{unit} sensitivity on {sens['images']} identity images, each with its mirror (torch's "
+                f"reference int8 graph): all int8, mean / min embedding cosine to float {_num(base['cosine_mean'], 5)} / "
+                f"{_num(base['cosine_min'], 5)}. Each row keeps one {unit} in float; "
+                f"{sens.get('measured', len(sens['layers']))} of {len(sens['layers'])} {unit}s were measured "
+                + ("" if unit == "block" else "(those where int8 adds the most noise locally: weights and output)")
+                + ", the most sensitive first:",
+                "", _table([unit, "op", "local int8 noise", "cosine mean", "cosine min", "mean gained"],
                            [[f"`{r['layer']}`", r["op"], f"{r['local_error']:.2e}" if r.get("local_error") is not None
                              else "n/a", _num(r["cosine_mean"], 5), _num(r["cosine_min"], 5),
                              "n/a" if r["gain_mean"] is None else f"{r['gain_mean']:+.5f}"]
@@ -251,8 +253,9 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
                 + ("." if fb.get("met") else "; the target was NOT met within the allowed layers."), ""]
         trail = fb.get("trail") or []
         if len(trail) > 1:
-            out += [_table(["layers in float", "cosine mean", "cosine min"],
-                           [[t["layers"], _num(t["cosine_mean"], 5), _num(t["cosine_min"], 5)] for t in trail]), ""]
+            out += [_table(["layers in float", "added", "cosine mean", "cosine min"],
+                           [[t["layers"], f"`{t['added']}`" if t.get("added") else "",
+                             _num(t["cosine_mean"], 5), _num(t["cosine_min"], 5)] for t in trail]), ""]
         lat = fb.get("latency")
         if lat:
             out += [f"Latency cost ({lat.get('source') or 'wall'}): {_num(lat['with_float_layers'], 4)} ms with "
