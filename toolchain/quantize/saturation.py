@@ -49,6 +49,17 @@ def narrowed_range(lo: float, hi: float, readers: str) -> tuple[float, float]:
     raise ValueError(readers)
 
 
+def _narrowed(scale: float, zp: int, qmin: int, qmax: int, readers: str) -> dict | None:
+    """The int8 quantisation (scale, zero_point) narrowed for `readers`, with what it was, as a
+    report row; None when the step would not shrink."""
+    lo, hi = scale * (qmin - zp), scale * (qmax - zp)
+    new_scale, new_zp = affine_qparams(*narrowed_range(lo, hi, readers), qmin, qmax)
+    if new_scale >= scale:
+        return None
+    return {"readers": readers, "range": [lo, hi], "scale": new_scale, "zero_point": new_zp,
+            "narrowed": [new_scale * (qmin - new_zp), new_scale * (qmax - new_zp)], "step_ratio": new_scale / scale}
+
+
 def _is(node, op: str) -> bool:
     return getattr(node, "op", "") == "call_function" and f"aten.{op}." in target_name(node) + "."
 
@@ -87,7 +98,7 @@ def narrow_sigmoid_ranges(converted) -> list[dict]:
     """Narrow, in a converted PT2E graph (quantize/dequantize nodes with scalar qparams), the
     int8 ranges of tensors read only by sigmoids or by SiLUs (see the module docstring). Returns
     one row per narrowed tensor: {node, readers, range: [lo, hi] before, narrowed: [lo, hi],
-    step_ratio}; the graph is recompiled when any changed."""
+    scale, zero_point, step_ratio}; the graph is recompiled when any changed."""
     rows = []
     for q in list(converted.graph.nodes):
         if q.op != "call_function" or "quantize_per_tensor" not in target_name(q) or "dequantize" in target_name(q):
@@ -99,19 +110,12 @@ def narrow_sigmoid_ranges(converted) -> list[dict]:
         # A reshape's int8 output shares its source's quantisation: left as it is.
         if readers is None or getattr(q.args[0], "op", "") != "call_function" or is_plumbing(q.args[0]):
             continue
-        qmin, qmax = int(q.args[3]), int(q.args[4])
-        lo, hi = scale * (qmin - zp), scale * (qmax - zp)
-        new_lo, new_hi = narrowed_range(lo, hi, readers)
-        if new_lo <= lo and new_hi >= hi:
-            continue
-        new_scale, new_zp = affine_qparams(new_lo, new_hi, qmin, qmax)
-        if new_scale >= scale:
+        row = _narrowed(scale, zp, int(q.args[3]), int(q.args[4]), readers)
+        if row is None:
             continue
         for n in [q, *q.users]:
-            n.args = (n.args[0], new_scale, new_zp, *n.args[3:])
-        rows.append({"node": q.args[0].name, "readers": readers, "range": [lo, hi],
-                     "narrowed": [new_scale * (qmin - new_zp), new_scale * (qmax - new_zp)],
-                     "step_ratio": new_scale / scale})
+            n.args = (n.args[0], row["scale"], row["zero_point"], *n.args[3:])
+        rows.append({"node": q.args[0].name, **row})
     if rows:
         converted.recompile()
     return rows
@@ -120,7 +124,7 @@ def narrow_sigmoid_ranges(converted) -> list[dict]:
 def summarize_narrowed(rows: list[dict]) -> dict:
     """What narrow_sigmoid_ranges did, for a report: how many ranges by reader, and the new int8
     step as a fraction of the old one (mean, min)."""
-    ratios = [r["step_ratio"] for r in rows if "step_ratio" in r]
+    ratios = [r["step_ratio"] for r in rows]
     out = {"narrowed": len(rows), "by_readers": {k: sum(r["readers"] == k for r in rows)
                                                   for k in sorted({r["readers"] for r in rows})}}
     if ratios:
@@ -156,16 +160,11 @@ def narrow_fake_quant_ranges(prepared) -> list[dict]:
         readers = _read_as(list(node.users), through_fake_quant)
         if readers is None:
             continue
-        scale, zp, qmin, qmax = float(fq.scale), int(fq.zero_point), int(fq.quant_min), int(fq.quant_max)
-        lo, hi = scale * (qmin - zp), scale * (qmax - zp)
-        new_lo, new_hi = narrowed_range(lo, hi, readers)
-        new_scale, new_zp = affine_qparams(new_lo, new_hi, qmin, qmax)
-        if new_scale >= scale:
+        row = _narrowed(float(fq.scale), int(fq.zero_point), int(fq.quant_min), int(fq.quant_max), readers)
+        if row is None:
             continue
         with torch.no_grad():
-            fq.scale.fill_(new_scale)
-            fq.zero_point.fill_(new_zp)
-        rows.append({"node": node.args[0].name, "readers": readers, "range": [lo, hi],
-                     "narrowed": [new_scale * (qmin - new_zp), new_scale * (qmax - new_zp)],
-                     "step_ratio": new_scale / scale})
+            fq.scale.fill_(row["scale"])
+            fq.zero_point.fill_(row["zero_point"])
+        rows.append({"node": node.args[0].name, **row})
     return rows

@@ -135,38 +135,53 @@ def _is_fake_quant(node) -> bool:
     return getattr(node, "op", "") == "call_function" and node.target is torch.fake_quantize_per_tensor_affine
 
 
-@contextlib.contextmanager
-def _restored_on_exit(graph: nn.Module, saved: list, added: list):
-    """Run the edited graph; on exit put back each node's saved args and remove the added nodes."""
-    graph.recompile()
-    try:
-        yield graph
-    finally:
-        for node, args in reversed(saved):
-            node.args = args
-        for node in added:
-            graph.graph.erase_node(node)
-        graph.recompile()
+class _GraphEdits:
+    """Edits of the fast reference graph, made in place (a copy per measurement costs more than
+    the evaluation) and undone when `applied()` exits."""
+
+    def __init__(self, graph: nn.Module):
+        self.graph = graph
+        self.saved: list[tuple[object, tuple]] = []
+        self.added: list = []
+
+    def rewire(self, node, args) -> None:
+        self.saved.append((node, node.args))
+        node.args = args
+
+    def float_weight(self, op) -> None:
+        """`op` reads its float weight instead of the int8 one (fast_reference names it)."""
+        if "float_weight" in op.meta:
+            with self.graph.graph.inserting_before(op):
+                self.added.append(self.graph.graph.get_attr(op.meta["float_weight"]))
+            self.rewire(op, (op.args[0], self.added[-1], *op.args[2:]))
+
+    def skip_fake_quant(self, fq, src) -> None:
+        """Every reader of fake-quantise `fq` reads `src` instead: that tensor is not rounded."""
+        for user in list(fq.users):
+            self.rewire(user, map_arg(user.args, lambda a: src if a is fq else a))
+
+    @contextlib.contextmanager
+    def applied(self):
+        self.graph.recompile()
+        try:
+            yield self.graph
+        finally:
+            for node, args in reversed(self.saved):
+                node.args = args
+            for node in self.added:
+                self.graph.graph.erase_node(node)
+            self.graph.recompile()
 
 
 @contextlib.contextmanager
 def _float_layers(graph: nn.Module, names):
     """The fast reference graph (fast_reference) with the layers `names` computing in float,
-    edited in place (a copy per layer costs more than the evaluation) and restored on exit."""
+    edited in place and restored on exit."""
     nodes = _layer_nodes(graph)
-    saved: list[tuple[object, tuple]] = []
-    added = []
-
-    def rewire(node, args) -> None:
-        saved.append((node, node.args))
-        node.args = args
-
+    edits = _GraphEdits(graph)
     for name in names:
         op = nodes[name]
-        if "float_weight" in op.meta:
-            with graph.graph.inserting_before(op):
-                added.append(graph.graph.get_attr(op.meta["float_weight"]))
-            rewire(op, (op.args[0], added[-1], *op.args[2:]))
+        edits.float_weight(op)
         # The output's own quantisation, when nothing int8 reads it (the embedding layer).
         after = op
         while len(after.users) == 1 and not _is_fake_quant(next(iter(after.users))):
@@ -176,9 +191,8 @@ def _float_layers(graph: nn.Module, names):
             after = nxt
         fq = next((u for u in after.users if _is_fake_quant(u)), None)
         if fq is not None and _feeds_only_output(fq):
-            for user in list(fq.users):
-                rewire(user, map_arg(user.args, lambda a, fq=fq: after if a is fq else a))
-    with _restored_on_exit(graph, saved, added) as edited:
+            edits.skip_fake_quant(fq, after)
+    with edits.applied() as edited:
         yield edited
 
 
@@ -206,21 +220,13 @@ def _float_blocks(graph: nn.Module, names):
     on exit."""
     inside = {n for n in graph.graph.nodes
               if n.op == "call_function" and not _is_fake_quant(n) and _in_blocks(n, names)}
-    saved: list[tuple[object, tuple]] = []
-    added = []
+    edits = _GraphEdits(graph)
     for op in inside:
-        if "float_weight" in op.meta:
-            with graph.graph.inserting_before(op):
-                added.append(graph.graph.get_attr(op.meta["float_weight"]))
-            saved.append((op, op.args))
-            op.args = (op.args[0], added[-1], *op.args[2:])
+        edits.float_weight(op)
     for fq in [n for n in graph.graph.nodes if _is_fake_quant(n)]:
-        src = fq.args[0]
-        if src in inside and (all(u in inside for u in fq.users) or _feeds_only_output(fq)):
-            for user in list(fq.users):
-                saved.append((user, user.args))
-                user.args = map_arg(user.args, lambda a, fq=fq, src=src: src if a is fq else a)
-    with _restored_on_exit(graph, saved, added) as edited:
+        if fq.args[0] in inside and (all(u in inside for u in fq.users) or _feeds_only_output(fq)):
+            edits.skip_fake_quant(fq, fq.args[0])
+    with edits.applied() as edited:
         yield edited
 
 
