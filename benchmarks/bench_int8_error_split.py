@@ -51,7 +51,7 @@ from toolchain.quantize.head import _per_channel
 from toolchain.quantize.pt2e import calibration_batches, module_of, quantize_xnnpack_int8
 from toolchain.quantize.equalize import equalize_ranges
 from toolchain.quantize.batchnorm import fold_batchnorm
-from toolchain.quantize.sensitivity import _embed
+from toolchain.quantize.sensitivity import mirrored_embeddings
 
 
 @torch.no_grad()
@@ -126,7 +126,7 @@ def main() -> None:
         calibration = identity_calibration_set(load_identity_dataset(args.identity), args.calibration, 0)
     else:
         calibration = images[-args.calibration:]
-    reference = _embed(model, measured, 16, spec.mean, spec.std)
+    reference = mirrored_embeddings(model, measured, 16, spec.mean, spec.std)
     mirrored = measured[:, :, ::-1].copy()
     kept = np.all(inverse < args.images, axis=0)  # pairs whose two images are both measured
     issame = np.asarray(pairs.issame, dtype=bool)[kept]
@@ -135,15 +135,15 @@ def main() -> None:
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
         return np.sum(emb[inverse[0, kept]] * emb[inverse[1, kept]], axis=1)
 
-    float_scores = pair_scores(reference + _embed(model, mirrored, 16, spec.mean, spec.std))
+    float_scores = pair_scores(reference + mirrored_embeddings(model, mirrored, 16, spec.mean, spec.std))
     threshold, _ = _best_threshold(float_scores, issame)
 
     def error(module, batch=16, flips=False) -> tuple:
-        emb = _embed(module, measured, batch, spec.mean, spec.std)
+        emb = mirrored_embeddings(module, measured, batch, spec.mean, spec.std)
         cos = np.sum(emb * reference, axis=1)
         flipped = None
         if flips:
-            scores = pair_scores(emb + _embed(module, mirrored, batch, spec.mean, spec.std))
+            scores = pair_scores(emb + mirrored_embeddings(module, mirrored, batch, spec.mean, spec.std))
             flipped = int(np.sum((scores > threshold) != (float_scores > threshold)))
         return float(1 - cos.mean()), float(1 - cos.min()), flipped
 

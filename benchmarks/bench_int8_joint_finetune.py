@@ -44,7 +44,7 @@ from toolchain.quantize.equalize import equalize_ranges
 from toolchain.quantize.int8_options import Int8Options
 from toolchain.quantize.pt2e import calibration_batches, quantize_xnnpack_int8
 from toolchain.quantize.qat import _is_weight, _qat_quantizer, qat_finetune
-from toolchain.quantize.sensitivity import _embed
+from toolchain.quantize.sensitivity import mirrored_embeddings
 from toolchain.runtime.preprocess import model_input
 
 INT8 = {"calibration": "mse"}
@@ -141,7 +141,7 @@ def main() -> None:
     allowed = allowed_flips(len(issame), args.min_agreement)
 
     def scores(module, batch: int) -> np.ndarray:
-        e = _embed(module, images, batch, mean, std) + _embed(module, mirrored, batch, mean, std)
+        e = mirrored_embeddings(module, images, batch, mean, std) + mirrored_embeddings(module, mirrored, batch, mean, std)
         e = e / np.linalg.norm(e, axis=1, keepdims=True)
         return np.sum(e[inverse[0]] * e[inverse[1]], axis=1)
 

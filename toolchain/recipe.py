@@ -161,12 +161,14 @@ class Int8Section(_Strict):
     qat_steps: int = Field(0, ge=0, le=100_000, description="PT2E QAT steps on the identity images (0: off)")
     qat_lr: float = Field(1e-5, gt=0, le=1, description="QAT learning rate (Adam)")
     qat_batch: int = Field(16, ge=2, le=512, description="QAT images per step")
-    fallback: bool = Field(False, description="rank the layers by int8 sensitivity and keep the fewest in float "
-                                              "until the parity bounds hold (ExecuTorch files)")
+    fallback: bool = Field(False, description="keep the fewest layers (or blocks) in float until the parity "
+                                              "bounds hold: chosen in torch's int8 graph for the .pte, in LiteRT "
+                                              "within the int8 size budget for onnx2tf's .tflite")
     max_float_layers: int = Field(8, ge=1, le=1000, description="fallback: most layers (or blocks) kept in float")
     fallback_unit: Literal["layer", "block"] = Field("layer", description="fallback: what it keeps in float, one "
                                                      "conv or linear layer or one block of the model at a time")
-    float_layers: list[str] = Field(default_factory=list, description="modules kept in float (names)")
+    float_layers: list[str] = Field(default_factory=list, description="modules kept in float (names; with "
+                                    "fallback off, in both int8 files)")
     executorch: Optional[Int8FormatSection] = None
     tflite: Optional[Int8FormatSection] = None
 

@@ -11,7 +11,7 @@ from toolchain.quantize.int8_options import Int8Options
 from toolchain.quantize.pt2e import float_ops, quantize_xnnpack_int8
 from toolchain.quantize.qat import qat_finetune
 from toolchain.quantize.recovery import recover_int8
-from toolchain.quantize.sensitivity import _embed, choose_float_layers, layer_sensitivity
+from toolchain.quantize.sensitivity import mirrored_embeddings, choose_float_layers, layer_sensitivity
 
 
 class Embedder(nn.Module):
@@ -124,8 +124,8 @@ def test_sensitivity_ranks_layers_and_fallback_meets_its_target(model):
     assert not never["met"] and never["float_layers"] == [] and 1 <= len(never["tried"]) <= 2
     assert len(never["trail"]) == len(never["tried"]) + 1
     # The graph the sensitivity edits is restored after each measurement.
-    again = _embed(sens["graph"], images, 8, spec.mean, spec.std)
-    ref = _embed(model, images, 8, spec.mean, spec.std)
+    again = mirrored_embeddings(sens["graph"], images, 8, spec.mean, spec.std)
+    ref = mirrored_embeddings(model, images, 8, spec.mean, spec.std)
     assert np.sum(again * ref, axis=1).mean() == pytest.approx(base, abs=1e-9)
 
 
@@ -268,12 +268,12 @@ def test_block_fallback_ranks_whole_blocks_and_restores_the_graph():
     base = sens["all_int8"]["cosine_mean"]
     best = sens["layers"][0]
     assert best["gain_mean"] > 0
-    ref = _embed(model, images, 8, spec.mean, spec.std)
+    ref = mirrored_embeddings(model, images, 8, spec.mean, spec.std)
     # Every block float leaves only the input's rounding: closer to float than any one block.
     with _float_blocks(sens["graph"], ["features.0", "features.1", "emb.2"]) as g:
-        all_float = float(np.sum(_embed(g, images, 8, spec.mean, spec.std) * ref, axis=1).mean())
+        all_float = float(np.sum(mirrored_embeddings(g, images, 8, spec.mean, spec.std) * ref, axis=1).mean())
     assert all_float > best["cosine_mean"] > base
-    again = _embed(sens["graph"], images, 8, spec.mean, spec.std)
+    again = mirrored_embeddings(sens["graph"], images, 8, spec.mean, spec.std)
     assert np.sum(again * ref, axis=1).mean() == pytest.approx(base, abs=1e-9)
     got = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=3, batch=8,
                               min_cosine_mean=base + 0.5 * best["gain_mean"], min_cosine_min=None)

@@ -194,8 +194,6 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     formats = _parse_list(formats, FORMATS, "format")
     precisions = _parse_list(precisions, PRECISIONS, "precision")
     options = {f: Int8Options.from_any(int8, f) for f in FORMATS}
-    if options["tflite"] != options["executorch"]:  # a .tflite keeps no float layers: no fallback to run
-        options["tflite"] = dataclasses.replace(options["tflite"], fallback=False, float_layers=())
     if tflite_backend not in TFLITE_BACKENDS:
         raise ToolchainError(f"unknown TFLite backend {tflite_backend!r} ({', '.join(TFLITE_BACKENDS)})")
     model, meta, source_rec = resolve_source(source, model_kwargs, seed)
@@ -216,7 +214,11 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     prepared: dict[Int8Options, _Int8Graph] = {}
     for f in formats:
         if options[f] not in prepared:
+            # The fallback in torch's graph chooses the .pte's float layers; the .tflite's runs in
+            # LiteRT when the file is converted (toolchain.export.tflite_fallback).
+            torch_fallback = "executorch" in formats and options[f] == options["executorch"]
             prepared[options[f]] = _int8_graph(model, spec, calib, identity_images, options[f], fallback_targets,
+                                               torch_fallback,
                                                seed, progress)
     graphs = {f: prepared[options[f]] for f in formats}
     first = graphs[formats[0]]
@@ -259,10 +261,15 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                 # LiteRT's XNNPACK refuses an int8 PRELU: the .tflite computes each PReLU on ops it
                 # runs in int8 (toolchain.export.int8_prelu); the .pte keeps XNNPACK's int8 PReLU.
                 tflite_int8_model = with_int8_prelu(g.model) or g.model
+                plan = _tflite_float_plan(model, spec, g, tflite_int8_model, example, fallback_targets, progress) \
+                    if "int8" in precisions and tflite_backend == "onnx2tf" else None
                 records += _export_tflite(model, tflite_int8_model, spec, model_name, example, precisions,
                                           g.calibration, threshold, source_rec, versions, require_full_delegation,
                                           staging, tflite_backend, compute_head, user,
-                                          {p: template("tflite", p, tflite_backend) for p in precisions}, g.options)
+                                          {p: template("tflite", p, tflite_backend) for p in precisions}, g.options,
+                                          float_plan=plan)
+                if plan is not None and plan.report:
+                    recovery["tflite_fallback"] = plan.report
                 advance("tflite " + ",".join(precisions))
         g = graphs.get("executorch")
         if g is not None and g.options.float_layers and "int8" in precisions:
@@ -310,14 +317,15 @@ class _Int8Graph:
     options: Any  # Int8Options, with the fallback's float layers filled in
     calibration: np.ndarray | None  # the calibration images left after outlier screening
     recovery: dict  # what equalization, screening, QAT and the fallback did
+    measure: np.ndarray | None = None  # the images the fallback measures on (uint8 NHWC)
 
     @property
     def calibration_sha256(self) -> str | None:
         return None if self.calibration is None else hashlib.sha256(self.calibration.tobytes()).hexdigest()
 
 
-def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_targets, seed: int,
-                progress: bool) -> _Int8Graph:
+def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_targets, torch_fallback: bool,
+                seed: int, progress: bool) -> _Int8Graph:
     recovery: dict = {}
     if calib is not None and int8.outlier_factor is not None:  # toolchain.quantize.outliers
         from toolchain.quantize.outliers import screen_outliers
@@ -335,16 +343,53 @@ def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_t
     # ... and every SiLU as x * sigmoid(x), which ExecuTorch's partition then runs in int8 too.
     int8_model = with_int8_silu(int8_model) or int8_model
     if calib is not None:
-        from toolchain.quantize.recovery import recover_int8
+        from toolchain.quantize.recovery import measuring_images, recover_int8
         from toolchain.runtime.preprocess import check_images
 
         identity = None if identity_images is None else check_images(identity_images, spec.input_size[1:],
                                                                       what="identity images")
+        wanted = int8
+        if not torch_fallback:
+            int8 = dataclasses.replace(int8, fallback=False)
         int8_model, int8, recovered = recover_int8(model, int8_model, calib, identity, spec.mean, spec.std, int8,
                                                   targets=fallback_targets, embedding=spec.output == "embedding",
                                                   seed=seed, progress=progress)
         recovery |= recovered
+        int8 = dataclasses.replace(int8, fallback=wanted.fallback)
+        measure = measuring_images(calib if identity is None or len(identity) < 2 else identity, seed)
+        return _Int8Graph(int8_model, int8, calib, recovery, measure)
     return _Int8Graph(int8_model, int8, calib, recovery)
+
+
+# Room left under the size budget for what the file carries beyond the converter's bytes (its
+# embedded metadata: 2-4 KB on the backbones).
+_METADATA_ALLOWANCE = 16_384
+
+
+def _tflite_float_plan(model, spec, g: _Int8Graph, tflite_model, example, targets: dict | None, progress: bool):
+    """What the int8 .tflite keeps in float (toolchain.export.tflite_fallback), or None: the
+    layers the recipe names, or with the fallback on the units it chooses in LiteRT, on the
+    images the .pte's fallback measures on, within the size budget."""
+    from toolchain.export.tflite_fallback import FloatPlan
+    from toolchain.quantize.sensitivity import mirrored_embeddings
+    from toolchain.runtime.preprocess import normalise
+
+    opts = g.options
+    if g.calibration is None or spec.output != "embedding" or not (opts.fallback or opts.float_layers):
+        return None
+    if not opts.fallback:
+        return FloatPlan(tflite_model, example, unit=opts.fallback_unit, given=tuple(opts.float_layers))
+    targets = targets or {}
+    if targets.get("min_cosine_mean") is None and targets.get("min_cosine_min") is None:
+        raise ToolchainError("export.int8.fallback needs a target: parity.min_embedding_cosine_mean or "
+                             "parity.min_embedding_cosine_min")
+    views = tuple(normalise(np.ascontiguousarray(v), spec.mean, spec.std) for v in (g.measure, g.measure[:, :, ::-1]))
+    budget = targets.get("max_int8_bytes")
+    return FloatPlan(tflite_model, example, unit=opts.fallback_unit, fallback=True, views=views,
+                     reference=mirrored_embeddings(model.eval(), g.measure, 16, spec.mean, spec.std),
+                     targets={k: targets.get(k) for k in ("min_cosine_mean", "min_cosine_min")},
+                     max_units=opts.max_float_layers,
+                     max_bytes=None if budget is None else int(budget) - _METADATA_ALLOWANCE, progress=progress)
 
 
 def _fallback_latency(kept: ArtifactRecord, all_int8, staging: Path) -> dict:
@@ -457,7 +502,9 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
 
 def _export_tflite(model, int8_model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
                    require_full, staging, backend, compute_head=None, user=None,
-                   templates: dict | None = None, int8=None) -> list[ArtifactRecord]:
+                   templates: dict | None = None, int8=None, float_plan=None) -> list[ArtifactRecord]:
+    """The .tflite files; an int8 one with units kept in float (`float_plan`,
+    toolchain.export.tflite_fallback) is named `*_int8_mixed.tflite`."""
     from toolchain.export.metadata import embed_tflite_metadata
     from toolchain.export.tflite import (
         align_tflite_output, export_tflite_litert_torch, export_tflite_onnx2tf, write_head_quant_tflite,
@@ -469,10 +516,10 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
     if backend == "onnx2tf":
         if int8_model is model or "int8" not in precisions:
             blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
-                                          exact_input=_exact_input(spec), int8=int8)
+                                          exact_input=_exact_input(spec), int8=int8, float_plan=float_plan)
         else:  # two forms of the model: one conversion each
             blobs = export_tflite_onnx2tf(int8_model, example, ["int8"], calib, spec.mean, spec.std,
-                                          exact_input=_exact_input(spec), int8=int8)
+                                          exact_input=_exact_input(spec), int8=int8, float_plan=float_plan)
             if "fp32" in precisions:
                 blobs.update(export_tflite_onnx2tf(model, example, ["fp32"], None, spec.mean, spec.std))
         if "int8" in blobs and compute_head is not None:
@@ -490,12 +537,14 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
                                                input_qparams=pin, output_threshold=out_thr, int8=int8)
                  for p in precisions}
     seconds = (time.perf_counter() - t0) / max(1, len(blobs))
+    kept_float = list((float_plan.report if float_plan is not None else {}).get("float_units") or [])
     records = []
     for precision in precisions:
-        report = inspect_tflite(blobs[precision])
+        mixed = precision == "int8" and bool(kept_float)
+        report = inspect_tflite(blobs[precision], allow_float_ops=mixed)
         if precision == "int8":
-            # A file is named int8 only when the flatbuffer says so.
-            if not report.is_int8:
+            # A file is named int8 only when the flatbuffer says so; a mixed one only with its float units.
+            if report.problems or (report.float_ops and not mixed):
                 raise CheckFailed(f"refusing to name the {backend} TFLite file int8: {report.summary()}")
             if _exact_input(spec):
                 _check_exact_tflite_input(report.input_quant, model_name)
@@ -513,7 +562,10 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
         method = None
         if precision == "int8":
             method = int8.applied(pt2e=backend != "onnx2tf", float_layers=False)  # (the .pte's fallback)
-        records.append(_record(staging, f"{model_name}_{precision}.tflite", data, meta, "tflite", precision,
+            if mixed:
+                method["float_layers"] = kept_float
+        records.append(_record(staging, f"{model_name}_{precision}{'_mixed' if mixed else ''}.tflite", data, meta,
+                               "tflite", precision,
                                backend, _checks({"tflite": report.to_dict()},
                                                 head_feature_scale if precision == "int8" else None, method), seconds))
     return records

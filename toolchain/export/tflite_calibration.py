@@ -25,11 +25,14 @@ _SAME_RANGE = ("RESHAPE", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE",
                "STRIDED_SLICE", "GATHER", "SPLIT", "SPLIT_V", "DEPTH_TO_SPACE", "SPACE_TO_DEPTH")
 
 
-def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8Options | None = None) -> bytes:
+def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8Options | None = None,
+                         float_plan=None) -> bytes:
     """Full-integer .tflite (int8 input and output, per-channel weights) of a saved_model.
-    `inputs`: normalised float32 NHWC calibration batch, one image per converter step."""
+    `inputs`: normalised float32 NHWC calibration batch, one image per converter step.
+    `float_plan` (toolchain.export.tflite_fallback.FloatPlan): the ops the file keeps in float."""
     import tensorflow as tf
-    from tensorflow.lite.python import convert
+
+    from toolchain.export.tflite_fallback import quantize_keeping_float
 
     options = Int8Options.from_any(options)
 
@@ -49,8 +52,8 @@ def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8
     if options.calibration != "minmax":
         calibrated = set_ranges(calibrated, inputs, options)
     calibrated, _ = narrow_sigmoid_inputs(calibrated)
-    quantized = convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
-                                      output_data_type=tf.int8)
+    float_ops = float_plan.float_ops(calibrated) if float_plan is not None else []
+    quantized = quantize_keeping_float(calibrated, float_ops)
     if options.bias_correction:  # measured on the converter's own int8 graph (toolchain.export.tflite_bias_correction)
         from toolchain.export.tflite_bias_correction import correct_tflite_biases
 

@@ -7,6 +7,8 @@ Checked on the file itself (ai_edge_litert's copy of the TFLite schema):
 - no operator reads or writes a float tensor (a QUANTIZE/DEQUANTIZE island would show here).
 It also lists the operators LiteRT's XNNPACK delegate does not run in int8 (PReLU is the known
 case: the graph splits and int8 becomes slower than float) so reports can show them.
+A mixed file (the fallback's float units, `*_int8_mixed.tflite`) is checked the same way, but
+its float ops are counted rather than refused; it is never reported as int8.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ class TfliteReport:
     ops: dict[str, int]
     problems: list[str] = field(default_factory=list)
     xnnpack_unsupported: dict[str, int] = field(default_factory=dict)
+    float_ops: dict[str, int] = field(default_factory=dict)  # allowed float ops of a mixed file, by op
 
     @property
     def is_int8(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.float_ops
 
     def summary(self) -> str:
         """The problems in one line: ops with float tensors counted by op, then the rest."""
@@ -50,7 +53,8 @@ class TfliteReport:
         return {"is_int8": self.is_int8, "input_type": self.input_type, "output_type": self.output_type,
                 "input_shape": self.input_shape, "output_shape": self.output_shape,
                 "input_quant": self.input_quant, "output_quant": self.output_quant, "ops": self.ops,
-                "problems": self.problems, "xnnpack_unsupported": self.xnnpack_unsupported}
+                "problems": self.problems, "xnnpack_unsupported": self.xnnpack_unsupported,
+                **({"float_ops": self.float_ops} if self.float_ops else {})}
 
 
 def _names(enum_cls) -> dict[int, str]:
@@ -71,7 +75,9 @@ def _name(t) -> str:
     return n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n)
 
 
-def inspect_tflite(buf: bytes) -> TfliteReport:
+def inspect_tflite(buf: bytes, allow_float_ops: bool = False) -> TfliteReport:
+    """The file's report. `allow_float_ops`: the file is a mixed one (the fallback's, int8 input
+    and output): ops with float tensors are counted in `float_ops`, not reported as problems."""
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(buf, 0)
@@ -82,6 +88,7 @@ def inspect_tflite(buf: bytes) -> TfliteReport:
         problems.append(f"{len(model.subgraphs)} subgraphs (expected 1)")
     tin, tout = sub.tensors[sub.inputs[0]], sub.tensors[sub.outputs[0]]
     ops: Counter = Counter()
+    float_ops: Counter = Counter()
     for io, t in (("input", tin), ("output", tout)):
         if tnames[t.type] != "INT8":
             problems.append(f"{io} tensor {_name(t)!r} is {tnames[t.type]}, not INT8")
@@ -93,6 +100,9 @@ def inspect_tflite(buf: bytes) -> TfliteReport:
         ops[name] += 1
         idx = [i for i in list(op.inputs) + list(op.outputs) if i >= 0]
         floats = [_name(sub.tensors[i]) for i in idx if tnames[sub.tensors[i].type] in _FLOAT_TYPES]
+        if floats and allow_float_ops:
+            float_ops[name] += 1
+            continue
         if floats:
             problems.append(f"{name} has float tensors: {', '.join(floats[:3])}")
         if name in _WEIGHTED and len(op.inputs) > 1:
@@ -119,4 +129,4 @@ def inspect_tflite(buf: bytes) -> TfliteReport:
                         input_shape=[int(s) for s in np.asarray(tin.shape)],
                         output_shape=[int(s) for s in np.asarray(tout.shape)],
                         input_quant=_quant(tin), output_quant=_quant(tout), ops=dict(ops),
-                        problems=problems, xnnpack_unsupported=unsupported)
+                        problems=problems, xnnpack_unsupported=unsupported, float_ops=dict(float_ops))

@@ -616,9 +616,11 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
 
 
 def _fallback_targets(ctx: RunContext) -> dict:
-    """The int8 fallback aims at the parity section's cosine bounds."""
+    """The int8 fallback aims at the parity section's cosine bounds, and the .tflite's keeps
+    within the int8 size budget."""
     p = ctx.recipe.parity
-    return {"min_cosine_mean": p.min_embedding_cosine_mean, "min_cosine_min": p.min_embedding_cosine_min}
+    return {"min_cosine_mean": p.min_embedding_cosine_mean, "min_cosine_min": p.min_embedding_cosine_min,
+            "max_int8_bytes": ctx.recipe.budgets.max_int8_bytes}
 
 
 def _fallback_targets_key(ctx: RunContext) -> dict:

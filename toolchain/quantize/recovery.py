@@ -19,6 +19,13 @@ from toolchain.errors import ToolchainError
 SENSITIVITY_IMAGES = 32  # identity images the sensitivity and the fallback measure on (one pass per layer)
 
 
+def measuring_images(images: np.ndarray, seed: int) -> np.ndarray:
+    """The images the fallback measures on, the `.pte`'s and the `.tflite`'s alike: a seeded draw
+    of SENSITIVITY_IMAGES of `images` (QAT's images), in their order."""
+    rng = np.random.default_rng(seed + 1)
+    return images[np.sort(rng.choice(len(images), min(SENSITIVITY_IMAGES, len(images)), replace=False))]
+
+
 def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.ndarray,
                  identity_images: np.ndarray | None, mean, std, int8, *, targets: dict | None = None,
                  embedding: bool = True, seed: int = 0, progress: bool = True):
@@ -46,8 +53,7 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
         if targets.get("min_cosine_mean") is None and targets.get("min_cosine_min") is None:
             raise ToolchainError("export.int8.fallback needs a target: parity.min_embedding_cosine_mean or "
                                  "parity.min_embedding_cosine_min")
-        rng = np.random.default_rng(seed + 1)
-        measure = images[np.sort(rng.choice(len(images), min(SENSITIVITY_IMAGES, len(images)), replace=False))]
+        measure = measuring_images(images, seed)
         sens = layer_sensitivity(int8_model, calibration, measure, mean, std, int8, reference=float_model,
                                  progress=progress)
         choice = choose_float_layers(float_model, sens, measure, mean, std, max_layers=int8.max_float_layers,

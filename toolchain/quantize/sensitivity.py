@@ -33,6 +33,7 @@ from torch.fx.node import map_arg
 from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
+from toolchain.quantize.selection import forward_selection
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -48,7 +49,7 @@ def _batches(images: np.ndarray, batch: int, mean, std):
         yield torch.from_numpy(model_input(chunk, mean, std)), n
 
 
-def _embed(module, images: np.ndarray, batch: int, mean, std) -> np.ndarray:
+def mirrored_embeddings(module, images: np.ndarray, batch: int, mean, std) -> np.ndarray:
     """Each image's embedding plus its mirror's, summed and L2-normalised: as parity embeds pair
     images (toolchain.evaluate.parity), so the fallback aims at the cosine the bounds measure.
     (A single view's int8 noise does not average out: on SeesawFaceNet's identity images its
@@ -310,8 +311,8 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     converted = convert_pt2e(prepared, fold_quantize=False)
     narrow_sigmoid_ranges(converted)  # as the export's int8 graph (toolchain.quantize.pt2e)
     converted = fast_reference(converted)
-    ref = _embed((reference or model).eval(), images, batch, mean, std)
-    base = _cosines(_embed(converted, images, batch, mean, std), ref)
+    ref = mirrored_embeddings((reference or model).eval(), images, batch, mean, std)
+    base = _cosines(mirrored_embeddings(converted, images, batch, mean, std), ref)
     layers = _layer_nodes(converted)
     local = _LocalError(converted, {node: name for name, node in layers.items()})
     with torch.no_grad():
@@ -333,7 +334,7 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     with progress_bar(f"int8 sensitivity per {unit}", min(measure, len(units)), enabled=progress) as advance:
         for name in by_proxy[:measure]:
             with _float_units(converted, [name], unit) as g:
-                c = _cosines(_embed(g, images, batch, mean, std), ref)
+                c = _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
             rows.append({"layer": name, "op": op_of[name], "local_error": proxy.get(name, 0.0), **c,
                          "gain_mean": c["cosine_mean"] - base["cosine_mean"],
                          "gain_min": c["cosine_min"] - base["cosine_min"]})
@@ -354,7 +355,7 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     "tried": [...], "trail": [{layers, cosine_mean, cosine_min}, ...]}. When no prefix of the
     ranking meets the targets, `float_layers` is empty: float layers cost latency, and a file
     that misses its bounds anyway is better all int8 (the trail shows what each step measured)."""
-    ref = _embed(model.eval(), images, batch, mean, std)
+    ref = mirrored_embeddings(model.eval(), images, batch, mean, std)
 
     def met(c: dict) -> bool:
         return (min_cosine_mean is None or c["cosine_mean"] >= min_cosine_mean) and \
@@ -372,7 +373,7 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     for name in ranked[:max_layers]:
         chosen.append(name)
         with _float_units(sensitivity["graph"], chosen, sensitivity.get("unit", "layer")) as g:
-            c = _cosines(_embed(g, images, batch, mean, std), ref)
+            c = _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
         trail.append({"layers": len(chosen), **c})
         if met(c):
             return {"float_layers": list(chosen), "met": True, "tried": list(chosen), "trail": trail}
@@ -386,22 +387,11 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, met, max_la
     alone does not: a float block's output is still rounded where the next int8 block reads it,
     and on SeesawFaceNet the stem alone lowered the mean while the stem with the next two blocks
     raised it most (README). Costs one measurement per remaining block per step."""
-    from toolchain.console import progress_bar
-
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
-    chosen: list[str] = []
-    steps = min(max_layers, len(units))
-    with progress_bar("int8 fallback: blocks kept in float", steps, enabled=progress) as advance:
-        for _ in range(steps):
-            best = None
-            for name in (u for u in units if u not in chosen):
-                with _float_units(sensitivity["graph"], chosen + [name], "block") as g:
-                    c = _cosines(_embed(g, images, batch, mean, std), ref)
-                if best is None or (c["cosine_mean"], c["cosine_min"]) > (best[1]["cosine_mean"], best[1]["cosine_min"]):
-                    best = (name, c)
-            chosen.append(best[0])
-            trail.append({"layers": len(chosen), "added": best[0], **best[1]})
-            advance(1, cosine=best[1]["cosine_mean"])
-            if met(best[1]):
-                return {"float_layers": list(chosen), "met": True, "tried": list(chosen), "trail": trail}
-    return {"float_layers": [], "met": False, "tried": chosen, "trail": trail}
+
+    def measure(names: list[str]) -> dict:
+        with _float_units(sensitivity["graph"], names, "block") as g:
+            return _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
+
+    choice = forward_selection(units, measure, met, max_layers, trail, "int8 fallback: blocks kept in float", progress)
+    return {"float_layers": choice.pop("float_units"), **choice}

@@ -261,6 +261,7 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
             out += [f"Latency cost ({lat.get('source') or 'wall'}): {_num(lat['with_float_layers'], 4)} ms with "
                     f"those layers in float against {_num(lat['all_int8'], 4)} ms all int8 "
                     f"({lat['ratio']:.2f} x), the .pte in ExecuTorch on {_latency_cpu(core)}.", ""]
+    out += _tflite_fallback_lines(rec.get("tflite_fallback"))
     own = rec.get("tflite")
     if own:  # export.int8.tflite: the .tflite came from its own int8 graph
         opts = ", ".join(f"{k} {v}" for k, v in own["int8"].items())
@@ -268,6 +269,41 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
         out += [f"The `.tflite` has its own int8 options ({opts})"
                 + (f"; its QAT: {qat['steps']} steps, fake-quantised cosine {_num(qat['fake_quant_cosine_before'], 5)}"
                    f" -> {_num(qat['fake_quant_cosine_after'], 5)}." if qat else "; no QAT."), ""]
+    return out
+
+
+def _tflite_fallback_lines(fb: Optional[Mapping]) -> list[str]:
+    """The .tflite's fallback (toolchain.export.tflite_fallback): what LiteRT measured, what it kept."""
+    if not fb:
+        return []
+    unit = fb.get("unit", "layer")
+    kept = fb.get("float_units") or []
+    names = ", ".join(f"`{k}`" for k in kept)
+    if fb.get("given"):
+        return [f"The `.tflite` keeps the {unit}s named by `export.int8.float_layers` in float: {names}.", ""]
+    if fb.get("error"):
+        return [f"The `.tflite`'s fallback did not run: {fb['error']}. The file is all int8.", ""]
+    targets = ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fb.get("targets") or {}).items()
+                        if v is not None)
+    budget = f", within {fb['max_bytes']:,} bytes" if fb.get("max_bytes") else ""
+    if kept:
+        what = f"{len(kept)} {unit}(s) kept in float: {names}"
+    elif fb.get("met"):
+        what = f"every {unit} int8 already meets it"
+    else:
+        what = f"no {unit} kept in float ({len(fb.get('tried') or []) or 'no'} tried did not reach it)"
+    out = [f"`.tflite` fallback, measured in LiteRT (XNNPACK, one thread) on {fb.get('images', '?')} identity images "
+           f"with their mirrors (target {targets}{budget}): {what}"
+           + ("." if fb.get("met") else "; the target was NOT met."), ""]
+    trail = fb.get("trail") or []
+    if len(trail) > 1:
+        out += [_table([f"{unit}s in float", "added", "cosine mean", "cosine min", "file bytes"],
+                       [[t["layers"], f"`{t['added']}`" if t.get("added") else "", _num(t["cosine_mean"], 5),
+                         _num(t["cosine_min"], 5), f"{t['bytes']:,}"] for t in trail]), ""]
+    lat = fb.get("latency")
+    if lat:
+        out += [f"Latency cost ({lat['source']}): {_num(lat['with_float_layers'], 4)} ms with those {unit}s in float "
+                f"against {_num(lat['all_int8'], 4)} ms all int8 ({lat['ratio']:.2f} x), one thread.", ""]
     return out
 
 

@@ -1,0 +1,170 @@
+"""The int8 `.tflite`'s fallback: torch layers and blocks named in the converter's graph, float
+units that leave a mixed file LiteRT runs, and the forward selection measured in LiteRT."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from toolchain.errors import ToolchainError
+from toolchain.export import export_model
+from toolchain.export.tflite_check import inspect_tflite
+from toolchain.export.tflite_fallback import (
+    FloatPlan, choose_float_units, litert_embeddings, op_units, quantize_keeping_float,
+)
+from toolchain.models.registry import ModelSpec
+from toolchain.runtime.preprocess import normalise
+
+
+class _Blocks(nn.Module):
+    """Two blocks (conv, ReLU, a depthwise conv with a residual add), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.ReLU()),
+        )
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.emb = nn.Linear(8, 16)
+        self.spec = ModelSpec(name="tiny-blocks", output="embedding", output_dim=16, input_size=(3, 32, 32))
+
+    def forward(self, x):
+        x = self.features[0](x)
+        x = x + self.features[1](x)
+        return self.emb(self.pool(x))
+
+
+def _saved_model_calibrated(model, tmp_path, images):
+    """The converter's calibrated float flatbuffer of `model`, as the export makes it."""
+    import tensorflow as tf
+
+    from toolchain.export import tflite as T
+
+    example = torch.zeros(1, 3, 32, 32)
+    T.export_onnx(model, example, tmp_path / "m.onnx")
+    np.save(tmp_path / T._SAMPLE_NAME, np.zeros((20, 128, 128, 3), np.float32))
+    import onnx2tf
+
+    with T._in_dir(tmp_path), T._env_bin_on_path():
+        onnx2tf.convert(input_onnx_file_path=str(tmp_path / "m.onnx"), output_folder_path=str(tmp_path / "out"),
+                        non_verbose=True, output_signaturedefs=True)
+    inputs = normalise(images, model.spec.mean, model.spec.std)
+
+    def representative():
+        for i in range(len(inputs)):
+            yield [tf.constant(inputs[i:i + 1])]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "out"))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    converter._experimental_calibrate_only = True
+    return converter.convert(), example, inputs
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    buf, example, inputs = _saved_model_calibrated(model, tmp_path_factory.mktemp("tfl"), images)
+    return model, buf, example, inputs
+
+
+def test_ops_are_named_by_the_torch_layers_and_blocks_they_compute(calibrated):
+    model, buf, example, _ = calibrated
+    layers = op_units(buf, model, example, None)
+    assert list(layers) == ["features.0.0", "features.1.0", "emb"] and all(len(v) == 1 for v in layers.values())
+    blocks = op_units(buf, model, example, ["features.0", "features.1", "pool", "emb"])
+    # Each block holds its weighted op; the residual add joins the depthwise block before it.
+    assert set(blocks) <= {"features.0", "features.1", "pool", "emb"}
+    assert len(blocks["features.1"]) >= 2 and sum(map(len, blocks.values())) >= 4
+    with pytest.raises(ToolchainError, match="cannot tell which ops"):
+        op_units(buf, nn.Sequential(nn.Conv2d(3, 4, 1)), example, None)
+
+
+def test_a_float_unit_leaves_a_mixed_file_litert_runs(calibrated):
+    model, buf, example, inputs = calibrated
+    units = op_units(buf, model, example, None)
+    mixed = quantize_keeping_float(buf, units["features.0.0"])
+    report = inspect_tflite(mixed, allow_float_ops=True)
+    assert not report.problems and not report.is_int8 and report.float_ops.get("CONV_2D") == 1
+    assert report.input_type == report.output_type == "INT8"
+    assert inspect_tflite(quantize_keeping_float(buf, [])).is_int8
+    # Not a mixed file: its float ops are problems.
+    assert any("float tensors" in p for p in inspect_tflite(mixed).problems)
+    out = litert_embeddings(mixed, inputs)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(inputs.transpose(0, 3, 1, 2).copy())).numpy()
+    cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.99
+
+
+def _views_and_reference(model, inputs):
+    views = (inputs, np.ascontiguousarray(inputs[:, :, ::-1]))
+    with torch.no_grad():
+        ref = sum(model(torch.from_numpy(v.transpose(0, 3, 1, 2).copy())).numpy().astype(np.float64) for v in views)
+    return views, ref / np.linalg.norm(ref, axis=1, keepdims=True)
+
+
+def test_forward_selection_keeps_what_reaches_the_target_within_the_size_budget(calibrated):
+    model, buf, example, inputs = calibrated
+    units = op_units(buf, model, example, None)
+    views, ref = _views_and_reference(model, inputs)
+    missed = choose_float_units(buf, units, views, ref, min_cosine_mean=1.1, min_cosine_min=None, max_units=2)
+    assert not missed["met"] and missed["float_units"] == [] and len(missed["tried"]) == 2
+    assert len({t.get("added") for t in missed["trail"][1:]}) == 2
+    # The two-unit selection's own cosine is reachable: the same selection meets it and is kept.
+    target = missed["trail"][2]["cosine_mean"]
+    hit = choose_float_units(buf, units, views, ref, min_cosine_mean=target, min_cosine_min=None, max_units=3)
+    assert hit["met"] and 1 <= len(hit["float_units"]) <= 2
+    # No unit fits a budget of the all-int8 file's own size.
+    tight = choose_float_units(buf, units, views, ref, min_cosine_mean=1.1, min_cosine_min=None, max_units=2,
+                               max_bytes=missed["trail"][0]["bytes"])
+    assert tight["tried"] == [] and len(tight["trail"]) == 1
+
+
+def test_export_names_a_tflite_with_float_layers_mixed(tmp_path):
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    rec = export_model(_Blocks().eval(), tmp_path, "tflite", "int8", images, progress=False,
+                       int8={"float_layers": ["features.1"], "fallback_unit": "block"})[0]
+    assert rec.file == "tiny-blocks_int8_mixed.tflite" and rec.checks["int8_method"]["float_layers"] == ["features.1"]
+    assert rec.checks["tflite"]["float_ops"].get("DEPTHWISE_CONV_2D") == 1
+    recovery = json.loads((tmp_path / "export_manifest.json").read_text())["int8_recovery"]
+    assert recovery["tflite_fallback"] == {"float_units": ["features.1"], "given": True, "unit": "block"}
+    with pytest.raises(ToolchainError, match="float_layers: nope not among"):
+        export_model(_Blocks().eval(), tmp_path / "bad", "tflite", "int8", images, progress=False,
+                     int8={"float_layers": ["nope"]})
+
+
+def test_plan_reports_its_choice_and_latency_cost_or_why_it_kept_nothing(calibrated):
+    model, buf, example, inputs = calibrated
+    views, ref = _views_and_reference(model, inputs)
+    probe = FloatPlan(model, example, fallback=True, views=views, reference=ref, targets={"min_cosine_mean": 1.1},
+                      max_units=1)
+    assert probe.float_ops(buf) == [] and not probe.report["met"]
+    reachable = probe.report["trail"][1]["cosine_mean"]
+    plan = FloatPlan(model, example, fallback=True, views=views, reference=ref,
+                     targets={"min_cosine_mean": reachable}, max_units=1)
+    ops = plan.float_ops(buf)
+    assert plan.report["met"] and plan.report["float_units"] == [probe.report["trail"][1]["added"]] and ops
+    lat = plan.report["latency"]
+    assert lat["with_float_layers"] > 0 and lat["all_int8"] > 0 and lat["ratio"] > 0
+    # Ops that cannot be matched to the model's layers: the file stays all int8, and the report says why.
+    other = FloatPlan(nn.Sequential(nn.Conv2d(3, 4, 1)), example, fallback=True, views=views, reference=ref,
+                      targets={"min_cosine_mean": 1.1})
+    assert other.float_ops(buf) == [] and "cannot tell which ops" in other.report["error"]
+
+
+def test_a_depthwise_conv_may_be_a_depthwise_or_a_grouped_conv_in_the_file():
+    from toolchain.export.tflite_fallback import _torch_layers
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 6, 1), nn.Flatten(1), nn.Linear(6 * 4 * 4, 3))
+    (dw, dw_forms), (pw, pw_forms), (fc, fc_forms) = _torch_layers(model, torch.zeros(1, 4, 6, 6))
+    assert (dw, pw, fc) == ("0", "1", "3")
+    assert dw_forms == {("DEPTHWISE_CONV_2D", (1, 3, 3, 4)), ("CONV_2D", (4, 3, 3, 1))}
+    assert pw_forms == {("CONV_2D", (6, 1, 1, 4))} and fc_forms == {("FULLY_CONNECTED", (3, 96))}

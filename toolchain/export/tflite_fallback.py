@@ -1,0 +1,249 @@
+"""The int8 `.tflite`'s accuracy-aware fallback: units of the model left in float by the TFLite
+converter, chosen in LiteRT itself.
+
+The converter quantises the calibrated float model (toolchain.export.tflite_calibration) and
+leaves every op named in `denylisted_nodes` in float, with a DEQUANTIZE before and a QUANTIZE
+after it; the file keeps int8 input and output. The flatbuffer names ops by their output tensors
+(onnx2tf's Keras names), which say nothing of the torch modules. So ops are matched to modules by
+order: the k-th weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED) is the k-th Conv2d or
+Linear the torch model runs, checked by kind and weight shape. An op without weights belongs to
+the unit of the weighted op before it; a plumbing op (PAD, RESHAPE, ...) to the one after it,
+whose input it prepares. Units follow `export.int8.fallback_unit`: a conv or linear `layer` alone,
+or a `block` (toolchain.quantize.sensitivity.block_names) with every op in it.
+
+The choice is a forward selection measured on the file LiteRT runs (its XNNPACK delegate, one
+thread): each step keeps in float the unit that raises the cosine to the float model's embeddings
+most (image plus mirror, as parity embeds pair images), until the targets hold. A unit whose file
+would pass `max_bytes` is not tried. One step costs a conversion (0.1 s for MobileFaceNet) and a
+pass over the images per remaining unit. When no selection meets the targets, nothing is kept:
+float ops cost latency, and a file that misses its bounds anyway is better all int8 (the trail
+shows what each step measured), as in the `.pte`'s fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.errors import ToolchainError
+from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name
+from toolchain.quantize.selection import forward_selection
+from toolchain.quantize.sensitivity import block_names
+
+_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+# Ops that only move or pad their input: they belong with the op that reads them.
+_PLUMBING = ("PAD", "PADV2", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE")
+
+
+def _torch_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str, set[tuple[str, tuple[int, ...]]]]]:
+    """(module name, the TFLite ops it may become: {(op, weight shape in TFLite's layout)}) of
+    every Conv2d and Linear, in the order one forward pass runs them. A depthwise conv becomes a
+    DEPTHWISE_CONV_2D, or a grouped CONV_2D (onnx2tf writes some that way)."""
+    names = {m: n for n, m in model.named_modules()}
+    seen: list[tuple[str, set[tuple[str, tuple[int, ...]]]]] = []
+
+    def hook(module, _inputs, _output):
+        w = tuple(module.weight.shape)
+        if isinstance(module, nn.Linear):
+            seen.append((names[module], {("FULLY_CONNECTED", w)}))
+            return
+        forms = {("CONV_2D", (w[0], w[2], w[3], w[1]))}
+        if module.groups > 1 and module.groups == module.in_channels == w[0]:
+            forms.add(("DEPTHWISE_CONV_2D", (1, w[2], w[3], w[0])))
+        seen.append((names[module], forms))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def op_units(calibrated: bytes, model: nn.Module, example: torch.Tensor, blocks: list[str] | None) -> dict[str, list[str]]:
+    """{unit name: the output-tensor names of its ops in the calibrated flatbuffer}. Units are the
+    torch model's conv and linear layers, or with `blocks` the blocks that hold them. Raises
+    ToolchainError when the file's weighted ops do not match the model's layers one to one."""
+    schema, fb = load_flatbuffer(calibrated)
+    graph = fb.subgraphs[0]
+    layers = _torch_layers(model, example)
+    ops = [(op_name(schema, fb, op), op) for op in graph.operators]
+    weighted = [(kind, op) for kind, op in ops if kind in _WEIGHTED]
+    if len(weighted) != len(layers):
+        raise ToolchainError(f"the .tflite has {len(weighted)} weighted ops and the model {len(layers)} conv/linear "
+                             "layers: cannot tell which ops are which layer")
+    owner: dict[int, str] = {}
+    for (kind, op), (name, forms) in zip(weighted, layers):
+        got = (kind, tuple(int(s) for s in graph.tensors[op.inputs[1]].shape))
+        if got not in forms:
+            raise ToolchainError(f"the .tflite's {kind} {got[1]} does not match layer {name} "
+                                 f"({' or '.join(f'{k} {v}' for k, v in sorted(forms))}): "
+                                 "cannot tell which ops are which layer")
+        owner[id(op)] = name
+    # Every other op joins the unit before it, plumbing the unit after it; what is left at
+    # either end joins the nearest unit.
+    assigned: list[str | None] = [owner.get(id(op)) for _, op in ops]
+    before = None
+    for i, (kind, _) in enumerate(ops):
+        if assigned[i] is None and kind not in _PLUMBING:
+            assigned[i] = before
+        before = assigned[i] or before
+    after = None
+    for i in reversed(range(len(ops))):
+        assigned[i] = assigned[i] or after
+        after = assigned[i]
+    for i in range(1, len(ops)):
+        assigned[i] = assigned[i] or assigned[i - 1]
+
+    def unit_of(layer: str) -> str:
+        if blocks is None:
+            return layer
+        return next((b for b in blocks if layer == b or layer.startswith(b + ".")), layer)
+
+    units: dict[str, list[str]] = {}
+    for i, (kind, op) in enumerate(ops):
+        if blocks is None and kind not in _WEIGHTED:
+            continue  # a layer alone: its output is rounded where the next int8 op reads it
+        name = graph.tensors[op.outputs[0]].name
+        units.setdefault(unit_of(assigned[i]), []).append(name.decode() if isinstance(name, bytes) else str(name))
+    return units
+
+
+def quantize_keeping_float(calibrated: bytes, float_ops: list[str]) -> bytes:
+    """The converter's full-integer file (int8 input and output) with `float_ops` (output-tensor
+    names) left in float."""
+    import tensorflow as tf
+    from tensorflow.lite.python import convert
+
+    return convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
+                                 output_data_type=tf.int8, denylisted_nodes=list(float_ops) or None)
+
+
+def litert_embeddings(buf: bytes, inputs: np.ndarray) -> np.ndarray:
+    """The file's outputs for normalised NHWC float `inputs`, one image per call, run by LiteRT
+    with its XNNPACK delegate on one thread (as parity runs it)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from toolchain.runtime.preprocess import dequantize, quantize
+
+    interpreter = Interpreter(model_content=buf, num_threads=1)
+    interpreter.allocate_tensors()
+    feed, fetch = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    (si, zi), (so, zo) = feed["quantization"], fetch["quantization"]
+    out = []
+    for k in range(len(inputs)):
+        interpreter.set_tensor(feed["index"], quantize(inputs[k:k + 1], si, zi))
+        interpreter.invoke()
+        out.append(dequantize(interpreter.get_tensor(fetch["index"]), so, zo).reshape(-1))
+    return np.stack(out).astype(np.float64)
+
+
+def _cosines(buf: bytes, views: tuple[np.ndarray, np.ndarray], reference: np.ndarray) -> dict:
+    e = litert_embeddings(buf, views[0]) + litert_embeddings(buf, views[1])
+    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    c = (e * reference).sum(1)
+    return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
+
+
+def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tuple[np.ndarray, np.ndarray],
+                       reference: np.ndarray, *, min_cosine_mean: float | None, min_cosine_min: float | None,
+                       max_units: int, max_bytes: int | None = None, progress: bool = False) -> dict:
+    """Forward selection (module docstring). views: the measuring images and their mirrors,
+    normalised NHWC float32; reference: the float model's embeddings of image plus mirror,
+    L2-normalised. Returns {"float_units", "met", "tried", "trail"}; each trail row has the
+    file's bytes."""
+
+    def met(c: dict) -> bool:
+        return (min_cosine_mean is None or c["cosine_mean"] >= min_cosine_mean) and \
+               (min_cosine_min is None or c["cosine_min"] >= min_cosine_min)
+
+    base_file = quantize_keeping_float(calibrated, [])
+    trail = [{"layers": 0, **_cosines(base_file, views, reference), "bytes": len(base_file)}]
+    if met(trail[0]):
+        return {"float_units": [], "met": True, "tried": [], "trail": trail}
+
+    def measure(names: list[str]) -> dict | None:
+        candidate = quantize_keeping_float(calibrated, [op for n in names for op in units[n]])
+        if max_bytes is not None and len(candidate) > max_bytes:
+            return None
+        return {**_cosines(candidate, views, reference), "bytes": len(candidate)}
+
+    return forward_selection(list(units), measure, met, max_units, trail,
+                             "int8 fallback (.tflite): units kept in float", progress)
+
+
+@dataclasses.dataclass
+class FloatPlan:
+    """What the int8 `.tflite` keeps in float: the units `given` (export.int8.float_layers), or,
+    with `fallback`, the forward selection's choice towards `targets`
+    ({"min_cosine_mean", "min_cosine_min"}) within `max_bytes`. `model` and `example`: the torch
+    form the file was converted from, to name its ops. `views` and `reference`: see
+    choose_float_units. `float_ops` fills `report`."""
+    model: nn.Module
+    example: torch.Tensor
+    unit: str = "layer"
+    given: tuple[str, ...] = ()
+    fallback: bool = False
+    views: tuple[np.ndarray, np.ndarray] | None = None
+    reference: np.ndarray | None = None
+    targets: dict = dataclasses.field(default_factory=dict)
+    max_units: int = 8
+    max_bytes: int | None = None
+    progress: bool = False
+    report: dict = dataclasses.field(default_factory=dict)
+
+    def float_ops(self, calibrated: bytes) -> list[str]:
+        """The output-tensor names of the ops to leave in float in `calibrated`."""
+        blocks = block_names(self.model) if self.unit == "block" else None
+        if not self.fallback:
+            if not self.given:
+                return []
+            units = op_units(calibrated, self.model, self.example, blocks)
+            unknown = [u for u in self.given if u not in units]
+            if unknown:
+                raise ToolchainError(f"export.int8.float_layers: {', '.join(unknown)} not among the .tflite's "
+                                     f"{self.unit}s ({', '.join(list(units)[:6])}, ...)")
+            self.report = {"float_units": list(self.given), "given": True, "unit": self.unit}
+            return [op for u in self.given for op in units[u]]
+        try:
+            units = op_units(calibrated, self.model, self.example, blocks)
+        except ToolchainError as exc:  # the file stays all int8; the report says why
+            self.report = {"float_units": [], "met": None, "unit": self.unit, "error": str(exc)}
+            return []
+        choice = choose_float_units(calibrated, units, self.views, self.reference,
+                                    min_cosine_mean=self.targets.get("min_cosine_mean"),
+                                    min_cosine_min=self.targets.get("min_cosine_min"), max_units=self.max_units,
+                                    max_bytes=self.max_bytes, progress=self.progress)
+        self.report = {**choice, "unit": self.unit, "targets": dict(self.targets), "max_bytes": self.max_bytes,
+                       "images": int(len(self.reference))}
+        kept = [op for u in choice["float_units"] for op in units[u]]
+        if kept:
+            self.report["latency"] = latency_cost(quantize_keeping_float(calibrated, kept),
+                                                  quantize_keeping_float(calibrated, []), self.views[0][:1])
+        return kept
+
+
+def latency_cost(mixed: bytes, all_int8: bytes, image: np.ndarray, repeats: int = 30) -> dict:
+    """What the float units cost: LiteRT's `invoke()` time of each file (XNNPACK, one thread),
+    the median of `repeats`, less a one-op model's (toolchain.runtime.litert_runner)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from toolchain.runtime.base import median_ms
+    from toolchain.runtime.litert_runner import invoke_overhead_ms
+    from toolchain.runtime.preprocess import quantize
+
+    def ms(buf: bytes) -> float:
+        interpreter = Interpreter(model_content=buf, num_threads=1)
+        interpreter.allocate_tensors()
+        feed = interpreter.get_input_details()[0]
+        interpreter.set_tensor(feed["index"], quantize(image, *feed["quantization"]))
+        return max(0.0, median_ms(interpreter.invoke, repeats) - invoke_overhead_ms())
+
+    out = {"with_float_layers": ms(mixed), "all_int8": ms(all_int8)}
+    return {**out, "ratio": out["with_float_layers"] / max(out["all_int8"], 1e-9),
+            "source": "LiteRT invoke() less a one-op model's invoke()"}
