@@ -166,5 +166,32 @@ def test_a_depthwise_conv_may_be_a_depthwise_or_a_grouped_conv_in_the_file():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 6, 1), nn.Flatten(1), nn.Linear(6 * 4 * 4, 3))
     (dw, dw_forms), (pw, pw_forms), (fc, fc_forms) = _torch_layers(model, torch.zeros(1, 4, 6, 6))
     assert (dw, pw, fc) == ("0", "1", "3")
-    assert dw_forms == {("DEPTHWISE_CONV_2D", (1, 3, 3, 4)), ("CONV_2D", (4, 3, 3, 1))}
-    assert pw_forms == {("CONV_2D", (6, 1, 1, 4))} and fc_forms == {("FULLY_CONNECTED", (3, 96))}
+    assert set(dw_forms) == {("DEPTHWISE_CONV_2D", (1, 3, 3, 4)), ("CONV_2D", (4, 3, 3, 1))}
+    assert set(pw_forms) == {("CONV_2D", (6, 1, 1, 4))} and set(fc_forms) == {("FULLY_CONNECTED", (3, 96))}
+    # Each form holds the weights in the file's layout: channel c of the depthwise conv alike in both.
+    w = model[0].weight.detach().numpy()
+    assert np.array_equal(dw_forms[("DEPTHWISE_CONV_2D", (1, 3, 3, 4))][0, :, :, 2], w[2, 0])
+    assert np.array_equal(dw_forms[("CONV_2D", (4, 3, 3, 1))][2, :, :, 0], w[2, 0])
+
+
+def test_weighted_ops_match_layers_by_weight_direction_when_branches_are_reordered():
+    from types import SimpleNamespace
+
+    from toolchain.export.tflite_fallback import _match_layers
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 3, 3, 2)), rng.normal(size=(4, 3, 3, 2))  # two parallel convs, OHWI
+    layers = [("branch_a", {("CONV_2D", a.shape): a}), ("branch_b", {("CONV_2D", b.shape): b}),
+              ("gate_1", {("DEPTHWISE_CONV_2D", (1, 1, 1, 4)): np.ones((1, 1, 1, 4))}),
+              ("gate_2", {("DEPTHWISE_CONV_2D", (1, 1, 1, 4)): np.ones((1, 1, 1, 4))})]
+    # The file runs branch b first, each with BatchNorm folded in (a scale per output channel).
+    folded = [b * rng.uniform(0.5, 2, (4, 1, 1, 1)), a * rng.uniform(-2, -0.5, (4, 1, 1, 1)),
+              np.full((1, 1, 1, 4), 0.3), np.full((1, 1, 1, 4), 0.7)]
+    kinds = ["CONV_2D", "CONV_2D", "DEPTHWISE_CONV_2D", "DEPTHWISE_CONV_2D"]
+    tensors = [SimpleNamespace(shape=w.shape, buffer=i) for i, w in enumerate(folded)]
+    buffers = [SimpleNamespace(data=np.frombuffer(w.astype("<f4").tobytes(), np.uint8)) for w in folded]
+    ops = [SimpleNamespace(inputs=[0, i]) for i in range(4)]
+    owner = _match_layers(SimpleNamespace(buffers=buffers), SimpleNamespace(tensors=tensors),
+                          list(zip(kinds, ops)), layers)
+    # Weight directions tell the branches apart; 1x1 depthwise weights cannot, so order does.
+    assert [owner[id(op)] for op in ops] == ["branch_b", "branch_a", "gate_1", "gate_2"]

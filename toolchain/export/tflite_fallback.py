@@ -5,8 +5,10 @@ The converter quantises the calibrated float model (toolchain.export.tflite_cali
 leaves every op named in `denylisted_nodes` in float, with a DEQUANTIZE before and a QUANTIZE
 after it; the file keeps int8 input and output. The flatbuffer names ops by their output tensors
 (onnx2tf's Keras names), which say nothing of the torch modules. So ops are matched to modules by
-order: the k-th weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED) is the k-th Conv2d or
-Linear the torch model runs, checked by kind and weight shape. An op without weights belongs to
+their weights: each weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED), in the file's
+order, is the unmatched Conv2d or Linear of the same kind and shape whose weights point the same
+way channel by channel (the converter folds BatchNorm into them), the earliest the torch model
+runs on a tie. An op without weights belongs to
 the unit of the weighted op before it; a plumbing op (PAD, RESHAPE, ...) to the one after it,
 whose input it prepares. Units follow `export.int8.fallback_unit`: a conv or linear `layer` alone,
 or a `block` (toolchain.quantize.sensitivity.block_names) with every op in it.
@@ -38,21 +40,22 @@ _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _PLUMBING = ("PAD", "PADV2", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE")
 
 
-def _torch_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str, set[tuple[str, tuple[int, ...]]]]]:
-    """(module name, the TFLite ops it may become: {(op, weight shape in TFLite's layout)}) of
-    every Conv2d and Linear, in the order one forward pass runs them. A depthwise conv becomes a
-    DEPTHWISE_CONV_2D, or a grouped CONV_2D (onnx2tf writes some that way)."""
+def _torch_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str, dict]]:
+    """(module name, {(the TFLite op it may become, weight shape): its weights in that layout})
+    of every Conv2d and Linear, in the order one forward pass runs them. A depthwise conv becomes
+    a DEPTHWISE_CONV_2D, or a grouped CONV_2D (onnx2tf writes some that way)."""
     names = {m: n for n, m in model.named_modules()}
-    seen: list[tuple[str, set[tuple[str, tuple[int, ...]]]]] = []
+    seen: list[tuple[str, dict]] = []
 
     def hook(module, _inputs, _output):
-        w = tuple(module.weight.shape)
+        w = module.weight.detach().float().numpy()
         if isinstance(module, nn.Linear):
-            seen.append((names[module], {("FULLY_CONNECTED", w)}))
+            seen.append((names[module], {("FULLY_CONNECTED", w.shape): w}))
             return
-        forms = {("CONV_2D", (w[0], w[2], w[3], w[1]))}
-        if module.groups > 1 and module.groups == module.in_channels == w[0]:
-            forms.add(("DEPTHWISE_CONV_2D", (1, w[2], w[3], w[0])))
+        ohwi = w.transpose(0, 2, 3, 1)
+        forms = {("CONV_2D", ohwi.shape): ohwi}
+        if module.groups > 1 and module.groups == module.in_channels == w.shape[0]:
+            forms[("DEPTHWISE_CONV_2D", (1, *ohwi.shape[1:3], w.shape[0]))] = ohwi.transpose(3, 1, 2, 0)
         seen.append((names[module], forms))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -63,6 +66,41 @@ def _torch_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str, se
         for h in handles:
             h.remove()
     return seen
+
+
+def _channel_similarity(a: np.ndarray, b: np.ndarray, axis: int) -> float:
+    """Mean over output channels of |cosine| between two weight tensors: BatchNorm folding scales
+    each channel, so only each channel's direction is compared."""
+    a, b = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1), np.moveaxis(b, axis, 0).reshape(b.shape[axis], -1)
+    dot = np.abs((a * b).sum(1))
+    return float(np.mean(dot / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
+
+
+def _match_layers(fb, graph, weighted: list, layers: list[tuple[str, dict]]) -> dict[int, str]:
+    """{id(op): layer name}. The file may order parallel branches differently from torch, so each
+    weighted op, in the file's order, takes the unmatched layer of the same op and shape whose
+    weights point the same way channel by channel (the earliest on a tie: 1x1 depthwise weights
+    have one value per channel, so only their order tells them apart)."""
+    owner: dict[int, str] = {}
+    free = list(range(len(layers)))
+    for kind, op in weighted:
+        tensor = graph.tensors[op.inputs[1]]
+        key = (kind, tuple(int(s) for s in tensor.shape))
+        candidates = [i for i in free if key in layers[i][1]]
+        if not candidates:
+            raise ToolchainError(f"the .tflite's {kind} {key[1]} matches no conv or linear layer of the model left: "
+                                 "cannot tell which ops are which layer")
+        data = fb.buffers[tensor.buffer].data
+        if data is not None and len(data) == 4 * int(np.prod(key[1])) and len(candidates) > 1:
+            w = np.frombuffer(bytes(data), "<f4").reshape(key[1])
+            axis = 3 if kind == "DEPTHWISE_CONV_2D" else 0
+            scores = [round(_channel_similarity(w, layers[i][1][key], axis), 6) for i in candidates]
+            best = candidates[int(np.argmax(scores))]  # argmax: the first of equal scores
+        else:
+            best = candidates[0]
+        free.remove(best)
+        owner[id(op)] = layers[best][0]
+    return owner
 
 
 def op_units(calibrated: bytes, model: nn.Module, example: torch.Tensor, blocks: list[str] | None) -> dict[str, list[str]]:
@@ -77,14 +115,7 @@ def op_units(calibrated: bytes, model: nn.Module, example: torch.Tensor, blocks:
     if len(weighted) != len(layers):
         raise ToolchainError(f"the .tflite has {len(weighted)} weighted ops and the model {len(layers)} conv/linear "
                              "layers: cannot tell which ops are which layer")
-    owner: dict[int, str] = {}
-    for (kind, op), (name, forms) in zip(weighted, layers):
-        got = (kind, tuple(int(s) for s in graph.tensors[op.inputs[1]].shape))
-        if got not in forms:
-            raise ToolchainError(f"the .tflite's {kind} {got[1]} does not match layer {name} "
-                                 f"({' or '.join(f'{k} {v}' for k, v in sorted(forms))}): "
-                                 "cannot tell which ops are which layer")
-        owner[id(op)] = name
+    owner = _match_layers(fb, graph, weighted, layers)
     # Every other op joins the unit before it, plumbing the unit after it; what is left at
     # either end joins the nearest unit.
     assigned: list[str | None] = [owner.get(id(op)) for _, op in ops]
