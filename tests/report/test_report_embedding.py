@@ -59,7 +59,8 @@ def test_report_shows_qat_sensitivity_and_fallback(tmp_path):
                 "sensitivity": {"all_int8": {"cosine_mean": 0.997, "cosine_min": 0.975}, "layers": layers,
                                 "images": 64},
                 "fallback": {"float_layers": ["head.3"], "met": True, "targets": {"min_cosine_mean": 0.999,
-                                                                                  "min_cosine_min": None},
+                                                                                  "min_cosine_min": None,
+                                                                                  "max_int8_bytes": 2000000},
                              "trail": [{"layers": 0, "cosine_mean": 0.997, "cosine_min": 0.975},
                                        {"layers": 1, "cosine_mean": 0.9995, "cosine_min": 0.995}],
                              "latency": {"with_float_layers": 1.2, "all_int8": 1.0, "ratio": 1.2,
@@ -71,6 +72,7 @@ def test_report_shows_qat_sensitivity_and_fallback(tmp_path):
     assert "equalization: 33 conv pairs and 3 residual streams, 7552 channels rescaled (median scale 1.73, largest 7.23)" in md
     assert "| `head.3` | linear | n/a | 0.9995 | 0.995 | +0.00250 |" in md
     assert "1 layer(s) kept in float: `head.3`." in md and "1.20 x" in md
+    assert "Fallback (target cosine mean >= 0.999): 1 layer(s)" in md  # a size budget is no cosine target
     assert "![int8 sensitivity per layer](report_files/int8_sensitivity.png)" in md
     assert any(p.name == "int8_sensitivity.png" and p.stat().st_size > 1000 for p in written)
 

@@ -61,5 +61,5 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
                                      min_cosine_min=targets.get("min_cosine_min"), progress=progress)
         int8 = dataclasses.replace(int8, float_layers=tuple(choice["float_layers"]))
         report["sensitivity"] = {k: v for k, v in sens.items() if k != "graph"}
-        report["fallback"] = {**choice, "targets": targets}
+        report["fallback"] = {**choice, "targets": {k: targets.get(k) for k in ("min_cosine_mean", "min_cosine_min")}}
     return int8_model, int8, report

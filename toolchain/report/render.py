@@ -242,7 +242,7 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
     if fb:
         kept = fb.get("float_layers") or []
         targets = ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fb.get("targets") or {}).items()
-                            if v is not None)
+                            if v is not None and k.startswith("min_cosine_"))
         if kept:
             what = f"{len(kept)} layer(s) kept in float: " + ", ".join(f"`{k}`" for k in kept)
         elif fb.get("met"):
