@@ -19,7 +19,9 @@
 - `qat_steps` (0: off), `qat_lr`, `qat_batch`: quantization-aware fine-tuning under PT2E fake
   quantisation before either runtime quantises (toolchain.quantize.qat); embedding models only.
 - `float_layers`: modules kept in float inside the int8 file (the accuracy-aware fallback of
-  toolchain.quantize.sensitivity chooses them; `fallback: true` in a recipe). `fallback_unit`:
+  toolchain.quantize.sensitivity chooses them for the `.pte`, and that of
+  toolchain.export.tflite_fallback its own for onnx2tf's `.tflite`; `fallback: true` in a
+  recipe). Given with the fallback off, they stay float in both files. `fallback_unit`:
   what the fallback ranks and keeps, one conv or linear `layer` at a time (default) or one
   `block` (a child of the model's top-level containers: `features.3`, with every op inside).
 
