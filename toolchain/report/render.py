@@ -193,6 +193,12 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
     return out
 
 
+def _cosine_targets(fallback: Mapping) -> str:
+    """A fallback's cosine targets in words ("cosine mean >= 0.999, ..."); other keys are not targets."""
+    return ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fallback.get("targets") or {}).items()
+                     if v is not None and k.startswith("min_cosine_"))
+
+
 def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) -> list[str]:
     """What `export.int8` did before the runtimes quantised: QAT, the per-layer sensitivity, the fallback."""
     rec = core.get("int8_recovery") or {}
@@ -241,8 +247,7 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
     fb = rec.get("fallback")
     if fb:
         kept = fb.get("float_layers") or []
-        targets = ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fb.get("targets") or {}).items()
-                            if v is not None and k.startswith("min_cosine_"))
+        targets = _cosine_targets(fb)
         if kept:
             what = f"{len(kept)} layer(s) kept in float: " + ", ".join(f"`{k}`" for k in kept)
         elif fb.get("met"):
@@ -283,8 +288,7 @@ def _tflite_fallback_lines(fb: Optional[Mapping]) -> list[str]:
         return [f"The `.tflite` keeps the {unit}s named by `export.int8.float_layers` in float: {names}.", ""]
     if fb.get("error"):
         return [f"The `.tflite`'s fallback did not run: {fb['error']}. The file is all int8.", ""]
-    targets = ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fb.get("targets") or {}).items()
-                        if v is not None)
+    targets = _cosine_targets(fb)
     budget = f", within {fb['max_bytes']:,} bytes" if fb.get("max_bytes") else ""
     if kept:
         what = f"{len(kept)} {unit}(s) kept in float: {names}"
