@@ -43,3 +43,9 @@ def test_pins_cover_the_stack():
 def test_environment_facts_name_the_cpu():
     env = environment_facts()
     assert env["cpu"]["model"] and isinstance(env["cuda"], list) and env["python"].count(".") == 2
+
+
+def test_a_denied_amx_is_named_with_the_cpu():
+    assert describe_cpu(cpu_facts(X86) | {"amx": "denied"}).endswith("; AMX denied to this process")
+    assert "has no AMX" in describe_cpu(cpu_facts(X86_AVX2) | {"amx": "denied"})
+    assert "AMX denied" not in describe_cpu(cpu_facts(X86))

@@ -51,7 +51,11 @@ def describe_cpu(facts: dict | None = None) -> str:
     """One line for tables and reports: model, architecture and int8 features."""
     facts = facts or cpu_facts()
     feats = ", ".join(facts["int8_features"]) or "no int8 dot-product instructions"
-    return f"{facts['model']} ({facts['arch']}, {facts['cores']} cores; {feats})"
+    line = f"{facts['model']} ({facts['arch']}, {facts['cores']} cores; {feats})"
+    if facts.get("amx") == "denied":  # toolchain.runtime.amx: XNNPACK ran its non-AMX kernels
+        line += "; AMX denied to this process" if "AMX-INT8" in facts["int8_features"] else \
+            "; --no-amx (this CPU has no AMX: nothing changed)"
+    return line
 
 
 def cuda_devices() -> list[str]:

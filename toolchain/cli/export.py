@@ -212,9 +212,12 @@ def _parity_arm64(artifacts, eval_set, reference, bounds, sample, cpu, as_json) 
               show_default=True, help="`bench fleet`: the hypernet checkpoint (`make demo` writes this one).")
 @click.option("--check-users", type=click.IntRange(min=0), default=20, show_default=True,
               help="`bench fleet`: users whose files are compared with their full exports.")
+@click.option("--no-amx", "no_amx", is_flag=True,
+              help="Deny this process Intel AMX (Linux x86-64), so that XNNPACK runs the int8 kernels of a "
+                   "VNNI CPU without AMX; the table says so.")
 @logged("bench.log")
 def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tflite_backend, json_path, fleet_users,
-          hypernet, check_users) -> None:
+          hypernet, check_users, no_amx) -> None:
     """Export MODELS (default: verifier and the zoo backbones) int8+fp32 to both runtimes and
     measure sizes, single-thread latency ratios and int8 parity in one run.
 
@@ -226,6 +229,14 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
     from toolchain.export.api import FORMATS, _parse_list
     from toolchain.export.bench import DEFAULT_MODELS, render_table, run_bench
 
+    if no_amx:  # before any library starts and asks for AMX (toolchain.runtime.amx)
+        from toolchain.runtime.amx import deny_amx
+
+        deny_amx()
+
+    def machine() -> dict:
+        return cpu_facts() | ({"amx": "denied"} if no_amx else {})
+
     if tuple(models) == ("fleet",):
         from pathlib import Path
 
@@ -235,7 +246,7 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
 
         if not Path(hypernet).is_file():
             raise ToolchainError(f"{hypernet}: no hypernet checkpoint (run `make demo` first, or pass --hypernet)")
-        cpu = cpu_facts()
+        cpu = machine()
         rows = bench_fleet(hypernet, fleet_users, out_dir, formats=_parse_list(formats, FORMATS, "format"),
                            check_users=check_users, progress_bar=lambda what, n: progress_bar(what, n), say=click.echo)
         _console().print(render_fleet_table(rows, describe_cpu(cpu)))
@@ -249,7 +260,7 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
     rows = run_bench(models or DEFAULT_MODELS, out_dir, _parse_list(formats, FORMATS, "format"), repeats=repeats,
                      pairs=pairs, calibration_size=calibration_size, tflite_backend=tflite_backend,
                      progress=True, on_row=partial, rounds=rounds)
-    cpu = cpu_facts()
+    cpu = machine()
     table = render_table(rows, cpu)
     table.caption = f"{table.caption}\nCPU: {describe_cpu(cpu)}"
     _console().print(table)
