@@ -112,3 +112,16 @@ def test_interleaved_latency_alternates_and_sizes_rounds(monkeypatch):
     assert bench._ratio_range(lat["int8"]["rounds_ms"], lat["fp32"]["rounds_ms"]) == pytest.approx([0.5 / 3, 0.5])
     slow = bench.interleaved_latency({"big": 20.0}, repeats=10, rounds=1)
     assert slow["big"]["calls"] == 10  # 10 calls of 20 ms already exceed MIN_ROUND_S
+
+
+@pytest.mark.parametrize("amx,hint", [(None, True), ("denied", False)])
+def test_bench_caption_points_an_amx_cpu_to_no_amx(amx, hint):
+    from rich.console import Console
+
+    from toolchain.export.bench import render_table
+
+    cpu = {"model": "test CPU", "arch": "x86_64", "cores": 2, "int8_features": ["AVX512-VNNI", "AMX-INT8"],
+           "int8_dot": True} | ({"amx": amx} if amx else {})
+    console = Console(record=True, width=250)
+    console.print(render_table([], cpu))
+    assert ("--no-amx measures its VNNI ones" in console.export_text()) == hint

@@ -12,7 +12,7 @@ from toolchain.errors import ToolchainError
 from toolchain.export import export_model
 from toolchain.export.tflite_check import inspect_tflite
 from toolchain.export.tflite_fallback import (
-    FloatPlan, choose_float_units, litert_embeddings, op_units, quantize_keeping_float,
+    FloatPlan, choose_float_units, half_float_weights, litert_embeddings, op_units, quantize_keeping_float,
 )
 from toolchain.models.registry import ModelSpec
 from toolchain.runtime.preprocess import normalise
@@ -101,6 +101,37 @@ def test_a_float_unit_leaves_a_mixed_file_litert_runs(calibrated):
         ref = model(torch.from_numpy(inputs.transpose(0, 3, 1, 2).copy())).numpy()
     cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.99
+
+
+def test_float_units_keep_their_weights_in_float16_behind_a_dequantize(calibrated):
+    import tensorflow as tf
+    from tensorflow.lite.python import convert
+
+    from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name
+
+    model, buf, example, inputs = calibrated
+    units = op_units(buf, model, example, None)
+    float32 = convert.mlir_quantize(buf, fully_quantize=True, input_data_type=tf.int8, output_data_type=tf.int8,
+                                    denylisted_nodes=units["emb"])
+    mixed = quantize_keeping_float(buf, units["emb"])
+    schema, fb = load_flatbuffer(mixed)
+    graph = fb.subgraphs[0]
+    linear = next(op for op in graph.operators if op_name(schema, fb, op) == "FULLY_CONNECTED")
+    weight = int(linear.inputs[1])
+    unpack = [op for op in graph.operators if weight in op.outputs]
+    assert len(unpack) == 1 and op_name(schema, fb, unpack[0]) == "DEQUANTIZE"
+    assert graph.tensors[unpack[0].inputs[0]].type == schema.TensorType.FLOAT16
+    assert graph.tensors[weight].type == schema.TensorType.FLOAT32 and not fb.buffers[graph.tensors[weight].buffer].data
+
+    def data_bytes(f):
+        return sum(len(b.data) for b in load_flatbuffer(f)[1].buffers if b.data is not None)
+
+    assert data_bytes(float32) - data_bytes(mixed) == 2 * 16 * 8  # 2 of the 4 bytes of each of its 128 weights
+    assert not inspect_tflite(mixed, allow_float_ops=True).problems
+    a, b = litert_embeddings(mixed, inputs), litert_embeddings(float32, inputs)
+    assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
+    all_int8 = quantize_keeping_float(buf, [])
+    assert half_float_weights(all_int8) == all_int8  # nothing in float: the file is left as it is
 
 
 def _views_and_reference(model, inputs):

@@ -221,7 +221,9 @@ def render_table(rows: list[dict], cpu: dict | None = None):
                       "int8/fp32: ratio of the medians over rounds, int8 and fp32 measured in turn "
                       "(in brackets: the lowest and highest ratio of one round).\n"
                       f"target: int8/fp32 <= {target:g} on this CPU"
-                      + (" (int8 dot products)" if cpu.get("int8_dot") else " (< 1 required)"))
+                      + (" (int8 dot products)" if cpu.get("int8_dot") else " (< 1 required)")
+                      + ("\nAMX: XNNPACK's AMX int8 kernels ran (LiteRT); --no-amx measures its VNNI ones"
+                         if "AMX-INT8" in cpu.get("int8_features", []) and cpu.get("amx") != "denied" else ""))
     for col in ("model", "runtime", "int8 KB", "fp32 KB", "int8 ms", "fp32 ms", "int8/fp32", "target", "call us",
                 "eager ms", "acc drop", "agree %", "cos mean", "cos min", "outside / unsupported"):
         t.add_column(col, justify="left" if col in ("model", "runtime", "outside / unsupported") else "right")
