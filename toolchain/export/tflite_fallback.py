@@ -5,9 +5,9 @@ The converter quantises the calibrated float model (toolchain.export.tflite_cali
 leaves every op named in `denylisted_nodes` in float, with a DEQUANTIZE before and a QUANTIZE
 after it; the file keeps int8 input and output. The float ops' weights are then stored in
 float16 (`half_float_weights`), so that a float unit costs 1 byte a weight more than int8, not 3:
-within SeesawFaceNet's size budget, that is the difference between no float block and four. The flatbuffer names ops by their output tensors
-(onnx2tf's Keras names), which say nothing of the torch modules. So ops are matched to modules by
-their weights: each weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED), in the file's
+within SeesawFaceNet's size budget, that is the difference between no float block and the
+three its recipe keeps. The flatbuffer names ops by their output tensors (onnx2tf's Keras
+names), which say nothing of the torch modules. So ops are matched to modules by their weights: each weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED), in the file's
 order, is the unmatched Conv2d or Linear of the same kind and shape whose weights point the same
 way channel by channel (the converter folds BatchNorm into them), the earliest the torch model
 runs on a tie. An op without weights belongs to
@@ -27,6 +27,7 @@ shows what each step measured), as in the `.pte`'s fallback.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import torch
@@ -168,9 +169,7 @@ def half_float_weights(buf: bytes) -> bytes:
 
     schema, fb = load_flatbuffer(buf)
     graph = fb.subgraphs[0]
-    readers: dict[int, int] = {}
-    for t in graph.tensors:
-        readers[t.buffer] = readers.get(t.buffer, 0) + 1
+    readers = Counter(t.buffer for t in graph.tensors)
     dequantize = schema.BuiltinOperator.DEQUANTIZE
     code = schema.OperatorCodeT()
     code.builtinCode = code.deprecatedBuiltinCode = dequantize
