@@ -2,10 +2,12 @@
 
     python benchmarks/bench_pte_input_layout.py [--calls N]
 
-Exports a random-init verifier the way `toolchain export` does (exact-input stem, pinned input
-quantisation) in six forms: fp32 and int8 (row stem, as shipped), each on a contiguous NCHW input
-(as shipped) and on a channels-last one (dim order 0, 2, 3, 1); and, both with a plain stem, on a
-contiguous NHWC-shaped input that the graph permutes to NCHW. Prints ExecuTorch's
+Exports a random-init verifier with `toolchain export`'s quantisation (exact-input stem, pinned
+input quantisation) in seven forms: fp32 and int8 on a contiguous NCHW input (fp32 as shipped;
+int8 with the row stem, as shipped before, and as shipped now: plain stem, the input copied to
+channels-last before its quantise, toolchain.export.nhwc_input); each precision on a
+channels-last input (dim order 0, 2, 3, 1); and, both with a plain stem, on a contiguous
+NHWC-shaped input that the graph permutes to NCHW. Prints ExecuTorch's
 `Method::execute` and per-operator times from ETDump (median of N calls, one thread). Then it
 feeds a contiguous NCHW tensor to a program exported for channels-last input and prints the
 output error: the runtime reads it as NHWC without an error (pytorch/executorch#21837 is the same
@@ -24,6 +26,7 @@ import torch
 
 from toolchain.export.api import _exact_input_view
 from toolchain.export.executorch import xnnpack_partitioner
+from toolchain.export.nhwc_input import drop_noop_as_strided, nhwc_before_quantize
 from toolchain.export.row_stem import with_row_stem
 from toolchain.models import build_model
 from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
@@ -39,22 +42,6 @@ def _lower(module, example, transform_passes=()) -> bytes:
     program = torch.export.export(module, (example,), strict=False)
     return to_edge_transform_and_lower(program, transform_passes=list(transform_passes),
                                        partitioner=[xnnpack_partitioner()]).to_executorch().buffer
-
-
-def _strided_noop_pass():
-    """On channels-last input the pooled (N, C, 1, 1) map gets an as_strided copy onto itself,
-    which XNNPACK does not take; drop it so the program stays one partition."""
-    from torch.fx.passes.infra.pass_base import PassResult
-
-    def run(gm):
-        for node in list(gm.graph.nodes):
-            if "as_strided_copy" in str(node.target) and list(node.args[0].meta["val"].shape) == list(node.args[1]):
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-        gm.recompile()
-        return PassResult(gm, True)
-
-    return run
 
 
 class _NHWCInput(torch.nn.Module):
@@ -104,9 +91,11 @@ def main() -> None:
 
     forms = {
         "fp32, NCHW input (shipped)": (_lower(model, nchw), nchw),
-        "int8, NCHW input (shipped)": (_lower(int8(row_stem, nchw), nchw), nchw),
-        "fp32, channels-last input": (_lower(model, last, [_strided_noop_pass()]), last),
-        "int8, channels-last input, plain stem": (_lower(int8(model, last), last, [_strided_noop_pass()]), last),
+        "int8, NCHW input, row stem (shipped before)": (_lower(int8(row_stem, nchw), nchw), nchw),
+        "int8, NCHW input, NHWC copy before the quantise (shipped)":
+            (_lower(nhwc_before_quantize(int8(model, nchw)), nchw, [drop_noop_as_strided]), nchw),
+        "fp32, channels-last input": (_lower(model, last, [drop_noop_as_strided]), last),
+        "int8, channels-last input, plain stem": (_lower(int8(model, last), last, [drop_noop_as_strided]), last),
         "fp32, NHWC-shaped input, permute in graph": (_lower(_NHWCInput(model), nhwc), nhwc),
         "int8, NHWC-shaped input, permute, plain stem": (_lower(int8_nhwc(_NHWCInput(model), nhwc), nhwc), nhwc),
     }
@@ -115,7 +104,7 @@ def main() -> None:
         t = _etdump_us(buf, x, args.calls)
         ops = {k: v for k, v in t.items() if k not in _SKIP and v > 0}
         transposes = sum(v for k, v in ops.items() if k.startswith("Transpose"))
-        print(f"{name:40s} execute {t['Method::execute']:6.1f}  operators {sum(ops.values()):5.1f}  "
+        print(f"{name:58s} execute {t['Method::execute']:6.1f}  operators {sum(ops.values()):5.1f}  "
               f"transposes {transposes:5.1f}")
         print("    " + "; ".join(f"{k} {v:.0f}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])))
 

@@ -9,7 +9,9 @@ toolchain/export/row_stem.py, fp32 with the plain conv), so the difference betwe
 the cost of the layers between them. The stem rows are built directly in TensorFlow (a 4x4
 stride-4 conv on 3 channels; space-to-depth then a 1x1 conv; a free NHWC reshape to 12 channels
 then a 4x1 conv): the same arithmetic, laid out differently for XNNPACK's int8 kernels.
-Random weights: latency does not depend on them.
+Random weights: latency does not depend on them. The int8 `.pte` rows keep the row stem, as
+the `.pte` had it before toolchain/export/nhwc_input.py (benchmarks/bench_pte_input_layout.py
+measures the `.pte` as shipped now).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _pte_ms(module: nn.Module, example, calib, spec, precision: str, repeats: in
 def prefix_rows(repeats: int, tmp: str) -> list[tuple]:
     torch.manual_seed(0)
     model, spec = _exact_input_view(build_model("verifier").eval())
-    int8_model = with_row_stem(model, 112)  # as `toolchain export` makes the int8 artifacts
+    int8_model = with_row_stem(model, 112)  # as `toolchain export` makes the int8 .tflite
     calib = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), dtype=np.uint8)
     example = torch.zeros(1, 3, 112, 112)
 

@@ -57,6 +57,17 @@ def test_pte_fully_delegated(exported):
             assert d["float_ops"] == {}, d  # no float island inside the int8 graph
 
 
+def test_int8_pte_transposes_its_input_as_float_then_quantises_it(exported):
+    # toolchain.export.nhwc_input: no transpose of the quantised 3-channel input (XNNPACK's slow
+    # X8 kernel), and no row-stem reshape, between the input and the stem convolution.
+    from toolchain.export.xnnpack_graph import xnnpack_nodes
+
+    nodes = xnnpack_nodes((exported["out"] / "verifier_int8.pte").read_bytes())
+    first_conv = next(i for i, n in enumerate(nodes) if n["op"] == "Conv2d")
+    assert [(n["op"], n["precision"]) for n in nodes[:first_conv]] == \
+        [("StaticTranspose", "fp32"), ("Convert", "fp32->int8")]
+
+
 def test_int8_tflite_flatbuffer_check(exported):
     out = exported["out"]
     rep = inspect_tflite((out / "verifier_int8.tflite").read_bytes())

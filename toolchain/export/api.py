@@ -261,6 +261,10 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                 # LiteRT's XNNPACK refuses an int8 PRELU: the .tflite computes each PReLU on ops it
                 # runs in int8 (toolchain.export.int8_prelu); the .pte keeps XNNPACK's int8 PReLU.
                 tflite_int8_model = with_int8_prelu(g.model) or g.model
+                # ... and a patchify stem in the layout its int8 kernels run fastest
+                # (toolchain.export.row_stem). The .pte keeps the plain stem: its NHWC input
+                # (toolchain.export.nhwc_input) would need transposes around the row reshape.
+                tflite_int8_model = with_row_stem(tflite_int8_model, spec.input_size[2]) or tflite_int8_model
                 plan = _tflite_float_plan(model, spec, g, tflite_int8_model, example, fallback_targets, progress) \
                     if "int8" in precisions and tflite_backend == "onnx2tf" else None
                 records += _export_tflite(model, tflite_int8_model, spec, model_name, example, precisions,
@@ -337,10 +341,7 @@ def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_t
         from toolchain.quantize.equalize import equalize_ranges
 
         int8_model, recovery["equalize"] = equalize_ranges(model, calib, spec.mean, spec.std)
-    # int8 artifacts compute a patchify stem in the layout XNNPACK's int8 kernels run fastest
-    # (toolchain.export.row_stem); fp32 ones keep the plain convolution.
-    int8_model = with_row_stem(int8_model, spec.input_size[2]) or int8_model
-    # ... and every SiLU as x * sigmoid(x), which ExecuTorch's partition then runs in int8 too.
+    # int8 artifacts compute every SiLU as x * sigmoid(x), which ExecuTorch's partition then runs in int8 too.
     int8_model = with_int8_silu(int8_model) or int8_model
     if calib is not None:
         from toolchain.quantize.recovery import measuring_images, recover_int8

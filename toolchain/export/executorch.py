@@ -1,7 +1,8 @@
 """ExecuTorch `.pte` export, lowered to XNNPACK, with a delegation check after lowering.
 
 fp32: torch.export -> to_edge_transform_and_lower(XnnpackPartitioner).
-int8: PT2E static int8 (toolchain.quantize.pt2e) -> torch.export -> the same lowering.
+int8: PT2E static int8 (toolchain.quantize.pt2e) -> the input made channels-last before its
+quantise (toolchain.export.nhwc_input) -> torch.export -> the same lowering.
 The `.pte` keeps float input and output; the int8 model quantises inside the XNNPACK graph
 (its scale/zero-point are recorded in the metadata as `internal_quantization`).
 """
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from toolchain.errors import CheckFailed, ToolchainError
+from toolchain.export.nhwc_input import drop_noop_as_strided, nhwc_before_quantize
 from toolchain.quantize.pt2e import through_plumbing
 
 # Nodes that exist outside any partition by construction (the delegate call's output tuple).
@@ -161,12 +163,14 @@ def export_executorch(model: nn.Module, example: torch.Tensor, precision: str,
                                          compute_head=compute_head, int8=int8)
         q_in, q_out = _first_quant_params(converted)
         internal = {"input": q_in, "output": q_out}
-        program = torch.export.export(converted, (example,), strict=False)
+        # The NCHW input goes NHWC as float, before its quantise (toolchain.export.nhwc_input).
+        program = torch.export.export(nhwc_before_quantize(converted), (example,), strict=False)
     else:
         program = torch.export.export(model.eval(), (example,), strict=False)
     meta = metadata_fn(internal)
     try:
-        edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()],
+        edge = to_edge_transform_and_lower(program, transform_passes=[drop_noop_as_strided],
+                                           partitioner=[xnnpack_partitioner()],
                                            constant_methods=pte_constant_methods(meta))
     except Exception as exc:  # noqa: BLE001 - a lowering bug or unsupported pattern: name it
         cause = exc.__cause__ or exc
