@@ -341,7 +341,8 @@ def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_t
         from toolchain.quantize.equalize import equalize_ranges
 
         int8_model, recovery["equalize"] = equalize_ranges(model, calib, spec.mean, spec.std)
-    # int8 artifacts compute every SiLU as x * sigmoid(x), which ExecuTorch's partition then runs in int8 too.
+    # int8 artifacts compute every SiLU as x * sigmoid(x), which ExecuTorch's partition then runs
+    # in int8 too.
     int8_model = with_int8_silu(int8_model) or int8_model
     if calib is not None:
         from toolchain.quantize.recovery import measuring_images, recover_int8

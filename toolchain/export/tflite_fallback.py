@@ -7,8 +7,8 @@ after it; the file keeps int8 input and output. The float ops' weights are then 
 float16 (`half_float_weights`), so that a float unit costs 1 byte a weight more than int8, not 3:
 within SeesawFaceNet's size budget, that is the difference between no float block and the
 three its recipe keeps. The flatbuffer names ops by their output tensors (onnx2tf's Keras
-names), which say nothing of the torch modules. So ops are matched to modules by their weights: each weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED), in the file's
-order, is the unmatched Conv2d or Linear of the same kind and shape whose weights point the same
+names), which say nothing of the torch modules. So ops are matched to modules by their weights:
+each weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED), in the file's order, is the unmatched Conv2d or Linear of the same kind and shape whose weights point the same
 way channel by channel (the converter folds BatchNorm into them), the earliest the torch model
 runs on a tie. An op without weights belongs to
 the unit of the weighted op before it; a plumbing op (PAD, RESHAPE, ...) to the one after it,
@@ -170,32 +170,39 @@ def half_float_weights(buf: bytes) -> bytes:
     schema, fb = load_flatbuffer(buf)
     graph = fb.subgraphs[0]
     readers = Counter(t.buffer for t in graph.tensors)
-    dequantize = schema.BuiltinOperator.DEQUANTIZE
+
+    def lone_float32_weight(op) -> int | None:
+        """The index of `op`'s weight tensor when it is constant float32 read by `op` alone."""
+        if op_name(schema, fb, op) not in _WEIGHTED or len(op.inputs) < 2 or op.inputs[1] < 0:
+            return None
+        weight = graph.tensors[int(op.inputs[1])]
+        data = fb.buffers[weight.buffer].data
+        lone = weight.type == schema.TensorType.FLOAT32 and data is not None and len(data) and readers[weight.buffer] == 1
+        return int(op.inputs[1]) if lone else None
+
     code = schema.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = dequantize
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.DEQUANTIZE
     code.version = 3  # DEQUANTIZE of a float16 input (TFLite's op versioning)
     operators, opcode = [], None
     for op in graph.operators:
-        if op_name(schema, fb, op) in _WEIGHTED and len(op.inputs) > 1 and op.inputs[1] >= 0:
-            index = int(op.inputs[1])
+        index = lone_float32_weight(op)
+        if index is not None:
+            if opcode is None:
+                fb.operatorCodes.append(code)
+                opcode = len(fb.operatorCodes) - 1
             weight = graph.tensors[index]
-            data = fb.buffers[weight.buffer].data
-            if weight.type == schema.TensorType.FLOAT32 and data is not None and len(data) \
-                    and readers[weight.buffer] == 1:
-                if opcode is None:
-                    fb.operatorCodes.append(code)
-                    opcode = len(fb.operatorCodes) - 1
-                half = schema.BufferT()
-                half.data = np.frombuffer(np.frombuffer(bytes(data), "<f4").astype("<f2").tobytes(), np.uint8)
-                fb.buffers[weight.buffer].data = None  # the float32 tensor is now the DEQUANTIZE's output
-                fb.buffers.append(half)
-                stored = schema.TensorT()
-                stored.shape, stored.type, stored.buffer = weight.shape, schema.TensorType.FLOAT16, len(fb.buffers) - 1
-                stored.name = (weight.name or b"") + b"_float16"
-                graph.tensors.append(stored)
-                unpack = schema.OperatorT()
-                unpack.opcodeIndex, unpack.inputs, unpack.outputs = opcode, [len(graph.tensors) - 1], [index]
-                operators.append(unpack)
+            half = schema.BufferT()
+            half.data = np.frombuffer(np.frombuffer(bytes(fb.buffers[weight.buffer].data), "<f4").astype("<f2")
+                                      .tobytes(), np.uint8)
+            fb.buffers[weight.buffer].data = None  # the float32 tensor is now the DEQUANTIZE's output
+            fb.buffers.append(half)
+            stored = schema.TensorT()
+            stored.shape, stored.type, stored.buffer = weight.shape, schema.TensorType.FLOAT16, len(fb.buffers) - 1
+            stored.name = (weight.name or b"") + b"_float16"
+            graph.tensors.append(stored)
+            unpack = schema.OperatorT()
+            unpack.opcodeIndex, unpack.inputs, unpack.outputs = opcode, [len(graph.tensors) - 1], [index]
+            operators.append(unpack)
         operators.append(op)
     if opcode is None:
         return buf
