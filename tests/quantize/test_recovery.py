@@ -278,6 +278,23 @@ def test_block_fallback_ranks_whole_blocks_and_restores_the_graph():
     got = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=3, batch=8,
                               min_cosine_mean=base + 0.5 * best["gain_mean"], min_cosine_min=None)
     assert got["met"] and got["float_layers"] == [best["layer"]]
+    assert got["trail"][1] == {"layers": 1, "added": best["layer"], "cosine_mean": best["cosine_mean"],
+                               "cosine_min": best["cosine_min"], "cosine_mean_low": best["cosine_mean_low"]}
+    # The first step reuses the table's single-block measurements: only pairs are measured again.
+    import toolchain.quantize.sensitivity as sensitivity
+
+    measured, float_units = [], sensitivity._float_units
+
+    def counting(graph, names, unit):
+        measured.append(list(names))
+        return float_units(graph, names, unit)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sensitivity, "_float_units", counting)
+        never = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=2, batch=8,
+                                    min_cosine_mean=1.0 + 1e-9, min_cosine_min=None)
+    assert not never["met"] and measured and all(len(names) == 2 for names in measured)
+    assert len(measured) == sens["measured"] - 1
     # The file's graph: the block's two convolutions and ReLUs are left in float.
     report = {}
     quantize_xnnpack_int8(model, torch.zeros(1, 3, 112, 112), calib, spec.mean, spec.std, report=report,

@@ -385,10 +385,15 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, met, max_la
     most given the blocks already float (mean first, then minimum). Blocks interact where one
     alone does not: a float block's output is still rounded where the next int8 block reads it,
     and on SeesawFaceNet the stem alone lowered the mean while the stem with the next two blocks
-    raised it most (README). Costs one measurement per remaining block per step."""
+    raised it most (README). Costs one measurement per remaining block per step; the first step's
+    (each block alone) are the sensitivity table's, on the same graph and images, and reused."""
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
+    alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min", "cosine_mean_low") if k in r}
+             for r in sensitivity["layers"] if r["cosine_mean"] is not None}
 
     def measure(names: list[str]) -> dict:
+        if len(names) == 1 and names[0] in alone:
+            return dict(alone[names[0]])
         with _float_units(sensitivity["graph"], names, "block") as g:
             return _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
 
