@@ -5,13 +5,18 @@ form of PReLU, int8 and fp32, in ExecuTorch (XNNPACK) and LiteRT (onnx2tf).
 
 Rows (all int8 but the first):
 - fp32: the plain PReLU, one float op (what the fp32 artifacts hold);
-- PReLU left in float: a float island each, dequantise, PReLU, quantise;
-- XNNPACK's int8 PReLU: one int8 op (ExecuTorch only: what the int8 `.pte` holds; LiteRT's
-  XNNPACK delegate refuses an int8 PRELU, so its cell stays empty);
+- PReLU left in float: a float island each, dequantise, PReLU, quantise (ExecuTorch only: the
+  layers are left out of the quantizer's annotations, which LiteRT's converter does not read);
+- XNNPACK's int8 PReLU: one int8 op (ExecuTorch only: what the int8 `.pte` holds);
+- LiteRT's int8 PRELU: one int8 op that LiteRT's XNNPACK delegate refuses (LiteRT only), so each
+  runs in LiteRT's own kernel, outside the delegate, and splits the graph;
 - three ops: a*x + (1 - a)*relu(x) on two depthwise 1x1 convolutions and an add (the form the
   int8 artifacts had before);
 - two ops: x + (1 - a)*relu(-x), one depthwise 1x1 with a fused ReLU and an add
   (toolchain/export/int8_prelu.py, what the int8 `.tflite` holds);
+- multiply and add: x + relu(-|1 - a|*x) with an elementwise multiply by a per-channel constant
+  in place of the depthwise 1x1 (the slopes benchmarked here are below 1; in int8 the constant
+  gets one scale for all channels, so this form is not exact there);
 - ReLU instead of PReLU: not the same function; the speed of the network with its PReLUs free.
 
 Latency is inside the runtime, one thread, median: ExecuTorch's `Method::execute` (ETDump),
@@ -61,6 +66,18 @@ class ThreeOpPReLU(nn.Module):
         return self.linear(x) + torch.relu(self.positive(x))
 
 
+class MultiplyPReLU(nn.Module):
+    """x + relu(-|1 - a|*x) as an elementwise multiply by a (1, C, 1, 1) constant."""
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        a = prelu.weight.detach().float().flatten()
+        self.register_buffer("negative", -(1 - a).abs().view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(x * self.negative)
+
+
 def _is_prelu(m: nn.Module) -> bool:
     return isinstance(m, nn.PReLU)
 
@@ -70,16 +87,21 @@ def forms(model: nn.Module) -> dict[str, tuple[nn.Module, str, Int8Options | Non
     prelus = tuple(name for name, m in model.named_modules() if _is_prelu(m))
     return {
         "fp32 (plain PReLU)": (model, "fp32", Int8Options()),
-        "int8, PReLU left in float": (model, "int8", Int8Options(float_layers=prelus)),
+        "int8, PReLU left in float (.pte)": (model, "int8", Int8Options(float_layers=prelus)),
         "int8, XNNPACK's int8 PReLU (.pte)": (model, "int8", Int8Options()),
+        "int8, LiteRT's int8 PRELU, not delegated": (model, "int8", Int8Options()),
         "int8, three ops (earlier form)": (replace_modules(model, _is_prelu, ThreeOpPReLU), "int8", Int8Options()),
         "int8, two ops (int8_prelu.py, .tflite)": (with_int8_prelu(model), "int8", Int8Options()),
+        "int8, multiply and add (not exact in int8)": (replace_modules(model, _is_prelu, MultiplyPReLU), "int8",
+                                                       Int8Options()),
         "int8, ReLU instead (not exact)": (replace_modules(model, _is_prelu, lambda p: nn.ReLU()), "int8",
                                            Int8Options()),
     }
 
 
-NOT_LITERT = {"int8, XNNPACK's int8 PReLU (.pte)"}  # LiteRT's XNNPACK refuses int8 PRELU
+# The same plain module gives each runtime's own one-op PReLU; the float layers are a .pte option.
+ONLY = {"int8, PReLU left in float (.pte)": "executorch", "int8, XNNPACK's int8 PReLU (.pte)": "executorch",
+        "int8, LiteRT's int8 PRELU, not delegated": "litert"}
 
 
 def _latency(module, precision, int8, runtime, calib, example, repeats, tmp: Path) -> float:
@@ -116,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-prelu-") as tmp:
         for name, (module, precision, int8) in forms(model).items():
             for runtime in runtimes:
-                if runtime == "litert" and name in NOT_LITERT:
+                if ONLY.get(name, runtime) != runtime:
                     continue
                 times[name, runtime] = _latency(module, precision, int8, runtime, calib, example, args.repeats,
                                                 Path(tmp))
