@@ -35,7 +35,7 @@ from torch import nn
 
 from toolchain.errors import ToolchainError
 from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name
-from toolchain.quantize.selection import cosine_summary, forward_selection, targets_met
+from toolchain.quantize.selection import forward_selection
 from toolchain.quantize.sensitivity import block_names
 
 _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -232,7 +232,8 @@ def litert_embeddings(buf: bytes, inputs: np.ndarray) -> np.ndarray:
 def _cosines(buf: bytes, views: tuple[np.ndarray, np.ndarray], reference: np.ndarray) -> dict:
     e = litert_embeddings(buf, views[0]) + litert_embeddings(buf, views[1])
     e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    return cosine_summary((e * reference).sum(1))
+    c = (e * reference).sum(1)
+    return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
 
 
 def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tuple[np.ndarray, np.ndarray],
@@ -244,7 +245,8 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     file's bytes."""
 
     def met(c: dict) -> bool:
-        return targets_met(c, min_cosine_mean, min_cosine_min)
+        return (min_cosine_mean is None or c["cosine_mean"] >= min_cosine_mean) and \
+               (min_cosine_min is None or c["cosine_min"] >= min_cosine_min)
 
     base_file = quantize_keeping_float(calibrated, [])
     trail = [{"layers": 0, **_cosines(base_file, views, reference), "bytes": len(base_file)}]

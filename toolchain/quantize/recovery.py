@@ -16,29 +16,14 @@ from torch import nn
 
 from toolchain.errors import ToolchainError
 
-# Identity images the sensitivity and the fallback measure on (one pass per unit measured). 64, not
-# 32: the fallback holds the mean cosine's lower confidence bound to its target
-# (toolchain.quantize.selection), and more images narrow it.
-SENSITIVITY_IMAGES = 64
-
-
-def _measuring_indices(n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed + 1)
-    return np.sort(rng.choice(n, min(SENSITIVITY_IMAGES, n), replace=False))
+SENSITIVITY_IMAGES = 32  # identity images the sensitivity and the fallback measure on (one pass per layer)
 
 
 def measuring_images(images: np.ndarray, seed: int) -> np.ndarray:
     """The images the fallback measures on, the `.pte`'s and the `.tflite`'s alike: a seeded draw
-    of SENSITIVITY_IMAGES of `images` (the identity images), in their order."""
-    return images[_measuring_indices(len(images), seed)]
-
-
-def qat_images(images: np.ndarray, seed: int) -> np.ndarray:
-    """QAT's training images: all but the ones the fallback measures on (while there are enough
-    others), so that neither fallback judges QAT on images QAT fitted."""
-    if len(images) < 2 * SENSITIVITY_IMAGES:
-        return images
-    return np.delete(images, _measuring_indices(len(images), seed), axis=0)
+    of SENSITIVITY_IMAGES of `images` (QAT's images), in their order."""
+    rng = np.random.default_rng(seed + 1)
+    return images[np.sort(rng.choice(len(images), min(SENSITIVITY_IMAGES, len(images)), replace=False))]
 
 
 def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.ndarray,
@@ -58,9 +43,9 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
     if int8.qat_steps:
         from toolchain.quantize.qat import qat_finetune
 
-        int8_model, report["qat"] = qat_finetune(int8_model, qat_images(images, seed), mean, std,
-                                                 steps=int8.qat_steps, lr=int8.qat_lr, batch=int8.qat_batch,
-                                                 seed=seed, calibration=calibration, int8=int8, progress=progress)
+        int8_model, report["qat"] = qat_finetune(int8_model, images, mean, std, steps=int8.qat_steps,
+                                                 lr=int8.qat_lr, batch=int8.qat_batch, seed=seed,
+                                                 calibration=calibration, int8=int8, progress=progress)
     if int8.fallback:
         from toolchain.quantize.sensitivity import choose_float_layers, layer_sensitivity
 

@@ -5,40 +5,11 @@
 Each step keeps in float the unit that raises the embedding cosine to float most, given the
 units already float (mean first, then minimum), until the targets hold. Units interact where one
 alone does not: a float unit's output is still rounded where the next int8 op reads it.
-
-The mean target is met on a lower confidence bound, not on the measured mean: the selection sees a
-few dozen images, and parity judges the file on thousands of others. On MobileFaceNet's recipe,
-export seeds 1 and 2, the `.tflite`'s choice measured 0.99909 and 0.99902 on its 32 images (then)
-and 0.99895 and 0.99898 on the images of the 1,200 pairs, so the recipe failed its 0.999 bound
-(README: the other recipes).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
-
-import numpy as np
-
-# One-sided 95% normal quantile: the mean target must hold with this confidence for images like
-# the measured ones, not just for them.
-CONFIDENCE_Z = 1.645
-
-
-def cosine_summary(cosines: np.ndarray) -> dict:
-    """Per-image embedding cosines to float -> their mean, minimum, and the mean's lower
-    confidence bound (mean less CONFIDENCE_Z standard errors) that the mean target is held to."""
-    c = np.asarray(cosines, dtype=np.float64)
-    se = float(c.std(ddof=1)) / math.sqrt(len(c)) if len(c) > 1 else 0.0
-    return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()),
-            "cosine_mean_low": float(c.mean()) - CONFIDENCE_Z * se}
-
-
-def targets_met(c: dict, min_cosine_mean: float | None, min_cosine_min: float | None) -> bool:
-    """The mean target on the mean's lower bound (module docstring), the minimum on the minimum;
-    None: not a target."""
-    return (min_cosine_mean is None or c.get("cosine_mean_low", c["cosine_mean"]) >= min_cosine_mean) and \
-           (min_cosine_min is None or c["cosine_min"] >= min_cosine_min)
 
 
 def forward_selection(units: list[str], measure: Callable[[list[str]], dict | None], met: Callable[[dict], bool],

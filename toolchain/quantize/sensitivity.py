@@ -13,9 +13,8 @@ The metric is the one the parity bounds cap: each image's embedding cosine to th
 that layer alone stays float. Measuring it costs one pass over the images per layer, so a
 one-pass proxy (the noise int8 adds at each layer: its weights, and the output it writes)
 picks the `measure` layers that get measured; the others are listed with the proxy only. The fallback keeps the top-ranked layers in float, one more at a
-time, until the mean (its lower confidence bound: toolchain.quantize.selection) and minimum reach
-their targets or `max_layers` are float; the exported file is then measured in its runtime like
-any other.
+time, until the mean and minimum reach their targets or `max_layers` are float; the exported
+file is then measured in its runtime like any other.
 
 With `fallback_unit: block` the unit is a whole block (`features.3`: every op inside, SiLUs and
 adds too). One float conv gains little where the error is in the activations: its output is
@@ -34,7 +33,7 @@ from torch.fx.node import map_arg
 from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
-from toolchain.quantize.selection import cosine_summary, forward_selection, targets_met
+from toolchain.quantize.selection import forward_selection
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -275,7 +274,8 @@ class _LocalError(torch.fx.Interpreter):
 
 
 def _cosines(emb: np.ndarray, ref: np.ndarray) -> dict:
-    return cosine_summary(np.sum(emb * ref, axis=1))
+    cos = np.sum(emb * ref, axis=1)
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
 def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndarray, mean, std, int8,
@@ -358,7 +358,8 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     ref = mirrored_embeddings(model.eval(), images, batch, mean, std)
 
     def met(c: dict) -> bool:
-        return targets_met(c, min_cosine_mean, min_cosine_min)
+        return (min_cosine_mean is None or c["cosine_mean"] >= min_cosine_mean) and \
+               (min_cosine_min is None or c["cosine_min"] >= min_cosine_min)
 
     trail = [{"layers": 0, **sensitivity["all_int8"]}]
     chosen: list[str] = []
@@ -388,7 +389,7 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, met, max_la
     raised it most (README). Costs one measurement per remaining block per step; the first step's
     (each block alone) are the sensitivity table's, on the same graph and images, and reused."""
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
-    alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min", "cosine_mean_low") if k in r}
+    alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min")}
              for r in sensitivity["layers"] if r["cosine_mean"] is not None}
 
     def measure(names: list[str]) -> dict:

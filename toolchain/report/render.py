@@ -193,11 +193,6 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
     return out
 
 
-_LOW = "mean, 95% lower bound"
-_LOW_NOTE = ("The mean target is held to the mean's one-sided 95% lower bound over these images, not to the "
-             "measured mean: parity judges the file on other images (toolchain.quantize.selection).")
-
-
 def _cosine_targets(fallback: Mapping) -> str:
     """A fallback's cosine targets in words ("cosine mean >= 0.999, ..."); other keys are not targets."""
     return ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fallback.get("targets") or {}).items()
@@ -263,10 +258,9 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
                 + ("." if fb.get("met") else "; the target was NOT met within the allowed layers."), ""]
         trail = fb.get("trail") or []
         if len(trail) > 1:
-            out += [_LOW_NOTE, "", _table(["layers in float", "added", "cosine mean", _LOW, "cosine min"],
-                                          [[t["layers"], f"`{t['added']}`" if t.get("added") else "",
-                                            _num(t["cosine_mean"], 5), _num(t.get("cosine_mean_low"), 5),
-                                            _num(t["cosine_min"], 5)] for t in trail]), ""]
+            out += [_table(["layers in float", "added", "cosine mean", "cosine min"],
+                           [[t["layers"], f"`{t['added']}`" if t.get("added") else "",
+                             _num(t["cosine_mean"], 5), _num(t["cosine_min"], 5)] for t in trail]), ""]
         lat = fb.get("latency")
         if lat:
             out += [f"Latency cost ({lat.get('source') or 'wall'}): {_num(lat['with_float_layers'], 4)} ms with "
@@ -307,10 +301,9 @@ def _tflite_fallback_lines(fb: Optional[Mapping]) -> list[str]:
            + ("." if fb.get("met") else "; the target was NOT met."), ""]
     trail = fb.get("trail") or []
     if len(trail) > 1:
-        head = [f"{unit}s in float", "added", "cosine mean", _LOW, "cosine min", "file bytes"]
-        out += [_LOW_NOTE, "", _table(head, [[t["layers"], f"`{t['added']}`" if t.get("added") else "",
-                                             _num(t["cosine_mean"], 5), _num(t.get("cosine_mean_low"), 5),
-                                             _num(t["cosine_min"], 5), f"{t['bytes']:,}"] for t in trail]), ""]
+        out += [_table([f"{unit}s in float", "added", "cosine mean", "cosine min", "file bytes"],
+                       [[t["layers"], f"`{t['added']}`" if t.get("added") else "", _num(t["cosine_mean"], 5),
+                         _num(t["cosine_min"], 5), f"{t['bytes']:,}"] for t in trail]), ""]
     lat = fb.get("latency")
     if lat:
         out += [f"Latency cost ({lat['source']}): {_num(lat['with_float_layers'], 4)} ms with those {unit}s in float "
