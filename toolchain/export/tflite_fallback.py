@@ -8,7 +8,8 @@ float16 (`half_float_weights`), so that a float unit costs 1 byte a weight more 
 within SeesawFaceNet's size budget, that is the difference between no float block and the
 three its recipe keeps. The flatbuffer names ops by their output tensors (onnx2tf's Keras
 names), which say nothing of the torch modules. So ops are matched to modules by their weights:
-each weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED), in the file's order, is the unmatched Conv2d or Linear of the same kind and shape whose weights point the same
+each weighted op (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED), in the file's order, is the
+unmatched Conv2d or Linear of the same kind and shape whose weights point the same
 way channel by channel (the converter folds BatchNorm into them), the earliest the torch model
 runs on a tie. An op without weights belongs to
 the unit of the weighted op before it; a plumbing op (PAD, RESHAPE, ...) to the one after it,
