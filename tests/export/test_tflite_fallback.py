@@ -149,7 +149,7 @@ def test_forward_selection_keeps_what_reaches_the_target_within_the_size_budget(
     assert not missed["met"] and missed["float_units"] == [] and len(missed["tried"]) == 2
     assert len({t.get("added") for t in missed["trail"][1:]}) == 2
     # The two-unit selection's own cosine is reachable: the same selection meets it and is kept.
-    target = missed["trail"][2]["cosine_mean"]
+    target = missed["trail"][2]["cosine_mean_low"]
     hit = choose_float_units(buf, units, views, ref, min_cosine_mean=target, min_cosine_min=None, max_units=3)
     assert hit["met"] and 1 <= len(hit["float_units"]) <= 2
     # No unit fits a budget of the all-int8 file's own size.
@@ -178,7 +178,7 @@ def test_plan_reports_its_choice_and_latency_cost_or_why_it_kept_nothing(calibra
     probe = FloatPlan(model, example, fallback=True, views=views, reference=ref, targets={"min_cosine_mean": 1.1},
                       max_units=1)
     assert probe.float_ops(buf) == [] and not probe.report["met"]
-    reachable = probe.report["trail"][1]["cosine_mean"]
+    reachable = probe.report["trail"][1]["cosine_mean_low"]
     plan = FloatPlan(model, example, fallback=True, views=views, reference=ref,
                      targets={"min_cosine_mean": reachable}, max_units=1)
     ops = plan.float_ops(buf)

@@ -10,8 +10,9 @@ from toolchain.models.registry import ModelSpec
 from toolchain.quantize.int8_options import Int8Options
 from toolchain.quantize.pt2e import float_ops, quantize_xnnpack_int8
 from toolchain.quantize.qat import qat_finetune
-from toolchain.quantize.recovery import recover_int8
-from toolchain.quantize.sensitivity import mirrored_embeddings, choose_float_layers, layer_sensitivity
+from toolchain.quantize.recovery import MEASURING_IMAGES, measuring_images, qat_images, recover_int8
+from toolchain.quantize.selection import cosine_summary
+from toolchain.quantize.sensitivity import _float_units, mirrored_embeddings, choose_float_layers, layer_sensitivity
 
 
 class Embedder(nn.Module):
@@ -34,6 +35,12 @@ class Embedder(nn.Module):
 
 def _images(n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 112, 112, 3), dtype=np.uint8)
+
+
+def _judged(graph, names, unit, images, ref) -> dict:
+    """What the fallback's stopping rule sees with `names` float (toolchain.quantize.selection)."""
+    with _float_units(graph, names, unit) as g:
+        return cosine_summary(np.sum(mirrored_embeddings(g, images, 8, (0.5,) * 3, (0.5,) * 3) * ref, axis=1))
 
 
 def _x(images):
@@ -112,12 +119,15 @@ def test_sensitivity_ranks_layers_and_fallback_meets_its_target(model):
     assert gains == sorted(gains, reverse=True) and gains[0] > 0
     base = sens["all_int8"]["cosine_mean"]
     assert base < 1.0
-    # A target just above all-int8: the top layer in float meets it; a target of 1.0 cannot be met.
-    target = base + 0.5 * sens["layers"][0]["gain_mean"]
+    # The target: the lower bound the top layer in float reaches, above all-int8's. It is met
+    # with that layer; a target of 1.0 cannot be met.
+    ref = mirrored_embeddings(model, images, 8, spec.mean, spec.std)
+    target = _judged(sens["graph"], [names[0]], "layer", images, ref)["cosine_mean_low"]
+    assert _judged(sens["graph"], [], "layer", images, ref)["cosine_mean_low"] < target
     got = choose_float_layers(model, sens, images, spec.mean, spec.std, min_cosine_mean=target,
                               min_cosine_min=None, max_layers=3, batch=8)
     assert got["met"] and got["float_layers"] == [names[0]]
-    assert got["trail"][-1]["cosine_mean"] >= target
+    assert got["trail"][-1]["cosine_mean_low"] == pytest.approx(target, abs=1e-12)
     never = choose_float_layers(model, sens, images, spec.mean, spec.std, min_cosine_mean=1.0 + 1e-9,
                                 min_cosine_min=None, max_layers=2, batch=8)
     # Unreachable: nothing is kept in float (it would cost latency and still miss), what was tried is listed.
@@ -125,8 +135,7 @@ def test_sensitivity_ranks_layers_and_fallback_meets_its_target(model):
     assert len(never["trail"]) == len(never["tried"]) + 1
     # The graph the sensitivity edits is restored after each measurement.
     again = mirrored_embeddings(sens["graph"], images, 8, spec.mean, spec.std)
-    ref = mirrored_embeddings(model, images, 8, spec.mean, spec.std)
-    assert np.sum(again * ref, axis=1).mean() == pytest.approx(base, abs=1e-9)
+    assert cosine_summary(np.sum(again * ref, axis=1))["cosine_mean"] == pytest.approx(base, abs=1e-9)
 
 
 def test_only_the_layers_the_proxy_picks_are_measured(model):
@@ -155,6 +164,22 @@ def test_float_layers_stay_float_in_the_pt2e_graph(model):
     assert "conv2d" not in plain["float_ops"]
 
 
+def test_qat_does_not_train_on_the_images_the_fallback_judges_it_on():
+    index = np.arange(3 * MEASURING_IMAGES)
+    images = np.zeros((len(index), 2, 2, 3), np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = index % 256, index // 256  # each image says which it is
+
+    def which(x):
+        return set(x[:, 0, 0, 0].astype(int) + 256 * x[:, 0, 0, 1].astype(int))
+
+    measured, trained = measuring_images(images, 0), qat_images(images, 0)
+    assert len(measured) == MEASURING_IMAGES and len(trained) == 2 * MEASURING_IMAGES
+    assert not which(measured) & which(trained) and len(which(measured) | which(trained)) == len(index)
+    assert not np.array_equal(measured, measuring_images(images, 1))  # the export seed draws them
+    # Too few images to spare: QAT trains on all of them.
+    assert len(qat_images(images[:MEASURING_IMAGES + 10], 0)) == MEASURING_IMAGES + 10
+
+
 def test_recover_int8_reports_and_refuses_a_verifier(model):
     calib = _images(16)
     spec = model.spec
@@ -168,7 +193,7 @@ def test_recover_int8_reports_and_refuses_a_verifier(model):
     # A reachable target: the layer found is what the int8 files keep in float.
     _, options, report = recover_int8(model, model, calib, _images(32, 3), spec.mean, spec.std,
                                       Int8Options(fallback=True, max_float_layers=3),
-                                      targets={"min_cosine_mean": report["fallback"]["trail"][1]["cosine_mean"]},
+                                      targets={"min_cosine_mean": report["fallback"]["trail"][1]["cosine_mean_low"]},
                                       progress=False)
     assert report["fallback"]["met"] and list(options.float_layers) == report["fallback"]["float_layers"]
     assert "graph" not in report["sensitivity"]
@@ -274,13 +299,16 @@ def test_block_fallback_ranks_whole_blocks_and_restores_the_graph():
         all_float = float(np.sum(mirrored_embeddings(g, images, 8, spec.mean, spec.std) * ref, axis=1).mean())
     assert all_float > best["cosine_mean"] > base
     again = mirrored_embeddings(sens["graph"], images, 8, spec.mean, spec.std)
-    assert np.sum(again * ref, axis=1).mean() == pytest.approx(base, abs=1e-9)
+    assert cosine_summary(np.sum(again * ref, axis=1))["cosine_mean"] == pytest.approx(base, abs=1e-9)
+    judged = _judged(sens["graph"], [best["layer"]], "block", images, ref)
     got = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=3, batch=8,
-                              min_cosine_mean=base + 0.5 * best["gain_mean"], min_cosine_min=None)
+                              min_cosine_mean=judged["cosine_mean_low"], min_cosine_min=None)
     assert got["met"] and got["float_layers"] == [best["layer"]]
-    assert got["trail"][1] == {"layers": 1, "added": best["layer"], "cosine_mean": best["cosine_mean"],
-                               "cosine_min": best["cosine_min"]}
-    # The first step reuses the table's single-block measurements: only pairs are measured again.
+    # These 24 images are both the ranking and the judging set: the step's row is the table's row.
+    assert got["trail"][1] == {"layers": 1, "added": best["layer"], **judged}
+    assert judged["cosine_mean"] == pytest.approx(best["cosine_mean"], abs=1e-12)
+    # The first step reuses the table's single-block measurements: only pairs are ranked again;
+    # the judging passes are all int8 and each step's choice.
     import toolchain.quantize.sensitivity as sensitivity
 
     measured, float_units = [], sensitivity._float_units
@@ -293,8 +321,10 @@ def test_block_fallback_ranks_whole_blocks_and_restores_the_graph():
         mp.setattr(sensitivity, "_float_units", counting)
         never = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=2, batch=8,
                                     min_cosine_mean=1.0 + 1e-9, min_cosine_min=None)
-    assert not never["met"] and measured and all(len(names) == 2 for names in measured)
-    assert len(measured) == sens["measured"] - 1
+    assert not never["met"] and measured[0] == [] and measured[1] == never["tried"][:1]
+    ranked = measured[2:-1]
+    assert len(ranked) == sens["measured"] - 1 and all(len(names) == 2 for names in ranked)
+    assert measured[-1] == never["tried"] and len(never["tried"]) == 2
     # The file's graph: the block's two convolutions and ReLUs are left in float.
     report = {}
     quantize_xnnpack_int8(model, torch.zeros(1, 3, 112, 112), calib, spec.mean, spec.std, report=report,

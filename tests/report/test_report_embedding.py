@@ -112,22 +112,29 @@ def test_report_says_the_tflite_had_its_own_int8_options(tmp_path):
 def test_report_block_fallback_names_blocks_and_what_each_step_added(tmp_path):
     layers = [{"layer": "features.2", "op": "block", "local_error": 1e-3, "cosine_mean": 0.9985, "cosine_min": 0.996,
                "gain_mean": 0.0004, "gain_min": 0.001}]
-    trail = [{"layers": 0, "cosine_mean": 0.9981, "cosine_min": 0.995},
-             {"layers": 1, "added": "features.2", "cosine_mean": 0.9985, "cosine_min": 0.996}]
-    recovery = {"sensitivity": {"all_int8": {"cosine_mean": 0.9981, "cosine_min": 0.995}, "layers": layers,
-                                "images": 32, "measured": 1, "unit": "block"},
-                "fallback": {"float_layers": [], "met": False, "tried": ["features.2"],
-                             "targets": {"min_cosine_mean": 0.999}, "trail": trail}}
+    trail = [{"layers": 0, "cosine_mean": 0.9981, "cosine_mean_low": 0.9979, "cosine_min": 0.995,
+              "set_aside": [0.4768, 0.97, 0.9894]},
+             {"layers": 1, "added": "features.2", "cosine_mean": 0.9985, "cosine_mean_low": 0.9983, "cosine_min": 0.996,
+              "set_aside": [0.4801, 0.9712, 0.9899]}]
+    recovery = {"sensitivity": {"all_int8": {"cosine_mean": 0.9981, "cosine_min": 0.995, "set_aside": [0.4768]},
+                                "layers": layers, "images": 32, "measured": 1, "unit": "block"},
+                "fallback": {"float_layers": [], "met": False, "tried": ["features.2"], "images": 128,
+                             "ranking_images": 32, "targets": {"min_cosine_mean": 0.999}, "trail": trail}}
     write_report(_recovery_only(recovery), tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "Per-block sensitivity on 32 identity images, each with its mirror" in md
+    assert "their lowest 1 cosines set aside" in md
     assert "| block | op |" in md and "| `features.2` | block |" in md
-    assert "| 1 | `features.2` | 0.9985 | 0.996 |" in md
+    assert "judged on the 128 measuring images with their mirrors, after setting aside the lowest 3 cosines" in md
+    assert "ranked on 32 of them" in md
+    assert "| 1 | `features.2` | 0.9985 | 0.9983 | 0.996 | 0.4801, 0.9712, 0.9899 |" in md
 
 
 def test_report_shows_the_tflite_fallback_its_trail_bytes_and_latency(tmp_path):
-    trail = [{"layers": 0, "cosine_mean": 0.9987, "cosine_min": 0.995, "bytes": 1_697_000},
-             {"layers": 1, "added": "features.1", "cosine_mean": 0.9991, "cosine_min": 0.996, "bytes": 1_712_000}]
+    trail = [{"layers": 0, "cosine_mean": 0.9987, "cosine_mean_low": 0.9986, "cosine_min": 0.995, "set_aside": [],
+              "bytes": 1_697_000},
+             {"layers": 1, "added": "features.1", "cosine_mean": 0.9991, "cosine_mean_low": 0.99905, "cosine_min": 0.996,
+              "set_aside": [], "bytes": 1_712_000}]
     recovery = {"tflite_fallback": {"float_units": ["features.1"], "met": True, "tried": ["features.1"], "unit": "block",
                                     "targets": {"min_cosine_mean": 0.999, "min_cosine_min": None},
                                     "max_bytes": 1_983_616, "images": 32, "trail": trail,
@@ -137,7 +144,7 @@ def test_report_shows_the_tflite_fallback_its_trail_bytes_and_latency(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert ("`.tflite` fallback, measured in LiteRT (XNNPACK, one thread) on 32 identity images with their mirrors "
             "(target cosine mean >= 0.999, within 1,983,616 bytes): 1 block(s) kept in float: `features.1`.") in md
-    assert "| 1 | `features.1` | 0.9991 | 0.996 | 1,712,000 |" in md
+    assert "| 1 | `features.1` | 0.9991 | 0.99905 | 0.996 | - | 1,712,000 |" in md
     assert "4.2 ms with those blocks in float against 3.5 ms all int8 (1.20 x)" in md
     recovery["tflite_fallback"] = {"float_units": [], "met": None, "unit": "layer", "error": "cannot tell which ops"}
     write_report(_recovery_only(recovery), tmp_path)

@@ -18,9 +18,10 @@ or a `block` (toolchain.quantize.sensitivity.block_names) with every op in it.
 
 The choice is a forward selection measured on the file LiteRT runs (its XNNPACK delegate, one
 thread): each step keeps in float the unit that raises the cosine to the float model's embeddings
-most (image plus mirror, as parity embeds pair images), until the targets hold. A unit whose file
-would pass `max_bytes` is not tried. One step costs a conversion (0.1 s for MobileFaceNet) and a
-pass over the images per remaining unit. When no selection meets the targets, nothing is kept:
+most (image plus mirror, as parity embeds pair images), until the targets hold
+(toolchain.quantize.selection). A unit whose file would pass `max_bytes` is not tried. One step
+costs a conversion (0.1 s for MobileFaceNet) and a pass over the ranking images per remaining
+unit, and one over all the measuring images. When no selection meets the targets, nothing is kept:
 float ops cost latency, and a file that misses its bounds anyway is better all int8 (the trail
 shows what each step measured), as in the `.pte`'s fallback.
 """
@@ -36,7 +37,7 @@ from torch import nn
 
 from toolchain.errors import ToolchainError
 from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name
-from toolchain.quantize.selection import forward_selection
+from toolchain.quantize.selection import cosine_summary, forward_selection, ranking_indices, targets_met
 from toolchain.quantize.sensitivity import block_names
 
 _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -233,34 +234,38 @@ def litert_embeddings(buf: bytes, inputs: np.ndarray) -> np.ndarray:
 def _cosines(buf: bytes, views: tuple[np.ndarray, np.ndarray], reference: np.ndarray) -> dict:
     e = litert_embeddings(buf, views[0]) + litert_embeddings(buf, views[1])
     e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    c = (e * reference).sum(1)
-    return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
+    return cosine_summary((e * reference).sum(1))
 
 
 def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tuple[np.ndarray, np.ndarray],
                        reference: np.ndarray, *, min_cosine_mean: float | None, min_cosine_min: float | None,
                        max_units: int, max_bytes: int | None = None, progress: bool = False) -> dict:
-    """Forward selection (module docstring). views: the measuring images and their mirrors,
-    normalised NHWC float32; reference: the float model's embeddings of image plus mirror,
-    L2-normalised. Returns {"float_units", "met", "tried", "trail"}; each trail row has the
-    file's bytes."""
+    """Forward selection (module docstring): candidates ranked on the ranking subset of the
+    measuring images, each step judged on all (toolchain.quantize.selection). views: the
+    measuring images and their mirrors, normalised NHWC float32; reference: the float model's
+    embeddings of image plus mirror, L2-normalised. Returns {"float_units", "met", "tried",
+    "trail"}; each trail row has the file's bytes."""
+    pick = ranking_indices(len(reference))
+    ranking_views, ranking_reference = (views[0][pick], views[1][pick]), reference[pick]
 
     def met(c: dict) -> bool:
-        return (min_cosine_mean is None or c["cosine_mean"] >= min_cosine_mean) and \
-               (min_cosine_min is None or c["cosine_min"] >= min_cosine_min)
+        return targets_met(c, min_cosine_mean, min_cosine_min)
 
-    base_file = quantize_keeping_float(calibrated, [])
-    trail = [{"layers": 0, **_cosines(base_file, views, reference), "bytes": len(base_file)}]
+    def judge(names: list[str]) -> dict:
+        candidate = quantize_keeping_float(calibrated, [op for n in names for op in units[n]])
+        return {**_cosines(candidate, views, reference), "bytes": len(candidate)}
+
+    trail = [{"layers": 0, **judge([])}]
     if met(trail[0]):
         return {"float_units": [], "met": True, "tried": [], "trail": trail}
 
-    def measure(names: list[str]) -> dict | None:
+    def rank(names: list[str]) -> dict | None:
         candidate = quantize_keeping_float(calibrated, [op for n in names for op in units[n]])
         if max_bytes is not None and len(candidate) > max_bytes:
             return None
-        return {**_cosines(candidate, views, reference), "bytes": len(candidate)}
+        return _cosines(candidate, ranking_views, ranking_reference)
 
-    return forward_selection(list(units), measure, met, max_units, trail,
+    return forward_selection(list(units), rank, judge, met, max_units, trail,
                              "int8 fallback (.tflite): units kept in float", progress)
 
 
@@ -307,7 +312,7 @@ class FloatPlan:
                                     min_cosine_min=self.targets.get("min_cosine_min"), max_units=self.max_units,
                                     max_bytes=self.max_bytes, progress=self.progress)
         self.report = {**choice, "unit": self.unit, "targets": dict(self.targets), "max_bytes": self.max_bytes,
-                       "images": int(len(self.reference))}
+                       "images": int(len(self.reference)), "ranking_images": len(ranking_indices(len(self.reference)))}
         kept = [op for u in choice["float_units"] for op in units[u]]
         if kept:
             self.report["latency"] = latency_cost(quantize_keeping_float(calibrated, kept),

@@ -12,9 +12,11 @@ The metric is the one the parity bounds cap: each image's embedding cosine to th
 (mean and minimum) on identity images. A layer's sensitivity is how much the mean rises when
 that layer alone stays float. Measuring it costs one pass over the images per layer, so a
 one-pass proxy (the noise int8 adds at each layer: its weights, and the output it writes)
-picks the `measure` layers that get measured; the others are listed with the proxy only. The fallback keeps the top-ranked layers in float, one more at a
-time, until the mean and minimum reach their targets or `max_layers` are float; the exported
-file is then measured in its runtime like any other.
+picks the `measure` layers that get measured; the others are listed with the proxy only. The
+fallback keeps the top-ranked layers in float, one more at a time, until the targets hold on the
+measuring images (the mean's lower confidence bound and the minimum, with the rare images int8
+gets badly wrong set aside: toolchain.quantize.selection) or `max_layers` are float; the
+exported file is then measured in its runtime like any other.
 
 With `fallback_unit: block` the unit is a whole block (`features.3`: every op inside, SiLUs and
 adds too). One float conv gains little where the error is in the activations: its output is
@@ -33,7 +35,7 @@ from torch.fx.node import map_arg
 from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
-from toolchain.quantize.selection import forward_selection
+from toolchain.quantize.selection import cosine_summary, forward_selection, ranking_indices, targets_met
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -274,8 +276,7 @@ class _LocalError(torch.fx.Interpreter):
 
 
 def _cosines(emb: np.ndarray, ref: np.ndarray) -> dict:
-    cos = np.sum(emb * ref, axis=1)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+    return cosine_summary(np.sum(emb * ref, axis=1))
 
 
 def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndarray, mean, std, int8,
@@ -351,52 +352,62 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
                         min_cosine_mean: float | None, min_cosine_min: float | None, max_layers: int,
                         batch: int = 16, progress: bool = False) -> dict:
     """The fewest top-ranked layers to keep in float so the embedding cosine to float reaches the
-    targets (None: not a target), at most `max_layers`. Returns {"float_layers": [...], "met": bool,
-    "tried": [...], "trail": [{layers, cosine_mean, cosine_min}, ...]}. When no prefix of the
-    ranking meets the targets, `float_layers` is empty: float layers cost latency, and a file
-    that misses its bounds anyway is better all int8 (the trail shows what each step measured)."""
+    targets (None: not a target), at most `max_layers`. `images`: the measuring images the
+    targets are judged on (toolchain.quantize.selection); `sensitivity` was measured on their
+    ranking subset, `images[ranking_indices(len(images))]`. Returns {"float_layers": [...],
+    "met": bool, "tried": [...], "trail": [{layers, cosine_mean, cosine_mean_low, cosine_min,
+    set_aside}, ...]}. When no choice meets the targets, `float_layers` is empty: float layers
+    cost latency, and a file that misses its bounds anyway is better all int8 (the trail shows
+    what each step measured)."""
+    graph = sensitivity["graph"]
     ref = mirrored_embeddings(model.eval(), images, batch, mean, std)
+    unit = sensitivity.get("unit", "layer")
 
     def met(c: dict) -> bool:
-        return (min_cosine_mean is None or c["cosine_mean"] >= min_cosine_mean) and \
-               (min_cosine_min is None or c["cosine_min"] >= min_cosine_min)
+        return targets_met(c, min_cosine_mean, min_cosine_min)
 
-    trail = [{"layers": 0, **sensitivity["all_int8"]}]
+    def judge(names: list[str]) -> dict:
+        with _float_units(graph, names, unit) as g:
+            return _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
+
+    trail = [{"layers": 0, **judge([])}]
     chosen: list[str] = []
-    if met(sensitivity["all_int8"]):
+    if met(trail[0]):
         return {"float_layers": [], "met": True, "tried": [], "trail": trail}
-    unit = sensitivity.get("unit", "layer")
     if unit == "block":
-        return _choose_blocks(sensitivity, images, ref, batch, mean, std, met, max_layers, trail, progress)
+        return _choose_blocks(sensitivity, images, ref, batch, mean, std, judge, met, max_layers, trail, progress)
     ranked = [r["layer"] for r in sensitivity["layers"]
               if r["gain_mean"] is not None and (r["gain_mean"] > 0 or r["gain_min"] > 0)]
     for name in ranked[:max_layers]:
         chosen.append(name)
-        with _float_units(sensitivity["graph"], chosen, sensitivity.get("unit", "layer")) as g:
-            c = _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
+        c = judge(chosen)
         trail.append({"layers": len(chosen), **c})
         if met(c):
             return {"float_layers": list(chosen), "met": True, "tried": list(chosen), "trail": trail}
     return {"float_layers": [], "met": False, "tried": chosen, "trail": trail}
 
 
-def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, met, max_layers: int, trail: list,
+def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met, max_layers: int, trail: list,
                    progress: bool) -> dict:
     """Forward selection over blocks: each step keeps in float the block that raises the cosine
-    most given the blocks already float (mean first, then minimum). Blocks interact where one
-    alone does not: a float block's output is still rounded where the next int8 block reads it,
-    and on SeesawFaceNet the stem alone lowered the mean while the stem with the next two blocks
-    raised it most (README). Costs one measurement per remaining block per step; the first step's
-    (each block alone) are the sensitivity table's, on the same graph and images, and reused."""
+    most given the blocks already float (mean first, then minimum), ranked on the ranking images.
+    Blocks interact where one alone does not: a float block's output is still rounded where the
+    next int8 block reads it, and on SeesawFaceNet the stem alone lowered the mean while the stem
+    with the next two blocks raised it most (README). Costs one ranking pass per remaining block
+    per step; the first step's (each block alone) are the sensitivity table's, on the same graph
+    and images, and reused."""
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
     alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min")}
              for r in sensitivity["layers"] if r["cosine_mean"] is not None}
+    pick = ranking_indices(len(images))
+    ranking, ranking_ref = images[pick], ref[pick]
 
-    def measure(names: list[str]) -> dict:
+    def rank(names: list[str]) -> dict:
         if len(names) == 1 and names[0] in alone:
             return dict(alone[names[0]])
         with _float_units(sensitivity["graph"], names, "block") as g:
-            return _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
+            return _cosines(mirrored_embeddings(g, ranking, batch, mean, std), ranking_ref)
 
-    choice = forward_selection(units, measure, met, max_layers, trail, "int8 fallback: blocks kept in float", progress)
+    choice = forward_selection(units, rank, judge, met, max_layers, trail, "int8 fallback: blocks kept in float",
+                               progress)
     return {"float_layers": choice.pop("float_units"), **choice}

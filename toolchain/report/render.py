@@ -199,6 +199,27 @@ def _cosine_targets(fallback: Mapping) -> str:
                      if v is not None and k.startswith("min_cosine_"))
 
 
+def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
+    """A fallback's trail: what each step's choice measured on all the measuring images."""
+    trail = fb.get("trail") or []
+    if len(trail) < 2:
+        return []
+    sized = "bytes" in trail[0]
+    aside = trail[0].get("set_aside")
+    note = (f"Each step's choice is judged on the {fb.get('images', '?')} measuring images with their mirrors, "
+            f"after setting aside the lowest {len(aside)} cosines (rare images int8 gets badly wrong; parity still "
+            "judges every pair); the mean target holds on the mean's one-sided 95% lower bound, since parity judges "
+            "the file on other images"
+            + (f". The candidates are ranked on {fb['ranking_images']} of them" if fb.get("ranking_images") else "")
+            + " (toolchain.quantize.selection)." if aside is not None else "")
+    rows = [[t["layers"], f"`{t['added']}`" if t.get("added") else "", _num(t["cosine_mean"], 5),
+             _num(t.get("cosine_mean_low"), 5), _num(t["cosine_min"], 5),
+             ", ".join(_num(x, 4) for x in t.get("set_aside") or []) or "-"]
+            + ([f"{t['bytes']:,}"] if sized else []) for t in trail]
+    head = [f"{unit}s in float", "added", "cosine mean", "mean, 95% lower bound", "cosine min", "set aside"]
+    return ([note, ""] if note else []) + [_table(head + (["file bytes"] if sized else []), rows), ""]
+
+
 def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) -> list[str]:
     """What `export.int8` did before the runtimes quantised: QAT, the per-layer sensitivity, the fallback."""
     rec = core.get("int8_recovery") or {}
@@ -232,7 +253,8 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
         base = sens["all_int8"]
         unit = sens.get("unit", "layer")
         out += [f"Per-{unit} sensitivity on {sens['images']} identity images, each with its mirror (torch's "
-                f"reference int8 graph): all int8, mean / min embedding cosine to float {_num(base['cosine_mean'], 5)} / "
+                f"reference int8 graph; the fallback's ranking images, their lowest "
+                f"{len(base.get('set_aside', []))} cosines set aside): all int8, mean / min embedding cosine to float {_num(base['cosine_mean'], 5)} / "
                 f"{_num(base['cosine_min'], 5)}. Each row keeps one {unit} in float; "
                 f"{sens.get('measured', len(sens['layers']))} of {len(sens['layers'])} {unit}s were measured "
                 + ("" if unit == "block" else "(those where int8 adds the most noise locally: weights and output)")
@@ -256,11 +278,7 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
             what = f"no layer kept in float ({len(fb.get('tried') or []) or 'no'} tried did not reach it)"
         out += [f"Fallback (target {targets}): {what}"
                 + ("." if fb.get("met") else "; the target was NOT met within the allowed layers."), ""]
-        trail = fb.get("trail") or []
-        if len(trail) > 1:
-            out += [_table(["layers in float", "added", "cosine mean", "cosine min"],
-                           [[t["layers"], f"`{t['added']}`" if t.get("added") else "",
-                             _num(t["cosine_mean"], 5), _num(t["cosine_min"], 5)] for t in trail]), ""]
+        out += _fallback_trail(sens.get("unit", "layer") if sens else "layer", fb)
         lat = fb.get("latency")
         if lat:
             out += [f"Latency cost ({lat.get('source') or 'wall'}): {_num(lat['with_float_layers'], 4)} ms with "
@@ -299,11 +317,7 @@ def _tflite_fallback_lines(fb: Optional[Mapping]) -> list[str]:
     out = [f"`.tflite` fallback, measured in LiteRT (XNNPACK, one thread) on {fb.get('images', '?')} identity images "
            f"with their mirrors (target {targets}{budget}): {what}"
            + ("." if fb.get("met") else "; the target was NOT met."), ""]
-    trail = fb.get("trail") or []
-    if len(trail) > 1:
-        out += [_table([f"{unit}s in float", "added", "cosine mean", "cosine min", "file bytes"],
-                       [[t["layers"], f"`{t['added']}`" if t.get("added") else "", _num(t["cosine_mean"], 5),
-                         _num(t["cosine_min"], 5), f"{t['bytes']:,}"] for t in trail]), ""]
+    out += _fallback_trail(unit, fb)
     lat = fb.get("latency")
     if lat:
         out += [f"Latency cost ({lat['source']}): {_num(lat['with_float_layers'], 4)} ms with those {unit}s in float "

@@ -1,0 +1,78 @@
+"""The fallback's stopping rule (toolchain.quantize.selection): the mean cosine's lower confidence
+bound over the measuring images, the rare images int8 gets badly wrong set aside."""
+
+import math
+
+import numpy as np
+import pytest
+
+from toolchain.quantize.selection import (CONFIDENCE_Z, RANKING_IMAGES, SET_ASIDE, cosine_summary,
+                                          forward_selection, ranking_indices, targets_met)
+
+
+def test_the_lower_bound_is_the_mean_less_z_standard_errors():
+    cos = np.array([1.0, 0.99, 0.98, 0.97])
+    s = cosine_summary(cos)  # 2% of 4 rounds to none set aside
+    se = np.std(cos, ddof=1) / math.sqrt(4)
+    assert s["cosine_mean"] == pytest.approx(0.985) and s["cosine_min"] == pytest.approx(0.97)
+    assert s["cosine_mean_low"] == pytest.approx(0.985 - CONFIDENCE_Z * se) and s["set_aside"] == []
+    # More images at the same spread: a tighter bound.
+    assert cosine_summary(np.tile(cos, 10))["cosine_mean_low"] > s["cosine_mean_low"]
+    assert cosine_summary(np.array([0.9995]))["cosine_mean_low"] == pytest.approx(0.9995)
+
+
+def test_the_lowest_images_are_set_aside_and_listed():
+    rng = np.random.default_rng(0)
+    cos = 0.9991 + 0.0003 * rng.standard_normal(128)
+    cos[[5, 77]] = [0.48, 0.58]  # two images int8 gets badly wrong, as SeesawFaceNet's identity images
+    s = cosine_summary(cos)
+    k = round(128 * SET_ASIDE)
+    assert k == 3 and s["set_aside"] == sorted(cos)[:3] and s["set_aside"][:2] == [0.48, 0.58]
+    kept = np.sort(cos)[3:]
+    assert s["cosine_mean"] == pytest.approx(kept.mean()) and s["cosine_min"] == kept.min()
+    assert targets_met(s, 0.999, 0.99)
+    # Counted in, those two would hold both targets out of reach.
+    assert cos.mean() < 0.999 and cos.min() < 0.99
+
+
+def test_a_mean_above_the_target_with_a_wide_spread_does_not_meet_it():
+    noise = np.random.default_rng(0).normal(0, 1, 32)
+    noise = (noise - noise.mean()) / noise.std(ddof=1)
+    wide, tight = cosine_summary(0.9991 + 0.0008 * noise), cosine_summary(0.9991 + 0.00002 * noise)
+    assert wide["cosine_mean"] > 0.999 and tight["cosine_mean"] > 0.999
+    assert not targets_met(wide, 0.999, None)
+    assert targets_met(tight, 0.999, None)
+    assert not targets_met(tight, 0.999, tight["cosine_min"] + 1e-6)
+    assert targets_met(tight, None, tight["cosine_min"])
+
+
+def test_ranking_images_spread_over_the_measuring_images():
+    assert list(ranking_indices(128)) == list(range(0, 128, 4)) and len(ranking_indices(128)) == RANKING_IMAGES
+    assert list(ranking_indices(20)) == list(range(20))
+    assert len(ranking_indices(100)) == RANKING_IMAGES and ranking_indices(100)[-1] >= 90
+
+
+def test_forward_selection_ranks_cheaply_and_stops_on_the_judged_bound():
+    noise = np.random.default_rng(1).normal(0, 1, 64)
+    noise = (noise - noise.mean()) / noise.std(ddof=1)
+    sigma = 0.00012 * math.sqrt(64) / CONFIDENCE_Z  # the bound sits about 0.00012 below the mean
+    gain = {"a": 0.00010, "b": 0.00009, "c": 0.00008, "d": 0.00001}
+    ranked, judged = [], []
+
+    def rank(names):  # a noisy ranking set that still orders the units right
+        ranked.append(list(names))
+        return {"cosine_mean": 0.99885 + sum(gain[n] for n in names) + 0.00001, "cosine_min": 0.995}
+
+    def judge(names):
+        judged.append(list(names))
+        return cosine_summary(0.99885 + sum(gain[n] for n in names) + sigma * noise)
+
+    got = forward_selection(list(gain), rank, judge, lambda c: targets_met(c, 0.999, None), 4, [], "test")
+    # The judged mean crosses 0.999 with a and b (0.99904); its lower bound only with c as well.
+    assert got["met"] and got["float_units"] == ["a", "b", "c"]
+    assert got["trail"][1]["cosine_mean"] > 0.999 > got["trail"][1]["cosine_mean_low"]
+    assert judged == [["a"], ["a", "b"], ["a", "b", "c"]] and len(ranked) == 4 + 3 + 2
+    # A candidate rank() refuses (over a size budget) is never chosen.
+    got = forward_selection(list(gain), lambda names: None if "a" in names else rank(names), judge,
+                            lambda c: targets_met(c, 0.999, None), 4, [], "test")
+    assert "a" not in got["tried"]
