@@ -127,6 +127,7 @@ def test_report_block_fallback_names_blocks_and_what_each_step_added(tmp_path):
     assert "| block | op |" in md and "| `features.2` | block |" in md
     assert "judged on the 128 measuring images with their mirrors, after setting aside the lowest 3 cosines" in md
     assert "ranked on 32 of them" in md
+    assert "no block kept in float (1 tried did not reach it); the target was NOT met within the allowed blocks." in md
     assert "| 1 | `features.2` | 0.9985 | 0.9983 | 0.996 | 0.4801, 0.9712, 0.9899 |" in md
 
 

@@ -252,12 +252,14 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
     if sens:
         base = sens["all_int8"]
         unit = sens.get("unit", "layer")
+        aside = base.get("set_aside")
         out += [f"Per-{unit} sensitivity on {sens['images']} identity images, each with its mirror (torch's "
-                f"reference int8 graph; the fallback's ranking images, their lowest "
-                f"{len(base.get('set_aside', []))} cosines set aside): all int8, mean / min embedding cosine to float {_num(base['cosine_mean'], 5)} / "
+                "reference int8 graph" + (f"; the fallback's ranking images, their lowest {len(aside)} cosines set "
+                                          "aside" if aside is not None else "")
+                + f"): all int8, mean / min embedding cosine to float {_num(base['cosine_mean'], 5)} / "
                 f"{_num(base['cosine_min'], 5)}. Each row keeps one {unit} in float; "
-                f"{sens.get('measured', len(sens['layers']))} of {len(sens['layers'])} {unit}s were measured "
-                + ("" if unit == "block" else "(those where int8 adds the most noise locally: weights and output)")
+                f"{sens.get('measured', len(sens['layers']))} of {len(sens['layers'])} {unit}s were measured"
+                + ("" if unit == "block" else " (those where int8 adds the most noise locally: weights and output)")
                 + ", the most sensitive first:",
                 "", _table([unit, "op", "local int8 noise", "cosine mean", "cosine min", "mean gained"],
                            [[f"`{r['layer']}`", r["op"], f"{r['local_error']:.2e}" if r.get("local_error") is not None
@@ -270,15 +272,16 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
     if fb:
         kept = fb.get("float_layers") or []
         targets = _cosine_targets(fb)
+        unit = sens.get("unit", "layer") if sens else "layer"
         if kept:
-            what = f"{len(kept)} layer(s) kept in float: " + ", ".join(f"`{k}`" for k in kept)
+            what = f"{len(kept)} {unit}(s) kept in float: " + ", ".join(f"`{k}`" for k in kept)
         elif fb.get("met"):
-            what = "every layer int8 already meets it"
-        else:  # keeping layers in float did not reach the target, so none is kept
-            what = f"no layer kept in float ({len(fb.get('tried') or []) or 'no'} tried did not reach it)"
+            what = f"every {unit} int8 already meets it"
+        else:  # keeping units in float did not reach the target, so none is kept
+            what = f"no {unit} kept in float ({len(fb.get('tried') or []) or 'no'} tried did not reach it)"
         out += [f"Fallback (target {targets}): {what}"
-                + ("." if fb.get("met") else "; the target was NOT met within the allowed layers."), ""]
-        out += _fallback_trail(sens.get("unit", "layer") if sens else "layer", fb)
+                + ("." if fb.get("met") else f"; the target was NOT met within the allowed {unit}s."), ""]
+        out += _fallback_trail(unit, fb)
         lat = fb.get("latency")
         if lat:
             out += [f"Latency cost ({lat.get('source') or 'wall'}): {_num(lat['with_float_layers'], 4)} ms with "
