@@ -37,6 +37,16 @@ def test_summary_gives_each_seed_and_mean_std():
     assert mean_std(s["float_accuracy"], 1) == "80.0 ± 1.4"
 
 
+def test_a_seeds_mixed_file_lines_up_with_the_others_all_int8_one():
+    runs = {0: _manifest({"m_int8.pte": 99.5, "m_int8_mixed.tflite": 99.0}, 79.0, False),
+            1: _manifest({"m_int8_mixed.pte": 99.75, "m_int8_mixed.tflite": 99.75}, 79.0, True)}
+    s = summarize_seeds(runs)
+    assert list(s["artifacts"]) == ["m_int8[_mixed].pte", "m_int8_mixed.tflite"]
+    pte = s["artifacts"]["m_int8[_mixed].pte"]
+    assert pte["files"] == ["m_int8.pte", "m_int8_mixed.pte"] and pte["passed"] == [True, True]
+    assert pte["agreement"]["mean"] == pytest.approx(99.625)
+
+
 def test_one_seed_has_no_std_and_a_missing_artifact_is_none():
     one = summarize_seeds({0: _manifest({"a.pte": 99.0}, 70.0, False)})
     assert one["float_accuracy"]["std"] is None and mean_std(one["float_accuracy"]) == "70.00"

@@ -41,8 +41,15 @@ def _stats(values: list) -> dict:
             "std": float(present.std(ddof=1)) if len(present) > 1 else None}
 
 
+def _slot(file: str) -> str:
+    """The file a seed's artifact stands for: a `_int8_mixed` file (the fallback kept units in
+    float) is that seed's `_int8` file, so the seeds' int8 files line up whatever each kept."""
+    return file.replace("_int8_mixed.", "_int8.")
+
+
 def seed_result(manifest: Mapping) -> dict:
-    """One run's manifest -> {"passed", "float_accuracy", "artifacts": {file: {metric: value}}}."""
+    """One run's manifest -> {"passed", "float_accuracy", "artifacts": {slot: {metric: value}}},
+    each slot's values with the "file" it was (`_slot`)."""
     rows = manifest.get("parity") or []
     if not rows:
         raise ToolchainError(f"run {manifest.get('name', '?')!r} has no parity rows: was its parity stage run?")
@@ -52,7 +59,8 @@ def seed_result(manifest: Mapping) -> dict:
         # The agreement is a share of `num` decisions; the count is what a bound allows (99.5% of 1,200: 6).
         values["flips"] = int(round((100.0 - row["decision_agreement"]) / 100.0 * row["num"]))
         values["passed"] = bool(row.get("passed"))
-        artifacts[row["file"]] = values
+        values["file"] = row["file"]
+        artifacts[_slot(row["file"])] = values
     return {"passed": bool(manifest.get("passed")), "float_accuracy": float(rows[0]["float_accuracy"]),
             "artifacts": artifacts}
 
@@ -60,7 +68,7 @@ def seed_result(manifest: Mapping) -> dict:
 def summarize_seeds(manifests: Mapping[int, Mapping]) -> dict:
     """{seed: manifest} of one recipe -> {"seeds", "passed", "float_accuracy", "artifacts"}:
     per-seed values with their mean and std (`_stats`), and "passed" per seed for the run and for
-    each artifact's parity. Every run must be of the same recipe name."""
+    each artifact's parity; each artifact's "files" are the seeds' own. Every run must be of the same recipe name."""
     if not manifests:
         raise ToolchainError("no runs to summarise")
     names = {m.get("name") for m in manifests.values()}
@@ -74,7 +82,10 @@ def summarize_seeds(manifests: Mapping[int, Mapping]) -> dict:
         per_seed = [r["artifacts"].get(f, {}) for r in results]
         entry = {name: _stats([p.get(name) for p in per_seed]) for name in (*PARITY_METRICS.values(), "flips")}
         entry["passed"] = [bool(p.get("passed")) for p in per_seed]
-        artifacts[f] = entry
+        entry["files"] = [p.get("file") for p in per_seed]
+        # Named as the seeds' files were: "m_int8[_mixed].pte" where some kept float units and some not.
+        named = {x for x in entry["files"] if x}
+        artifacts[named.pop() if len(named) == 1 else f.replace("_int8.", "_int8[_mixed].")] = entry
     return {"recipe": names.pop(), "seeds": seeds, "passed": [r["passed"] for r in results],
             "float_accuracy": _stats([r["float_accuracy"] for r in results]), "artifacts": artifacts}
 
