@@ -251,8 +251,11 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     def met(c: dict) -> bool:
         return targets_met(c, min_cosine_mean, min_cosine_min)
 
+    def file_keeping(names: list[str]) -> bytes:
+        return quantize_keeping_float(calibrated, [op for n in names for op in units[n]])
+
     def judge(names: list[str]) -> dict:
-        candidate = quantize_keeping_float(calibrated, [op for n in names for op in units[n]])
+        candidate = file_keeping(names)
         return {**_cosines(candidate, views, reference), "bytes": len(candidate)}
 
     trail = [{"layers": 0, **judge([])}]
@@ -260,7 +263,7 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
         return {"float_units": [], "met": True, "tried": [], "trail": trail}
 
     def rank(names: list[str]) -> dict | None:
-        candidate = quantize_keeping_float(calibrated, [op for n in names for op in units[n]])
+        candidate = file_keeping(names)
         if max_bytes is not None and len(candidate) > max_bytes:
             return None
         return _cosines(candidate, ranking_views, ranking_reference)

@@ -206,18 +206,19 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
         return []
     sized = "bytes" in trail[0]
     aside = trail[0].get("set_aside")
-    note = (f"Each step's choice is judged on the {fb.get('images', '?')} measuring images with their mirrors, "
-            f"after setting aside the lowest {len(aside)} cosines (rare images int8 gets badly wrong; parity still "
-            "judges every pair); the mean target holds on the mean's one-sided 95% lower bound, since parity judges "
-            "the file on other images"
-            + (f". The candidates are ranked on {fb['ranking_images']} of them" if fb.get("ranking_images") else "")
-            + " (toolchain.quantize.selection)." if aside is not None else "")
+    note = []
+    if aside is not None:  # manifests from before the stopping rule have no set-aside
+        ranked = f". The candidates are ranked on {fb['ranking_images']} of them" if fb.get("ranking_images") else ""
+        note = [f"Each step's choice is judged on the {fb.get('images', '?')} measuring images with their mirrors, "
+                f"after setting aside the lowest {len(aside)} cosines (rare images int8 gets badly wrong; parity "
+                "still judges every pair); the mean target holds on the mean's one-sided 95% lower bound, since "
+                f"parity judges the file on other images{ranked} (toolchain.quantize.selection).", ""]
     rows = [[t["layers"], f"`{t['added']}`" if t.get("added") else "", _num(t["cosine_mean"], 5),
              _num(t.get("cosine_mean_low"), 5), _num(t["cosine_min"], 5),
              ", ".join(_num(x, 4) for x in t.get("set_aside") or []) or "-"]
             + ([f"{t['bytes']:,}"] if sized else []) for t in trail]
     head = [f"{unit}s in float", "added", "cosine mean", "mean, 95% lower bound", "cosine min", "set aside"]
-    return ([note, ""] if note else []) + [_table(head + (["file bytes"] if sized else []), rows), ""]
+    return note + [_table(head + (["file bytes"] if sized else []), rows), ""]
 
 
 def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) -> list[str]:
