@@ -208,21 +208,3 @@ def test_recipe_with_a_bad_int8_setting_exits_2(tmp_path, capsys, override, key)
     err = capsys.readouterr().err
     assert rc == 2 and key in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("batch", [1, 3, 12])
-def test_percentile_observer_takes_the_exact_percentiles_whatever_the_batching(batch):
-    # The histogram it replaced re-binned on every batch that widened the range, so one outlier
-    # (here 1e4) coarsened the percentiles of every other value.
-    from toolchain.quantize.int8_options import observed_range, percentile_observer
-
-    rng = np.random.default_rng(0)
-    values = (rng.standard_normal((12, 4, 20, 20)) * np.linspace(1, 3, 12)[:, None, None, None]).astype(np.float32)
-    values[5, 0, 0, 0] = 1e4
-    observer = percentile_observer()(percentile=99.9, dtype=torch.int8, quant_min=-128, quant_max=127)
-    for i in range(0, len(values), batch):
-        observer(torch.from_numpy(values[i:i + batch]))
-    flat = np.sort(values.ravel())
-    clipped = int(flat.size * 0.001)
-    assert observed_range(observer) == (float(flat[clipped]), float(flat[flat.size - 1 - clipped]))
-    assert observed_range(observer)[1] < 20  # the outlier is clipped, not the range's edge

@@ -126,7 +126,6 @@ def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options) -> b
     from ai_edge_litert.interpreter import Interpreter
 
     from toolchain.export.tflite_flatbuffer import pack_flatbuffer
-    from toolchain.quantize.int8_options import observed_range
 
     model = schema.ModelT.InitFromPackedBuf(calibrated, 0)
     graph = model.subgraphs[0]
@@ -160,7 +159,7 @@ def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options) -> b
         for i, obs in observers.items():
             obs(torch.from_numpy(np.ascontiguousarray(interpreter.get_tensor(i), dtype=np.float32)))
     for i, obs in observers.items():
-        lo, hi = observed_range(obs)
+        lo, hi = (float(v) for v in obs._non_linear_param_search())
         q = graph.tensors[i].quantization
         # The converter's ranges always hold zero (an int8 zero-point must exist).
         q.min, q.max = np.array([min(lo, 0.0)], np.float32), np.array([max(hi, 0.0)], np.float32)
