@@ -3,6 +3,7 @@ picks the reader)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,22 @@ class VerificationPairs:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.images_a.shape[1:3])
+
+    def distinct(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(images, index_a, index_b): each distinct image once, in first-seen order, and where each
+        pair's a and b images are in it. Pairs reuse images (the synthetic 1,200 pairs hold 902
+        distinct ones), so a runtime that embeds `images` does a third less work or more."""
+        seen: dict[bytes, int] = {}
+        order: list[np.ndarray] = []
+        index = np.empty(2 * len(self), dtype=np.int64)
+        for k, img in enumerate(im for pair in zip(self.images_a, self.images_b) for im in pair):
+            key = hashlib.sha1(img.tobytes()).digest()
+            if key not in seen:
+                seen[key] = len(order)
+                order.append(img)
+            index[k] = seen[key]
+        images = np.stack(order) if order else self.images_a[:0]
+        return images, index[0::2], index[1::2]
 
     def subset(self, n: int) -> "VerificationPairs":
         """The first n pairs (keeps the fold layout only when n is a multiple of the fold size)."""
