@@ -141,3 +141,18 @@ def test_calibration_outliers_are_left_out_before_quantising(tmp_path):
     rc = main(["export", "verifier", "--out", str(tmp_path / "bad"), "--calibration", str(tmp_path / "calib.npy"),
                "--threshold", "0", "--outlier-factor", "1"])
     assert rc == 2 and not (tmp_path / "bad").exists()
+
+
+def test_pte_fallback_predicts_its_size_from_the_all_int8_file(tmp_path):
+    # An unreachable target: the fallback tries float layers (so it lowers the all-int8 file once
+    # for their predicted size) and, meeting nothing, ships the file all int8.
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (24, 112, 112, 3), dtype=np.uint8)
+    rec = export_model(_Embedder().eval(), tmp_path, "executorch", "int8", images[:8], progress=False,
+                       identity_images=images, int8={"fallback": True, "max_float_layers": 2},
+                       fallback_targets={"min_cosine_min": 1.1, "max_int8_bytes": 10_000_000})[0]
+    fallback = json.loads((tmp_path / "export_manifest.json").read_text())["int8_recovery"]["fallback"]
+    assert not fallback["met"] and rec.file == "tiny-embedder_int8.pte"
+    size = fallback["size"]
+    assert size["all_int8_bytes"] == (tmp_path / rec.file).stat().st_size  # the base is the all-int8 file
+    assert size["max_bytes"] < 10_000_000 and size["predicted_bytes"] == size["all_int8_bytes"]

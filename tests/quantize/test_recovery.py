@@ -330,3 +330,32 @@ def test_block_fallback_ranks_whole_blocks_and_restores_the_graph():
     quantize_xnnpack_int8(model, torch.zeros(1, 3, 112, 112), calib, spec.mean, spec.std, report=report,
                           int8=Int8Options(float_layers=("features.1",)))
     assert report["float_ops"].get("conv2d") == 2, report
+
+
+def test_a_pte_size_budget_steers_the_block_fallback():
+    from toolchain.quantize.recovery import FLOAT_WEIGHT_BYTES, float_weight_count
+
+    torch.manual_seed(0)
+    model = BlockEmbedder().eval()
+    spec = model.spec
+    images, calib = _images(24, 1), _images(16, 2)
+    int8 = Int8Options(fallback=True, fallback_unit="block", max_float_layers=2)
+    assert float_weight_count(model, ["features.1"]) == 16 * 16 * 9 + 16 * 16
+    assert float_weight_count(model, ["emb"]) == 32 * 16 and float_weight_count(model, []) == 0
+
+    def run(max_bytes):
+        lowered = []
+        _, options, report = recover_int8(model, model, calib, images, spec.mean, spec.std, int8,
+                                          targets={"min_cosine_mean": 1.0 + 1e-9}, progress=False,
+                                          pte_size=(max_bytes, lambda m, o: lowered.append(o) or 1000))
+        return report["fallback"], lowered
+
+    free, lowered = run(10 ** 9)
+    assert len(lowered) == 1 and lowered[0].float_layers == ()  # one all-int8 lowering, whatever is tried
+    assert free["size"]["all_int8_bytes"] == 1000 and len(free["tried"]) == 2
+    # A budget the first free choice does not fit: the fallback tries only what fits.
+    cost = FLOAT_WEIGHT_BYTES * float_weight_count(model, free["tried"][:1])
+    tight, _ = run(1000 + cost - 1)
+    assert free["tried"][0] not in tight["tried"]
+    assert all(1000 + FLOAT_WEIGHT_BYTES * float_weight_count(model, tight["tried"][:k]) <= 1000 + cost - 1
+               for k in range(1, len(tight["tried"]) + 1))

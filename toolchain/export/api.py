@@ -212,20 +212,26 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     # One int8 graph per distinct set of options: the two formats share it unless the recipe
     # gives one of them its own settings.
     prepared: dict[Int8Options, _Int8Graph] = {}
+    versions = tool_versions()
+
+    def all_int8_pte_bytes(int8_model: nn.Module, int8_options, calibration: np.ndarray) -> int:
+        # The .pte's fallback keeps its file within the size budget from this base (quantize.recovery).
+        opts = dataclasses.replace(int8_options, float_layers=(), fallback=False)
+        return len(_lower_pte(int8_model, spec, model_name, example, "int8", calibration, threshold, source_rec,
+                              versions, False, int8=opts)[0])
+
     for f in formats:
         if options[f] not in prepared:
             # The fallback in torch's graph chooses the .pte's float layers; the .tflite's runs in
             # LiteRT when the file is converted (toolchain.export.tflite_fallback).
             torch_fallback = "executorch" in formats and options[f] == options["executorch"]
             prepared[options[f]] = _int8_graph(model, spec, calib, identity_images, options[f], fallback_targets,
-                                               torch_fallback,
-                                               seed, progress)
+                                               torch_fallback, seed, progress, all_int8_pte_bytes)
     graphs = {f: prepared[options[f]] for f in formats}
     first = graphs[formats[0]]
     recovery = dict(first.recovery)
     if "tflite" in graphs and graphs["tflite"] is not first:
         recovery["tflite"] = {"int8": graphs["tflite"].options.to_dict(), **graphs["tflite"].recovery}
-    versions = tool_versions()
     user = meta.get("user") if spec.output == "logit" else None
 
     def head_quantizer(g: _Int8Graph):
@@ -329,7 +335,9 @@ class _Int8Graph:
 
 
 def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_targets, torch_fallback: bool,
-                seed: int, progress: bool) -> _Int8Graph:
+                seed: int, progress: bool, all_int8_pte_bytes=None) -> _Int8Graph:
+    """`all_int8_pte_bytes(int8 model, options, calibration)`: the .pte's size with every layer
+    int8, which the .pte's fallback keeps within the size budget from."""
     recovery: dict = {}
     if calib is not None and int8.outlier_factor is not None:  # toolchain.quantize.outliers
         from toolchain.quantize.outliers import screen_outliers
@@ -353,9 +361,12 @@ def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_t
         wanted = int8
         if not torch_fallback:
             int8 = dataclasses.replace(int8, fallback=False)
+        budget = (fallback_targets or {}).get("max_int8_bytes")
+        pte_size = None if budget is None or all_int8_pte_bytes is None or not torch_fallback else \
+            (int(budget) - _PTE_SIZE_ALLOWANCE, lambda m, opts: all_int8_pte_bytes(m, opts, calib))
         int8_model, int8, recovered = recover_int8(model, int8_model, calib, identity, spec.mean, spec.std, int8,
                                                   targets=fallback_targets, embedding=spec.output == "embedding",
-                                                  seed=seed, progress=progress)
+                                                  seed=seed, progress=progress, pte_size=pte_size)
         recovery |= recovered
         int8 = dataclasses.replace(int8, fallback=wanted.fallback)
         measure = measuring_images(calib if identity is None or len(identity) < 2 else identity, seed)
@@ -367,6 +378,10 @@ def _int8_graph(model: nn.Module, spec, calib, identity_images, int8, fallback_t
 # embedded metadata, less the counters stripped from tensor names (MobileFaceNet's mixed .tflite:
 # 1,775,960 B from the converter, 1,775,832 B written).
 _METADATA_ALLOWANCE = 16_384
+# Room left under the size budget for the error of the .pte's predicted size (its all-int8 file
+# plus 3 bytes a float weight, toolchain.quantize.recovery): SeesawFaceNet's mixed files came out
+# within 12 KB of it (README: the other recipes).
+_PTE_SIZE_ALLOWANCE = 16_384
 
 
 def _tflite_float_plan(model, spec, g: _Int8Graph, tflite_model, example, targets: dict | None, progress: bool):
@@ -477,9 +492,22 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
                 file_name: str | None = None) -> ArtifactRecord:
     """One .pte; an int8 one with layers kept in float (the fallback) is named `*_int8_mixed.pte`:
     a file that is not int8 end to end is not called int8."""
-    from toolchain.export.executorch import export_executorch
-
     t0 = time.perf_counter()
+    data, meta, report = _lower_pte(model, spec, model_name, example, precision, calib, threshold, source_rec,
+                                    versions, require_full, compute_head, user, template, int8)
+    method = int8.applied(pt2e=True) if precision == "int8" else None
+    mixed = precision == "int8" and int8.float_layers
+    file_name = file_name or f"{model_name}_{precision}{'_mixed' if mixed else ''}.pte"
+    return _record(staging, file_name, data, meta, "executorch", precision, "xnnpack",
+                   _checks({"delegation": report.to_dict()}, report.head_feature_scale, method),
+                   time.perf_counter() - t0)
+
+
+def _lower_pte(model, spec, model_name, example, precision, calib, threshold, source_rec, versions, require_full,
+               compute_head=None, user=None, template=None, int8=None):
+    """(bytes, metadata, delegation report) of one .pte (toolchain.export.executorch)."""
+    from toolchain.export.executorch import export_executorch
+    from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
 
     def metadata_fn(internal):
         return build_metadata(model_name=model_name, spec=spec, fmt="executorch", precision=precision,
@@ -488,19 +516,10 @@ def _export_pte(model, spec, model_name, example, precision, calib, threshold, s
                               threshold=threshold, source=source_rec, versions=versions, internal_quant=internal,
                               user=user, template=template)
 
-    from toolchain.quantize.exact_input import INPUT_SCALE, INPUT_ZERO_POINT
-
     pin = (INPUT_SCALE, INPUT_ZERO_POINT) if _exact_input(spec) else None
-    data, meta, report = export_executorch(model, example, precision, calib, spec.mean, spec.std,
-                                           require_full, metadata_fn, input_qparams=pin,
-                                           output_threshold=threshold if spec.output == "logit" else None,
-                                           compute_head=compute_head if precision == "int8" else None, int8=int8)
-    method = int8.applied(pt2e=True) if precision == "int8" else None
-    mixed = precision == "int8" and int8.float_layers
-    file_name = file_name or f"{model_name}_{precision}{'_mixed' if mixed else ''}.pte"
-    return _record(staging, file_name, data, meta, "executorch", precision, "xnnpack",
-                   _checks({"delegation": report.to_dict()}, report.head_feature_scale, method),
-                   time.perf_counter() - t0)
+    return export_executorch(model, example, precision, calib, spec.mean, spec.std, require_full, metadata_fn,
+                             input_qparams=pin, output_threshold=threshold if spec.output == "logit" else None,
+                             compute_head=compute_head if precision == "int8" else None, int8=int8)
 
 
 def _export_tflite(model, int8_model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,

@@ -42,13 +42,41 @@ def qat_images(images: np.ndarray, seed: int) -> np.ndarray:
     return np.delete(images, _measuring_indices(len(images), seed), axis=0)
 
 
+# What a layer kept in float adds to the .pte: its weights in float32 instead of int8. (Its
+# per-channel scales and the float ops' own overhead are in the size allowance of the caller.)
+FLOAT_WEIGHT_BYTES = 3
+
+
+def float_weight_count(model: nn.Module, units: list[str]) -> int:
+    """Weights of the convolutions and linear layers in `units` (modules or blocks, by name):
+    what the .pte stores in float32 instead of int8 when they stay float."""
+    return sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and any(name == u or name.startswith(u + ".") for u in units))
+
+
+def _size_rule(int8_model: nn.Module, int8, pte_size) -> tuple[dict, object]:
+    """(report, allowed(units) -> bool): a choice is allowed while the .pte's predicted size, its
+    all-int8 file plus FLOAT_WEIGHT_BYTES a float weight, stays within the budget."""
+    max_bytes, all_int8_bytes = pte_size
+    report = {"all_int8_bytes": None, "max_bytes": int(max_bytes), "bytes_per_float_weight": FLOAT_WEIGHT_BYTES}
+
+    def allowed(units: list[str]) -> bool:
+        if report["all_int8_bytes"] is None:  # one lowering, only once a float unit is tried
+            report["all_int8_bytes"] = int(all_int8_bytes(int8_model, int8))
+        return report["all_int8_bytes"] + FLOAT_WEIGHT_BYTES * float_weight_count(int8_model, units) <= max_bytes
+
+    return report, allowed
+
+
 def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.ndarray,
                  identity_images: np.ndarray | None, mean, std, int8, *, targets: dict | None = None,
-                 embedding: bool = True, seed: int = 0, progress: bool = True):
+                 embedding: bool = True, seed: int = 0, progress: bool = True, pte_size=None):
     """-> (model to quantise, Int8Options with float_layers, report dict). `float_model` is the
     reference (float outputs equal `int8_model`'s; the latter carries the export rewrites).
     identity_images: uint8 NHWC, QAT's training images and the fallback's measuring set, held out
-    from QAT (None: the calibration images). targets: {"min_cosine_mean", "min_cosine_min"} of the fallback."""
+    from QAT (None: the calibration images). targets: {"min_cosine_mean", "min_cosine_min"} of the fallback.
+    pte_size: (max bytes, all_int8_bytes(model, int8 options)) when the .pte has a size budget:
+    the fallback then tries no choice whose predicted file would exceed it."""
     report: dict = {}
     if not (int8.qat_steps or int8.fallback):
         return int8_model, int8, report
@@ -71,11 +99,17 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
             raise ToolchainError("export.int8.fallback needs a target: parity.min_embedding_cosine_mean or "
                                  "parity.min_embedding_cosine_min")
         measure = measuring_images(images, seed)
+        size, allowed = _size_rule(int8_model, int8, pte_size) if pte_size is not None else (None, None)
         sens = layer_sensitivity(int8_model, calibration, measure[ranking_indices(len(measure))], mean, std, int8,
                                  reference=float_model, progress=progress)
         choice = choose_float_layers(float_model, sens, measure, mean, std, max_layers=int8.max_float_layers,
                                      min_cosine_mean=targets.get("min_cosine_mean"),
-                                     min_cosine_min=targets.get("min_cosine_min"), progress=progress)
+                                     min_cosine_min=targets.get("min_cosine_min"), allowed=allowed,
+                                     progress=progress)
+        if size is not None and size["all_int8_bytes"] is not None:
+            size["predicted_bytes"] = size["all_int8_bytes"] + FLOAT_WEIGHT_BYTES * float_weight_count(
+                int8_model, list(choice["float_layers"]))
+            choice["size"] = size
         int8 = dataclasses.replace(int8, float_layers=tuple(choice["float_layers"]))
         report["sensitivity"] = {k: v for k, v in sens.items() if k != "graph"}
         report["fallback"] = {**choice, "targets": {k: targets.get(k) for k in ("min_cosine_mean", "min_cosine_min")},

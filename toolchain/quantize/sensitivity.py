@@ -350,13 +350,14 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
 
 def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray, mean, std, *,
                         min_cosine_mean: float | None, min_cosine_min: float | None, max_layers: int,
-                        batch: int = 16, progress: bool = False) -> dict:
+                        batch: int = 16, allowed=None, progress: bool = False) -> dict:
     """The fewest top-ranked layers to keep in float so the embedding cosine to float reaches the
     targets (None: not a target), at most `max_layers`. `images`: the measuring images the
     targets are judged on (toolchain.quantize.selection); `sensitivity` was measured on their
     ranking subset, `images[ranking_indices(len(images))]`. Returns {"float_layers": [...],
     "met": bool, "tried": [...], "trail": [{layers, cosine_mean, cosine_mean_low, cosine_min,
-    set_aside}, ...]}. When no choice meets the targets, `float_layers` is empty: float layers
+    set_aside}, ...]}. `allowed(units) -> bool` (None: any): a choice it refuses is not tried
+    (the .pte's size budget, toolchain.quantize.recovery). When no choice meets the targets, `float_layers` is empty: float layers
     cost latency, and a file that misses its bounds anyway is better all int8 (the trail shows
     what each step measured)."""
     graph = sensitivity["graph"]
@@ -375,10 +376,15 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     if met(trail[0]):
         return {"float_layers": [], "met": True, "tried": [], "trail": trail}
     if unit == "block":
-        return _choose_blocks(sensitivity, images, ref, batch, mean, std, judge, met, max_layers, trail, progress)
+        return _choose_blocks(sensitivity, images, ref, batch, mean, std, judge, met, max_layers, trail, progress,
+                              allowed)
     ranked = [r["layer"] for r in sensitivity["layers"]
               if r["gain_mean"] is not None and (r["gain_mean"] > 0 or r["gain_min"] > 0)]
-    for name in ranked[:max_layers]:
+    for name in ranked:
+        if len(chosen) == max_layers:
+            break
+        if allowed is not None and not allowed(chosen + [name]):
+            continue
         chosen.append(name)
         c = judge(chosen)
         trail.append({"layers": len(chosen), **c})
@@ -388,7 +394,7 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
 
 
 def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met, max_layers: int, trail: list,
-                   progress: bool) -> dict:
+                   progress: bool, allowed=None) -> dict:
     """Forward selection over blocks: each step keeps in float the block that raises the cosine
     most given the blocks already float (mean first, then minimum), ranked on the ranking images.
     Blocks interact where one alone does not: a float block's output is still rounded where the
@@ -402,7 +408,9 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met,
     pick = ranking_indices(len(images))
     ranking, ranking_ref = images[pick], ref[pick]
 
-    def rank(names: list[str]) -> dict:
+    def rank(names: list[str]) -> dict | None:
+        if allowed is not None and not allowed(names):
+            return None
         if len(names) == 1 and names[0] in alone:
             return dict(alone[names[0]])
         with _float_units(sensitivity["graph"], names, "block") as g:
