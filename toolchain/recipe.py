@@ -244,22 +244,6 @@ class Recipe(_Strict):
             raise ValueError("kind 'embedding' needs export.model or train.backbone")
         return self
 
-    @model_validator(mode="after")
-    def _tar_measurable(self) -> "Recipe":
-        """A TAR@FAR=1e-3 bound needs 1,000 mismatched pairs (half the pairs): with fewer, FAR <=
-        1e-3 means no false accept, and the bound reads one impostor's score. Checked where the
-        recipe gives the count; a pairs file is checked by parity."""
-        if self.parity.max_tar_drop is None:
-            return self
-        key, pairs = (("data.synthetic.pairs", self.data.synthetic.pairs) if self.data.source == "synthetic" else
-                      ("data.pairs", self.data.pair_count) if self.data.source == "folder" else (None, None))
-        if pairs is not None and self.parity.max_pairs is not None and self.parity.max_pairs < pairs:
-            key, pairs = "parity.max_pairs", self.parity.max_pairs
-        if pairs is not None and pairs // 2 < 1000:
-            raise ValueError(f"parity.max_tar_drop: TAR@FAR=1e-3 needs at least 1,000 mismatched pairs, and "
-                             f"{key}={pairs} holds {pairs // 2}; use 2000 or more pairs, or drop the TAR bound")
-        return self
-
     def resolved(self) -> dict:
         """The recipe with every default filled in, as plain JSON types."""
         return self.model_dump(mode="json")

@@ -157,6 +157,26 @@ def test_bin_round_trip(tmp_path):
     np.testing.assert_array_equal(pairs.images_b[2], decode_image(jpgs[5]))
 
 
+def test_pairs_take_the_identities_written_beside_them(tmp_path):
+    from toolchain.data.split import write_pair_identities
+
+    jpgs = [encode_jpeg(np.full((112, 112, 3), 40 * k, np.uint8)) for k in range(6)]
+    write_bin(tmp_path / "x.bin", jpgs, [True, False, True])
+    assert load_pairs(tmp_path / "x.bin").identities is None
+    write_pair_identities(tmp_path / "pair_identities.json", [4, 4, 7], [4, 5, 7])
+    pairs = load_pairs(tmp_path / "x.bin")
+    np.testing.assert_array_equal(pairs.identities[0], [4, 4, 7])
+    np.testing.assert_array_equal(pairs.subset(2).identities[1], [4, 5])
+    images, ia, ib = pairs.distinct()
+    np.testing.assert_array_equal(pairs.distinct_identities(ia, ib, len(images)), [4, 4, 4, 5, 7, 7])
+    write_pair_identities(tmp_path / "pair_identities.json", [4, 4, 7], [4, 4, 7])  # pair 2 is not a match
+    with pytest.raises(ToolchainError, match="disagree with issame"):
+        load_pairs(tmp_path / "x.bin")
+    write_pair_identities(tmp_path / "pair_identities.json", [4, 4], [4, 5])
+    with pytest.raises(ToolchainError, match="identities of"):
+        load_pairs(tmp_path / "x.bin")
+
+
 def test_lfw_round_trip(tmp_path):
     names = ["Ann_A", "Bob_B", "Cid_C"]
     rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from toolchain.errors import ToolchainError
-from toolchain.evaluate.metrics import roc_points, verification_metrics
+from toolchain.evaluate.metrics import cross_pair_tar, roc_points, verification_metrics
 
 
 def test_separable_scores_are_perfect():
@@ -131,3 +131,20 @@ def test_unbalanced_tenths_get_stratified_folds():
     scores = np.where(issame, rng.uniform(0.6, 1, 600), rng.uniform(0, 0.4, 600))
     m = verification_metrics(scores, issame)
     assert m["folds"] == "stratified" and m["accuracy"] == 1.0
+
+
+def test_cross_pair_tar_is_the_step_roc_over_every_pair():
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(12), 5)  # 60 images of 12 people: 1,770 pairs, 120 genuine
+    centres = rng.normal(size=(12, 8))
+    e = centres[ids] + rng.normal(scale=0.9, size=(60, 8))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    got = cross_pair_tar(e, ids)
+    i, j = np.triu_indices(60, 1)
+    listed = verification_metrics(np.sum(e[i] * e[j], axis=1), ids[i] == ids[j])
+    assert got["genuine"] == 120 and got["impostor"] == 1650 and got["far_resolution"] == 1 / 1650
+    assert got["tar_at_far"] == listed["tar_at_far"]  # one false accept allowed at 1e-3, none at 1e-4
+    assert got["tar_at_far"]["1e-4"] <= got["tar_at_far"]["1e-3"] and 0 < got["tar_at_far"]["1e-3"] < 1
+    assert cross_pair_tar(e, np.zeros(60)) is None  # no impostor pair
+    with pytest.raises(ToolchainError, match="identities"):
+        cross_pair_tar(e, ids[:5])

@@ -118,17 +118,6 @@ def test_failed_bound_raises(tiny_exports):
         check_parity(rows)
 
 
-def _many_pairs(pairs: VerificationPairs, n: int) -> VerificationPairs:
-    """n pairs (half matched, as the protocol's folds) over the same images: enough mismatched
-    pairs for TAR@FAR=1e-3, at the cost of the few distinct images (parity embeds each once)."""
-    rng = np.random.default_rng(5)
-    matched, mismatched = np.flatnonzero(pairs.issame), np.flatnonzero(~pairs.issame)
-    pick_a = np.concatenate([rng.choice(matched, n // 2), rng.choice(mismatched, n // 2)])
-    other = rng.choice(mismatched, n // 2)  # mismatched: an a image against another pair's b image
-    b = np.concatenate([pairs.images_b[pick_a[:n // 2]], pairs.images_b[other]])
-    return VerificationPairs(pairs.images_a[pick_a], b, np.arange(n) < n // 2, name="many")
-
-
 def test_distinct_images_of_pairs():
     a, b = _imgs(3, 1), _imgs(3, 2)
     pairs = VerificationPairs(np.stack([a[0], a[1], a[0]]), np.stack([b[0], a[0], b[2]]), [True, False, True])
@@ -140,20 +129,27 @@ def test_distinct_images_of_pairs():
 @pytest.mark.slow
 def test_cosine_and_tar_bounds(tiny_exports):
     model, paths, pairs = tiny_exports
-    # 40 pairs hold 20 mismatched ones: FAR <= 1e-3 is no false accept, so the TAR bound is refused.
+    # 40 listed pairs hold 20 mismatched ones: FAR <= 1e-3 is no false accept, so the TAR bound is refused.
     few = run_parity([paths["int8"]], pairs, reference=model, repeats=1,
                      bounds=ParityBounds(100, 0, max_tar_drop=100))[0]
-    assert not few["passed"] and "needs at least 1,000 mismatched pairs; this set has 20" in few["reason"]
-    many = _many_pairs(pairs, 2000)
-    loose = run_parity([paths["int8"]], many, reference=model, repeats=1,
+    assert not few["passed"] and "needs at least 1,000 impostor pairs; this set has 20" in few["reason"]
+    assert few["tar_pairs"] == {"of": "the listed pairs", "genuine": 20, "impostor": 20}
+    # With each side's person known, TAR is read over every pair of the 80 distinct images.
+    n = len(pairs)
+    people = VerificationPairs(pairs.images_a, pairs.images_b, pairs.issame, "people",
+                               (np.arange(n), np.where(pairs.issame, np.arange(n), n + np.arange(n))))
+    loose = run_parity([paths["int8"]], people, reference=model, repeats=1,
                        bounds=ParityBounds(100, 0, max_tar_drop=100, min_cosine_mean=-1, min_cosine_min=-1))[0]
     assert loose["passed"] and loose["tar_drop"] is not None and loose["bounds"]["max_tar_drop"] == 100
-    assert loose["far_resolution"] == pytest.approx(1 / 1000)
+    assert loose["tar_pairs"] == {"of": "every pair of the 80 distinct images", "genuine": 20,
+                                  "impostor": 80 * 79 // 2 - 20}
+    assert loose["far_resolution"] == pytest.approx(1 / loose["tar_pairs"]["impostor"])
+    assert loose["listed_tar_drop"] is not None
     # Bounds just above what the int8 file measures fail, each naming itself.
     strict = ParityBounds(100, 0, max_tar_drop=loose["tar_drop"] - 0.01,
                           min_cosine_mean=loose["embedding_cosine_mean"] + 1e-6,
                           min_cosine_min=loose["embedding_cosine_min"] + 1e-6)
-    row = run_parity([paths["int8"]], many, reference=model, bounds=strict, repeats=1)[0]
+    row = run_parity([paths["int8"]], people, reference=model, bounds=strict, repeats=1)[0]
     assert not row["passed"]
     for text in ("TAR@FAR=1e-3 drop", "embedding cosine mean", "embedding cosine min"):
         assert text in row["reason"]

@@ -8,18 +8,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from toolchain.data.folder import read_pairs_tsv
 from toolchain.data.insightface_bin import read_bin
 from toolchain.data.lfw import read_lfw
 from toolchain.data.pairs import VerificationPairs
+from toolchain.data.split import read_pair_identities
 from toolchain.errors import ToolchainError
 
 
 def load_pairs(path) -> VerificationPairs:
-    """Read verification pairs from a .bin, an LFW root / pairs.txt, or a pairs.tsv folder."""
-    p = Path(path)
+    """Read verification pairs from a .bin, an LFW root / pairs.txt, or a pairs.tsv folder, with
+    the person of each pair side where a `pair_identities.json` lies beside them (toolchain.data.split)."""
+    pairs = _read_pairs(Path(path))
+    identities = read_pair_identities(path)
+    return pairs if identities is None else dataclasses.replace(pairs, identities=identities)
+
+
+def _read_pairs(p: Path) -> VerificationPairs:
     if not p.exists():
         raise ToolchainError(f"{p}: no such file or folder")
     if p.is_file():

@@ -688,7 +688,8 @@ class SyntheticBenchmark:
                              workers=workers, progress=progress)
         ia = np.array([where[(int(r[0]), int(r[1]))] for r in rows])
         ib = np.array([where[(int(r[2]), int(r[3]))] for r in rows])
-        return VerificationPairs(images[ia], images[ib], rows[:, 4].astype(bool), name="synthetic")
+        return VerificationPairs(images[ia], images[ib], rows[:, 4].astype(bool), name="synthetic",
+                                 identities=(rows[:, 0], rows[:, 2]))
 
 
 def default_benchmark(**overrides) -> SyntheticBenchmark:

@@ -19,6 +19,9 @@ Conventions (documented because papers differ):
 - tar_at_far: on all pairs, the highest true-accept rate whose false-accept rate is <= the
   target (a step ROC, no interpolation). With M negative pairs a FAR below 1/M can only be met
   with zero false accepts; `far_resolution` = 1/M says where that starts.
+- cross_pair_tar: the same TAR over every pair of a set of images whose people are known (the
+  IJB way): n images give n(n-1)/2 pairs, so a thousand images put FAR=1e-3 hundreds of false
+  accepts deep instead of at the single top impostor of a 1,200-pair list.
 - auc: area under the ROC (scikit-learn); eer: where FAR equals FRR, linearly interpolated
   between the two ROC points around the crossing.
 """
@@ -149,3 +152,40 @@ def verification_metrics(scores, issame, higher_is_same: bool = True, n_folds: i
         "num_matched": int(y.sum()),
         "num_mismatched": n_neg,
     }
+
+
+# Above this many images the n x n scores of cross_pair_tar (200 MB at 5,000) grow too large;
+# callers fall back to the listed pairs.
+CROSS_PAIR_MAX_IMAGES = 5000
+
+
+def cross_pair_tar(embeddings: np.ndarray, identities: np.ndarray) -> dict | None:
+    """TAR at each FAR_TARGETS over every pair (i < j) of the images: L2-normalised embeddings
+    (n, d), scored by cosine; the pair is genuine when `identities` match. Same step-ROC rule as
+    verification_metrics: the highest TAR whose false accepts are at most FAR x impostors.
+    Returns {"tar_at_far", "far_resolution", "genuine", "impostor"}, or None when the set has no
+    genuine or no impostor pair, or more than CROSS_PAIR_MAX_IMAGES images."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    ids = np.asarray(identities).reshape(-1)
+    n = len(e)
+    if n != len(ids):
+        raise ToolchainError(f"cross_pair_tar: {n} embeddings but {len(ids)} identities")
+    if n < 2 or n > CROSS_PAIR_MAX_IMAGES:
+        return None
+    i, j = np.triu_indices(n, 1)
+    scores = (e @ e.T)[i, j]
+    same = ids[i] == ids[j]
+    genuine, impostor = scores[same], scores[~same]
+    if not len(genuine) or not len(impostor):
+        return None
+    tar = {}
+    for key, far in FAR_TARGETS.items():
+        allowed = int(np.floor(far * len(impostor) + 1e-9))  # false accepts the FAR leaves
+        if allowed >= len(impostor):
+            tar[key] = 1.0
+            continue
+        # Accept above the (allowed + 1)-th highest impostor score.
+        bar = np.partition(impostor, len(impostor) - 1 - allowed)[len(impostor) - 1 - allowed]
+        tar[key] = float(np.mean(genuine > bar))
+    return {"tar_at_far": tar, "far_resolution": 1.0 / len(impostor), "genuine": int(len(genuine)),
+            "impostor": int(len(impostor))}
