@@ -139,7 +139,7 @@ def embed(runner, images: np.ndarray) -> np.ndarray:
     return runner.run(images) + runner.run(_flip(images))
 
 
-def pair_scores(runner, pairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pair_scores(runner, pairs) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """The insightface protocol's scores of verification pairs: cosine of the image + mirror
     embeddings, each distinct image embedded once. Returns (scores as float64, embeddings of
     the distinct images, (index_a, index_b) into them)."""

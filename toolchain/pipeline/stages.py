@@ -278,18 +278,8 @@ def _savez(path: str, **arrays: np.ndarray) -> None:
 def _negative_images(ctx: RunContext) -> np.ndarray:
     """Up to `parity.max_negatives` distinct images of the verification pairs: the shared
     negative probes of every user (pair identities are disjoint from the enrolled ones)."""
-    import hashlib
-
-    pairs = _pairs(ctx, None)
-    seen, keep = set(), []
-    for img in (im for k in range(len(pairs)) for im in (pairs.images_a[k], pairs.images_b[k])):
-        digest = hashlib.sha1(img.tobytes()).digest()  # pairs reuse images: count each once
-        if digest not in seen:
-            seen.add(digest)
-            keep.append(img)
-            if len(keep) == ctx.recipe.parity.max_negatives:
-                break
-    return np.stack(keep)
+    images, _, _ = _pairs(ctx, None).distinct()  # pairs reuse images: count each once
+    return images[:ctx.recipe.parity.max_negatives]
 
 
 def _user_probes(ctx: RunContext, user: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
