@@ -7,8 +7,8 @@ from torch import nn
 
 from toolchain.data.pairs import VerificationPairs
 from toolchain.errors import CheckFailed, ToolchainError
-from toolchain.evaluate.parity import (ParityBounds, ProbeSet, check_parity, load_eval_set, load_probe_set,
-                                       run_parity, write_probe_set)
+from toolchain.evaluate.parity import (ParityBounds, ProbeSet, _lowest_images, check_parity, load_eval_set,
+                                       load_probe_set, run_parity, write_probe_set)
 from toolchain.models.registry import ModelSpec
 
 
@@ -126,6 +126,20 @@ def test_distinct_images_of_pairs():
     assert np.array_equal(images[ia], pairs.images_a) and np.array_equal(images[ib], pairs.images_b)
 
 
+def test_lowest_images_name_their_first_pair_and_person():
+    a, b = _imgs(3, 1), _imgs(3, 2)
+    # a0 is pair 0's a and pair 2's a; b0 is pair 0's b and pair 1's a; a1 first appears as pair 1's b.
+    pairs = VerificationPairs(np.stack([a[0], b[0], a[0]]), np.stack([b[0], a[1], b[2]]), [True, False, True],
+                              identities=(np.array([7, 7, 7]), np.array([7, 8, 7])))
+    images, ia, ib = pairs.distinct()  # a0, b0, a1, b2
+    cos = np.array([0.95, 0.999, 0.9, 0.99])
+    lowest = _lowest_images(cos, pairs, (ia, ib))
+    assert [x["cosine"] for x in lowest] == [0.9, 0.95, 0.99, 0.999]
+    assert [(x["pair"], x["side"], x["person"]) for x in lowest] == [(1, "b", 8), (0, "a", 7), (2, "b", 7), (0, "b", 7)]
+    unnamed = VerificationPairs(pairs.images_a, pairs.images_b, pairs.issame)
+    assert [x["person"] for x in _lowest_images(cos, unnamed, (ia, ib))] == [None] * 4
+
+
 @pytest.mark.slow
 def test_cosine_and_tar_bounds(tiny_exports):
     model, paths, pairs = tiny_exports
@@ -145,6 +159,15 @@ def test_cosine_and_tar_bounds(tiny_exports):
                                   "impostor": 80 * 79 // 2 - 20}
     assert loose["far_resolution"] == pytest.approx(1 / loose["tar_pairs"]["impostor"])
     assert loose["listed_tar_drop"] is not None
+    # The images furthest from float, lowest first, with where each first appears and its person.
+    lowest = loose["embedding_cosine_lowest"]
+    assert len(lowest) == 5 and lowest[0]["cosine"] == pytest.approx(loose["embedding_cosine_min"])
+    assert [x["cosine"] for x in lowest] == sorted(x["cosine"] for x in lowest)
+    for x in lowest:
+        side = pairs.images_a if x["side"] == "a" else pairs.images_b
+        assert x["person"] == people.identities[0 if x["side"] == "a" else 1][x["pair"]]
+        assert x["pair"] == min(k for k in range(n) if np.array_equal(pairs.images_a[k], side[x["pair"]])
+                                or np.array_equal(pairs.images_b[k], side[x["pair"]]))
     # Bounds just above what the int8 file measures fail, each naming itself.
     strict = ParityBounds(100, 0, max_tar_drop=loose["tar_drop"] - 0.01,
                           min_cosine_mean=loose["embedding_cosine_mean"] + 1e-6,
@@ -153,6 +176,8 @@ def test_cosine_and_tar_bounds(tiny_exports):
     assert not row["passed"]
     for text in ("TAR@FAR=1e-3 drop", "embedding cosine mean", "embedding cosine min"):
         assert text in row["reason"]
+    first = lowest[0]
+    assert f"(pair {first['pair']} {first['side']}, person {first['person']})" in row["reason"]
 
 
 @pytest.mark.slow

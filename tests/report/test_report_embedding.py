@@ -151,3 +151,20 @@ def test_report_shows_the_tflite_fallback_its_trail_bytes_and_latency(tmp_path):
     write_report(_recovery_only(recovery), tmp_path)
     assert "The `.tflite`'s fallback did not run: cannot tell which ops. The file is all int8." in \
         (tmp_path / "report.md").read_text()
+
+
+def test_report_lists_the_int8_files_lowest_images(tmp_path):
+    lowest = [{"pair": 901, "side": "b", "person": 261, "cosine": 0.98949}, {"pair": 12, "side": "a", "person": None,
+                                                                             "cosine": 0.9905}]
+    parity = [{"artifact": f"export/m_{p}.pte", "file": f"m_{p}.pte", "precision": p, "accuracy": 97.9,
+               "float_accuracy": 97.9, "accuracy_drop": 0.0, "decision_agreement": 99.9, "latency_ms": 3.7,
+               "float_latency_ms": 34.0, "passed": p == "fp32", "embedding_cosine_mean": 0.9991,
+               "embedding_cosine_min": lowest[0]["cosine"] if p == "int8" else 0.99999,
+               "embedding_cosine_lowest": lowest if p == "int8" else [dict(lowest[0], cosine=0.99999)]}
+              for p in ("int8", "fp32")]
+    core = {"name": "m", "kind": "embedding", "recipe": {}, "recipe_hash": "0" * 64, "artifacts": [],
+            "budgets": [], "parity": parity, "failures": ["x"], "passed": False}
+    write_report(core, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "- `m_int8.pte`: 0.9895 (pair 901 b, person 261), 0.9905 (pair 12 a)" in md
+    assert "m_fp32.pte`:" not in md  # float files sit at 1.0; only int8 ones are listed

@@ -32,6 +32,7 @@ from toolchain.evaluate.flips import allowed_flips, expected_flips, noise_budget
 
 PROBE_SCHEMA = "toolchain.probe_set/1"
 TAR_FAR = 1e-3  # the false-accept rate the TAR bound is read at
+LOWEST_SHOWN = 5  # an embedding model's images furthest from float, listed in each row
 
 
 @dataclass
@@ -174,6 +175,28 @@ def _tar_rows(data, s: dict, fs: dict, m: dict | None, fm: dict | None) -> dict:
             "far_resolution": fm["far_resolution"] if fm else None, "tar_pairs": listed}
 
 
+def _lowest_images(cos: np.ndarray, pairs, index: tuple[np.ndarray, np.ndarray]) -> list[dict]:
+    """The LOWEST_SHOWN distinct images whose embeddings are furthest from float's, lowest first:
+    the first listed pair each appears in (0-based, side "a" or "b") and its person where the
+    pairs' identities are known. The minimum bound hinges on one image; these say which, and
+    whether the lowest share a person (on SeesawFaceNet they did: README, the other recipes)."""
+    ia, ib = index
+    ids = pairs.distinct_identities(ia, ib, len(cos))
+    out = []
+    for i in np.argsort(cos, kind="stable")[:LOWEST_SHOWN]:
+        pair, side = min([(int(k), "a") for k in np.flatnonzero(ia == i)[:1]] +
+                         [(int(k), "b") for k in np.flatnonzero(ib == i)[:1]])
+        out.append({"pair": pair, "side": side, "person": None if ids is None else int(ids[i]),
+                    "cosine": float(cos[i])})
+    return out
+
+
+def image_place(image: dict) -> str:
+    """'pair 12 b, person 261' for an `embedding_cosine_lowest` entry."""
+    person = "" if image.get("person") is None else f", person {image['person']}"
+    return f"pair {image['pair']} {image['side']}{person}"
+
+
 def _metrics(scores: np.ndarray, issame: np.ndarray) -> dict | None:
     from toolchain.evaluate.metrics import verification_metrics
 
@@ -263,6 +286,7 @@ def run_parity(artifacts: Sequence, eval_set, reference=None, bounds=None, *, re
             cos = np.sum(_l2(s["embeddings"]) * _l2(fs["embeddings"]), axis=1)
             row["embedding_cosine_mean"] = float(cos.mean())
             row["embedding_cosine_min"] = float(cos.min())
+            row["embedding_cosine_lowest"] = _lowest_images(cos, data, s["index"])
         row["accuracy_drop"] = row["float_accuracy"] - row["accuracy"]
         row.update(_tar_rows(data, s, fs, m, fm))
         tar, float_tar = row["tar_at_far"], row["float_tar_at_far"]
@@ -323,7 +347,9 @@ def _optional_bound_failures(row: dict, bounds: ParityBounds) -> list[str]:
             out.append(f"TAR@FAR=1e-3 drop {row['tar_drop']:.2f} > {bounds.max_tar_drop} points")
     for key, limit in (("embedding_cosine_mean", bounds.min_cosine_mean), ("embedding_cosine_min", bounds.min_cosine_min)):
         if limit is not None and key in row and row[key] < limit - 1e-12:
-            out.append(f"{key.replace('_', ' ')} {row[key]:.5f} < {limit}")
+            lowest = row.get("embedding_cosine_lowest") if key == "embedding_cosine_min" else None
+            where = f" ({image_place(lowest[0])})" if lowest else ""
+            out.append(f"{key.replace('_', ' ')} {row[key]:.5f} < {limit}{where}")
     return out
 
 

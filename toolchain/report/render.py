@@ -16,6 +16,7 @@ import markdown as md_lib
 import numpy as np
 
 from toolchain.environment import describe_cpu
+from toolchain.evaluate.parity import image_place
 import toolchain.report.plots as plots
 
 PLOTS_DIR = "report_files"
@@ -185,6 +186,13 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
         probes = {p.get("num") for p in parity if p.get("num")}
         if probes:
             out += [f"Evaluated on {', '.join(str(n) for n in sorted(probes))} inputs per artifact.", ""]
+    lowest = [p for p in parity if p.get("embedding_cosine_lowest") and p.get("precision") != "fp32"]
+    if lowest:
+        # The minimum bound hinges on one image: which ones, and whether they share a person.
+        out += ["Lowest embedding cosines to float (the first listed pair each image is in, and its person):", ""]
+        out += [f"- `{p.get('file') or p.get('artifact')}`: "
+                + ", ".join(f"{x['cosine']:.4f} ({image_place(x)})" for x in p["embedding_cosine_lowest"])
+                for p in lowest] + [""]
     out += _arm64_lines(core.get("parity_arm64", []))
     if scatter:
         out += [f"![parity scatter: float score vs artifact score]({scatter})", ""]
