@@ -65,7 +65,7 @@ def main() -> int:
         run_dir = out / f"seed-{seed}"
         cmd = [sys.executable, "-m", "toolchain", "run", args.recipe, "--out", str(run_dir),
                *seed_overrides(recipe, seed), *args.overrides]
-        console.print(f"seed {seed}: {' '.join(cmd[1:])}")
+        console.print(f"seed {seed}: {' '.join(cmd[1:])}", markup=False)  # overrides hold [lists]
         start = time.perf_counter()
         exits[seed] = subprocess.run(cmd).returncode  # its stages and progress bars show as it runs
         walls[seed] = time.perf_counter() - start
