@@ -78,6 +78,19 @@ def test_table_shows_each_seed_and_the_mean():
     assert "-0.0010 / 0.0075" in text and "-0.0010 ± 0.0000 / 0.0075 ± 0.0000" in text
 
 
+def test_each_seed_names_the_person_of_its_lowest_image():
+    from rich.console import Console
+
+    runs = {0: _manifest({"a.pte": 99.0}, 70.0, True), 1: _manifest({"a.pte": 99.75}, 72.0, True)}
+    runs[0]["parity"][0]["embedding_cosine_lowest"] = [{"pair": 3, "side": "b", "person": 261, "cosine": 0.99}]
+    s = summarize_seeds(runs)
+    assert s["artifacts"]["a.pte"]["lowest_person"] == [261, None]
+    console = Console(record=True, width=200)
+    console.print(seed_table(s))
+    text = console.export_text()
+    assert "0.9990 / 0.9900 (261)" in text and text.count("(261)") == 1
+
+
 def test_table_keeps_file_names_whole_at_the_bench_width():
     from rich.console import Console
 

@@ -7,8 +7,9 @@ makes them) and returns, per seed and as mean ± sample std (ddof=1) over the se
 - the float model's accuracy on the recipe's pairs or probes (parity's float reference);
 - for each artifact: decision agreement and the flipped decisions it is made of, accuracy drop,
   TAR@FAR=1e-3 drop, embedding cosine mean and min (embedding models), the score's shift and
-  noise against float (runs made before parity measured them have none), and whether its parity
-  bounds held;
+  noise against float (runs made before parity measured them have none), whether its parity
+  bounds held, and the person of its lowest-cosine pair image where parity named one (the same
+  person at every seed says the minimum bound hinges on that person's images);
 - whether the whole run passed (budgets and parity: the run's exit 0).
 """
 
@@ -60,6 +61,8 @@ def seed_result(manifest: Mapping) -> dict:
         values["flips"] = int(round((100.0 - row["decision_agreement"]) / 100.0 * row["num"]))
         values["passed"] = bool(row.get("passed"))
         values["file"] = row["file"]
+        lowest = row.get("embedding_cosine_lowest") or [{}]
+        values["lowest_person"] = lowest[0].get("person")
         artifacts[_slot(row["file"])] = values
     return {"passed": bool(manifest.get("passed")), "float_accuracy": float(rows[0]["float_accuracy"]),
             "artifacts": artifacts}
@@ -83,6 +86,7 @@ def summarize_seeds(manifests: Mapping[int, Mapping]) -> dict:
         entry = {name: _stats([p.get(name) for p in per_seed]) for name in (*PARITY_METRICS.values(), "flips")}
         entry["passed"] = [bool(p.get("passed")) for p in per_seed]
         entry["files"] = [p.get("file") for p in per_seed]
+        entry["lowest_person"] = [p.get("lowest_person") for p in per_seed]
         # Named as the seeds' files were: "m_int8[_mixed].pte" where some kept float units and some not.
         named = {x for x in entry["files"] if x}
         artifacts[named.pop() if len(named) == 1 else f.replace("_int8.", "_int8[_mixed].")] = entry
@@ -103,6 +107,10 @@ def _num(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _person(person) -> str:
+    return "" if person is None else f" ({person})"
+
+
 def seed_table(summary: Mapping):
     """A rich Table of `summarize_seeds` (plus "cpu" and "exit_codes" where given): one block of
     rows per seed, then mean ± std and how many seeds passed."""
@@ -112,7 +120,7 @@ def seed_table(summary: Mapping):
     title = f"{summary['recipe']}: {len(seeds)} seeds" + (f"; {summary['cpu']}" if summary.get("cpu") else "")
     table = Table(title=title)
     for col in ("seed", "exit", "float accuracy %", "artifact", "agreement % (flips)", "accuracy drop",
-                "TAR@1e-3 drop", "cosine mean / min", "score shift / noise", "parity"):
+                "TAR@1e-3 drop", "cosine mean / min (person)", "score shift / noise", "parity"):
         # The file name is what tells the .pte from the .tflite: never cut it short.
         table.add_column(col, justify="left" if col == "artifact" else "right", no_wrap=col == "artifact",
                          min_width=max(map(len, summary["artifacts"])) if col == "artifact" else None)
@@ -124,7 +132,8 @@ def seed_table(summary: Mapping):
                           _num(summary["float_accuracy"]["values"][i]) if first else "", name,
                           "-" if agreement is None else f"{agreement:.2f} ({a['flips']['values'][i]})",
                           _num(a["accuracy_drop"]["values"][i]), _num(a["tar_drop"]["values"][i]),
-                          f"{_num(a['cosine_mean']['values'][i], 4)} / {_num(a['cosine_min']['values'][i], 4)}",
+                          f"{_num(a['cosine_mean']['values'][i], 4)} / {_num(a['cosine_min']['values'][i], 4)}"
+                          + _person(a.get("lowest_person", [None] * len(seeds))[i]),
                           f"{_num(a['score_shift']['values'][i], 4)} / {_num(a['score_noise']['values'][i], 4)}",
                           "pass" if a["passed"][i] else "FAIL")
         table.add_section()
