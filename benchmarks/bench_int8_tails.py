@@ -24,14 +24,10 @@ from rich.console import Console
 from rich.table import Table
 
 from toolchain.data import load_identity_dataset, load_pairs
-from toolchain.evaluate.parity import embed
+from toolchain.evaluate.parity import unit_embed
 from toolchain.runtime import load_runner
 
 PERSONS_SHOWN = 5
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _image_sets(run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -66,7 +62,7 @@ def main() -> None:
     for run in args.runs:
         sets = _image_sets(run)
         ref = load_runner(run / "train" / "backbone" / "backbone.pt")
-        floats = {k: _unit(embed(ref, images)) for k, (images, _) in sets.items()}
+        floats = {k: unit_embed(ref, images) for k, (images, _) in sets.items()}
         table = Table(title=f"{run}: embedding cosine to float of each image (with its mirror)")
         for col in ("file / images", "n", "mean", "1% quantile", "min", f"below {args.min_cosine}",
                     f"lowest {PERSONS_SHOWN} persons: min (images below / of)"):
@@ -74,7 +70,7 @@ def main() -> None:
         for path in sorted((run / "export").glob("*int8*")):
             runner = load_runner(path)
             for k, (images, persons) in sets.items():
-                cos = np.sum(_unit(embed(runner, images)) * floats[k], axis=1)
+                cos = np.sum(unit_embed(runner, images) * floats[k], axis=1)
                 table.add_row(*_row(f"{path.name} / {k}", cos, persons, args.min_cosine))
                 dump.setdefault(str(run), {}).setdefault(path.name, {})[k] = {
                     "cosine": cos.round(6).tolist(), "person": persons.tolist()}

@@ -140,12 +140,17 @@ def embed(runner, images: np.ndarray) -> np.ndarray:
     return runner.run(images) + runner.run(_flip(images))
 
 
+def unit_embed(runner, images: np.ndarray) -> np.ndarray:
+    """`embed`, L2-normalised: what the pair scores and the cosine to float compare."""
+    return _l2(embed(runner, images))
+
+
 def pair_scores(runner, pairs) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """The insightface protocol's scores of verification pairs: cosine of the image + mirror
     embeddings, each distinct image embedded once. Returns (scores as float64, embeddings of
     the distinct images, (index_a, index_b) into them)."""
     images, ia, ib = pairs.distinct()
-    e = _l2(embed(runner, images))
+    e = unit_embed(runner, images)
     return np.sum(e[ia] * e[ib], axis=1).astype(np.float64), e, (ia, ib)
 
 

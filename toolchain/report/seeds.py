@@ -133,7 +133,7 @@ def seed_table(summary: Mapping):
                           "-" if agreement is None else f"{agreement:.2f} ({a['flips']['values'][i]})",
                           _num(a["accuracy_drop"]["values"][i]), _num(a["tar_drop"]["values"][i]),
                           f"{_num(a['cosine_mean']['values'][i], 4)} / {_num(a['cosine_min']['values'][i], 4)}"
-                          + _person(a.get("lowest_person", [None] * len(seeds))[i]),
+                          + _person(a["lowest_person"][i]),
                           f"{_num(a['score_shift']['values'][i], 4)} / {_num(a['score_noise']['values'][i], 4)}",
                           "pass" if a["passed"][i] else "FAIL")
         table.add_section()
