@@ -169,6 +169,9 @@ class Int8Section(_Strict):
                                                      "conv or linear layer or one block of the model at a time")
     float_layers: list[str] = Field(default_factory=list, description="modules kept in float (names; with "
                                     "fallback off, in both int8 files)")
+    full_range_layers: list[str] = Field(default_factory=list, description="modules (blocks or layers) whose "
+                                         "activations take the calibration images' full min-max range, whatever "
+                                         "`calibration` says (both int8 files)")
     executorch: Optional[Int8FormatSection] = None
     tflite: Optional[Int8FormatSection] = None
 

@@ -78,3 +78,22 @@ def test_minmax_equals_the_converters_one_step_conversion(saved_model):
     direct = converter.convert()
     ours = quantize_saved_model(saved_model, inputs, Int8Options(calibration="minmax"))
     assert _activation_scales(ours) == _activation_scales(direct)
+
+
+def test_full_range_tensors_take_their_min_max_and_the_rest_their_method(saved_model):
+    from toolchain.errors import ToolchainError
+    from toolchain.export.tflite_calibration import quantize_saved_model
+
+    minmax = _activation_scales(quantize_saved_model(saved_model, _inputs(), Int8Options(calibration="minmax")))
+    options = Int8Options(calibration="percentile", percentile=99.0, full_range_layers=("conv",))
+    clipped = _activation_scales(quantize_saved_model(saved_model, _inputs(), Int8Options(calibration="percentile",
+                                                                                          percentile=99.0)))
+    relu = [k for k in clipped if "Relu" in k]
+    assert relu and all(clipped[k] < 0.5 * minmax[k] for k in relu)
+    full = _activation_scales(quantize_saved_model(saved_model, _inputs(), options, full_range_ops=lambda _: relu))
+    assert all(abs(full[k] / minmax[k] - 1) < 1e-6 for k in relu)
+    assert all(full[k] == clipped[k] for k in clipped if k not in relu and "Reshape" not in k)
+    # The reshape copies its source's range, full range included.
+    assert all(abs(full[k] / minmax[k] - 1) < 1e-6 for k in full if "Reshape" in k)
+    with pytest.raises(ToolchainError, match="full_range_layers"):
+        quantize_saved_model(saved_model, _inputs(), options)

@@ -13,6 +13,7 @@ from toolchain.export import export_model
 from toolchain.export.tflite_check import inspect_tflite
 from toolchain.export.tflite_fallback import (
     FloatPlan, choose_float_units, half_float_weights, litert_embeddings, op_units, quantize_keeping_float,
+    unit_tensors,
 )
 from toolchain.models.registry import ModelSpec
 from toolchain.runtime.preprocess import normalise
@@ -226,3 +227,25 @@ def test_weighted_ops_match_layers_by_weight_direction_when_branches_are_reorder
                           list(zip(kinds, ops)), layers)
     # Weight directions tell the branches apart; 1x1 depthwise weights cannot, so order does.
     assert [owner[id(op)] for op in ops] == ["branch_b", "branch_a", "gate_1", "gate_2"]
+
+
+def test_full_range_units_are_named_by_block_or_layer(calibrated):
+    model, buf, example, _ = calibrated
+    blocks = op_units(buf, model, example, ["features.0", "features.1", "pool", "emb"])
+    assert unit_tensors(buf, model, example, ["features.1"]) == blocks["features.1"]
+    assert unit_tensors(buf, model, example, ["emb"]) == op_units(buf, model, example, None)["emb"]
+    with pytest.raises(ToolchainError, match="full_range_layers: nope is neither a block"):
+        unit_tensors(buf, model, example, ["nope"])
+
+
+def test_export_keeps_full_range_layers_in_both_files_int8(tmp_path):
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    int8 = {"calibration": "percentile", "full_range_layers": ["features.0"]}
+    recs = export_model(_Blocks().eval(), tmp_path, ["executorch", "tflite"], "int8", images, progress=False,
+                        int8=int8)
+    assert sorted(r.file for r in recs) == ["tiny-blocks_int8.pte", "tiny-blocks_int8.tflite"]
+    assert all(r.checks["int8_method"]["full_range_layers"] == ["features.0"] for r in recs)
+    with pytest.raises(ToolchainError, match="full_range_layers: nope"):
+        export_model(_Blocks().eval(), tmp_path / "bad", "tflite", "int8", images, progress=False,
+                     int8={**int8, "full_range_layers": ["nope"]})

@@ -45,3 +45,32 @@ def test_float_layer_before_a_view_leaves_the_view_float_instead_of_failing():
     with torch.no_grad():
         ref, out = model(x), converted(x)
     assert torch.nn.functional.cosine_similarity(out, ref).item() > 0.99
+
+
+def test_full_range_layers_take_the_observed_min_max_and_add_no_requantise():
+    """The tensors a named module writes get MinMax ranges; every other keeps the recipe's
+    method, and the graph gets no extra quantise at the module's edge."""
+    import pytest
+    from torch import nn
+
+    from toolchain.errors import ToolchainError
+    from toolchain.quantize.int8_options import Int8Options
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.Conv2d(8, 8, 3, stride=2), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(1), nn.Linear(8, 4)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+
+    def converted(**kw):
+        return quantize_xnnpack_int8(model, torch.zeros(1, 3, 64, 64), images, (0.5,) * 3, (0.5,) * 3,
+                                     int8=Int8Options(**kw))
+
+    clipped = converted(calibration="percentile", percentile=90.0)
+    full = converted(calibration="percentile", percentile=90.0, full_range_layers=("0",))
+    minmax = converted(calibration="minmax")
+    c, f, m = _scales(clipped), _scales(full), _scales(minmax)
+    assert f.keys() == c.keys()  # no quantise added
+    assert f["conv2d"] == pytest.approx(m["conv2d"], rel=1e-6) and f["conv2d"] > 1.2 * c["conv2d"]
+    assert f["conv2d_1"] == pytest.approx(c["conv2d_1"], rel=1e-6)  # the next layer keeps its percentile
+    with pytest.raises(ToolchainError, match="full_range_layers: nope is not a module"):
+        converted(calibration="percentile", full_range_layers=("nope",))

@@ -77,13 +77,15 @@ def anchor_input_range(calibration: np.ndarray) -> np.ndarray:
 
 def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: list[str],
                           calibration: np.ndarray | None, mean, std, verbose: bool = False,
-                          exact_input: bool = False, int8=None, float_plan=None) -> dict[str, bytes]:
+                          exact_input: bool = False, int8=None, float_plan=None,
+                          full_range_ops=None) -> dict[str, bytes]:
     """Return {"fp32": bytes, "int8": bytes} for the precisions asked (int8 = full integer, int8 I/O).
     onnx2tf writes the float file and its saved_model; the int8 file comes from that saved_model
     through the TFLite converter with ranges set by `int8.calibration`
     (toolchain.export.tflite_calibration). `exact_input`: anchor the calibration's input range
     to the full pixel range. `float_plan` (toolchain.export.tflite_fallback.FloatPlan): what the
-    int8 file keeps in float (its `report` says what it kept)."""
+    int8 file keeps in float (its `report` says what it kept). `full_range_ops`: see
+    toolchain.export.tflite_calibration.quantize_saved_model."""
     import onnx2tf
 
     from toolchain.export.tflite_calibration import quantize_saved_model
@@ -121,7 +123,8 @@ def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: l
             inputs = ((calibration.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
             try:
                 with contextlib.redirect_stdout(sys.stdout if verbose else sink):
-                    result["int8"] = canonical_tensor_names(quantize_saved_model(str(out), inputs, int8, float_plan))
+                    result["int8"] = canonical_tensor_names(quantize_saved_model(str(out), inputs, int8, float_plan,
+                                                                                 full_range_ops))
             except ToolchainError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the converter's errors are long C++ traces
@@ -165,6 +168,7 @@ def export_tflite_litert_torch(model: nn.Module, example: torch.Tensor, precisio
                     int8 = Int8Options.from_any(int8)
                     quantizer = _own_pool_range(PT2EQuantizer)().set_global(with_calibration(
                         get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False), int8))
+                    quantizer.full_range_layers = tuple(int8.full_range_layers)
                     converted = quantize_pt2e(model, example, calibration, mean, std, quantizer,
                                               input_qparams=input_qparams, output_threshold=output_threshold,
                                               fold_quantize=False, bias_correction=int8.bias_correction)

@@ -8,7 +8,8 @@ by the same torchao observers as the PT2E path (toolchain.quantize.int8_options)
 calibration images, from the activations the calibrated model computes. Left as calibrated: the
 graph input (its range is the pixel grid, toolchain.quantize.exact_input) and outputs of ops that
 move values without changing them (reshape, pad, transpose, ...), which take their input's range
-because LiteRT requires it.
+because LiteRT requires it. Tensors written by the modules of `export.int8.full_range_layers`
+take their observed minimum and maximum instead (as PT2E's MinMax observers do for the `.pte`).
 
 With `minmax` the ranges are the converter's own, and the file equals a one-step conversion's
 (the same flips, logit for logit, on the demo verifier).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from toolchain.errors import ToolchainError
 from toolchain.quantize.int8_options import Int8Options
 
 # Ops whose output must share its input's quantisation (LiteRT kernels copy the int8 values).
@@ -26,10 +28,13 @@ _SAME_RANGE = ("RESHAPE", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE",
 
 
 def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8Options | None = None,
-                         float_plan=None) -> bytes:
+                         float_plan=None, full_range_ops=None) -> bytes:
     """Full-integer .tflite (int8 input and output, per-channel weights) of a saved_model.
     `inputs`: normalised float32 NHWC calibration batch, one image per converter step.
-    `float_plan` (toolchain.export.tflite_fallback.FloatPlan): the ops the file keeps in float."""
+    `float_plan` (toolchain.export.tflite_fallback.FloatPlan): the ops the file keeps in float.
+    `full_range_ops`: given the calibrated flatbuffer, the output-tensor names of the ops of
+    `options.full_range_layers` (toolchain.export.tflite_fallback.unit_tensors); needed when
+    those are set."""
     import tensorflow as tf
 
     from toolchain.export.tflite_fallback import quantize_keeping_float
@@ -50,7 +55,12 @@ def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8
     converter._experimental_calibrate_only = True
     calibrated = converter.convert()
     if options.calibration != "minmax":
-        calibrated = set_ranges(calibrated, inputs, options)
+        full_range = set()
+        if options.full_range_layers:
+            if full_range_ops is None:
+                raise ToolchainError("export.int8.full_range_layers: this .tflite path cannot place the modules")
+            full_range = set(full_range_ops(calibrated))
+        calibrated = set_ranges(calibrated, inputs, options, full_range)
     calibrated, _ = narrow_sigmoid_inputs(calibrated)
     float_ops = float_plan.float_ops(calibrated) if float_plan is not None else []
     quantized = quantize_keeping_float(calibrated, float_ops)
@@ -119,8 +129,9 @@ def _observer(options: Int8Options):
     return HistogramObserver()
 
 
-def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options) -> bytes:
-    """The calibrated flatbuffer with every computed activation's min/max chosen by `options`."""
+def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options, full_range=frozenset()) -> bytes:
+    """The calibrated flatbuffer with every computed activation's min/max chosen by `options`;
+    tensors named in `full_range` take their observed min/max."""
     import torch
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.interpreter import Interpreter
@@ -159,7 +170,10 @@ def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options) -> b
         for i, obs in observers.items():
             obs(torch.from_numpy(np.ascontiguousarray(interpreter.get_tensor(i), dtype=np.float32)))
     for i, obs in observers.items():
-        lo, hi = (float(v) for v in obs._non_linear_param_search())
+        name = graph.tensors[i].name
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        lo, hi = (float(v) for v in ((obs.min_val, obs.max_val) if name in full_range
+                                      else obs._non_linear_param_search()))
         q = graph.tensors[i].quantization
         # The converter's ranges always hold zero (an int8 zero-point must exist).
         q.min, q.max = np.array([min(lo, 0.0)], np.float32), np.array([max(hi, 0.0)], np.float32)

@@ -150,6 +150,19 @@ def op_units(calibrated: bytes, model: nn.Module, example: torch.Tensor, blocks:
     return units
 
 
+def unit_tensors(calibrated: bytes, model: nn.Module, example: torch.Tensor, names) -> list[str]:
+    """The output-tensor names of the ops of `names` in the calibrated flatbuffer: each a block
+    of the model (every op in it) or a conv or linear layer (its op). Raises ToolchainError for
+    a name that is neither, or when the file's ops cannot be matched to the model's layers."""
+    blocks = op_units(calibrated, model, example, block_names(model))
+    layers = op_units(calibrated, model, example, None)
+    unknown = [n for n in names if n not in blocks and n not in layers]
+    if unknown:
+        raise ToolchainError(f"export.int8.full_range_layers: {', '.join(unknown)} is neither a block nor a conv "
+                             f"or linear layer of the model (blocks: {', '.join(list(blocks)[:6])}, ...)")
+    return [t for n in names for t in (blocks.get(n) or layers[n])]
+
+
 def quantize_keeping_float(calibrated: bytes, float_ops: list[str]) -> bytes:
     """The converter's full-integer file (int8 input and output) with `float_ops` (output-tensor
     names) left in float, their weights stored in float16 (`half_float_weights`)."""

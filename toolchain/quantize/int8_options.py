@@ -24,6 +24,11 @@
   recipe). Given with the fallback off, they stay float in both files. `fallback_unit`:
   what the fallback ranks and keeps, one conv or linear `layer` at a time (default) or one
   `block` (a child of the model's top-level containers: `features.3`, with every op inside).
+- `full_range_layers`: modules (blocks or layers) whose activations take the calibration
+  images' full range, their minimum and maximum, whatever `calibration` says: nothing they write
+  is clipped, for a coarser step. Costs no bytes and no latency. For a block where rare images
+  run past the clipped range (SeesawFaceNet's `features.14`, README: the other recipes). Both
+  int8 files (toolchain.quantize.pt2e, toolchain.export.tflite_calibration).
 
 `from_any(value, fmt)` reads a recipe's section for one format: its `executorch` / `tflite`
 sub-mapping replaces the keys it sets (None inherits), for that format's int8 file alone.
@@ -59,6 +64,7 @@ class Int8Options:
     fallback: bool = False
     max_float_layers: int = 8
     fallback_unit: str = "layer"
+    full_range_layers: tuple[str, ...] = ()
 
     def __post_init__(self):
         from toolchain.errors import ToolchainError
@@ -78,6 +84,7 @@ class Int8Options:
             raise ToolchainError(f"int8 QAT: steps {self.qat_steps} (>= 0), lr {self.qat_lr} (> 0) and batch "
                                  f"{self.qat_batch} (>= 2) are out of range")
         object.__setattr__(self, "float_layers", tuple(str(x) for x in self.float_layers))
+        object.__setattr__(self, "full_range_layers", tuple(str(x) for x in self.full_range_layers))
 
     @classmethod
     def from_any(cls, value, fmt: str | None = None) -> "Int8Options":
@@ -111,6 +118,8 @@ class Int8Options:
                 out["fallback_unit"] = self.fallback_unit
         if self.float_layers:
             out["float_layers"] = list(self.float_layers)
+        if self.full_range_layers:
+            out["full_range_layers"] = list(self.full_range_layers)
         return out
 
     def applied(self, pt2e: bool, float_layers: bool | None = None) -> dict:

@@ -166,11 +166,15 @@ def _own_pool_range(base):
 
     Ops of the modules named in `float_layers` lose their annotations, so they read and write
     float and the int8 ops around them quantise at the boundary (this ExecuTorch's
-    XNNPACKQuantizer refuses `set_module_name(name, None)`)."""
+    XNNPACKQuantizer refuses `set_module_name(name, None)`).
+
+    Tensors that the modules named in `full_range_layers` write get MinMax observers
+    (_full_range)."""
     import torch
 
     class OwnPoolRangeQuantizer(base):
         float_layers: tuple[str, ...] = ()
+        full_range_layers: tuple[str, ...] = ()
 
         def _in_float_layer(self, node) -> bool:
             name = module_of(node)
@@ -198,9 +202,57 @@ def _own_pool_range(base):
                     _share_input_quantization(n)
             _read_reshapes_as_written(model)
             _drop_dangling_shares(model, popped)
+            if self.full_range_layers:
+                _full_range(model, self.full_range_layers)
             return model
 
     return OwnPoolRangeQuantizer
+
+
+def _in_modules(node, names) -> str | None:
+    """Which of the module names `names` the node was traced inside, if any."""
+    name = module_of(node)
+    return next((n for n in names if name is not None and (name == n or name.startswith(n + "."))), None)
+
+
+def _full_range(model, names: tuple[str, ...]) -> None:
+    """Every tensor an op of the modules `names` writes is observed by a MinMaxObserver: the
+    op's output spec, and the input spec of any op that reads the tensor (inside those modules
+    or after them), so one observer still serves each tensor and no requantise appears at their
+    edge. Each original observer constructor gets one MinMax constructor, so specs that agreed
+    still agree. Fake-quantised (QAT) specs are left as they are. Raises ToolchainError for a
+    name that matches no op."""
+    import dataclasses
+
+    from torchao.quantization.pt2e.observer import MinMaxObserver, ObserverBase
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    swapped: dict[int, object] = {}
+
+    def minmax(spec):
+        ctor = getattr(spec, "observer_or_fake_quant_ctr", None)
+        partial = getattr(ctor, "p", None)
+        if not isinstance(spec, QuantizationSpec) or spec.is_dynamic or partial is None or \
+                not (isinstance(partial.func, type) and issubclass(partial.func, ObserverBase)):
+            return spec
+        if id(ctor) not in swapped:
+            kwargs = {k: v for k, v in (partial.keywords or {}).items() if k != "percentile"}
+            swapped[id(ctor)] = MinMaxObserver.with_args(**kwargs)
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=swapped[id(ctor)])
+
+    inside = {n: _in_modules(n, names) for n in model.graph.nodes if n.op == "call_function"}
+    found = {m for m in inside.values() if m is not None}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ToolchainError(f"export.int8.full_range_layers: {', '.join(missing)} is not a module of the model "
+                             "(names as in named_modules(), e.g. features.3)")
+    for n in model.graph.nodes:
+        ann = n.meta.get("quantization_annotation")
+        if ann is None:
+            continue
+        if inside.get(n):
+            ann.output_qspec = minmax(ann.output_qspec)
+        ann.input_qspec_map = {a: minmax(q) if inside.get(a) else q for a, q in ann.input_qspec_map.items()}
 
 
 def _drop_dangling_shares(model, popped: set) -> None:
@@ -326,6 +378,7 @@ def xnnpack_quantizer(int8):
     config = with_calibration(get_symmetric_quantization_config(is_per_channel=True), int8)
     quantizer = _own_pool_range(XNNPACKQuantizer)().set_global(config)
     quantizer.float_layers = tuple(int8.float_layers)
+    quantizer.full_range_layers = tuple(int8.full_range_layers)
     return quantizer
 
 
