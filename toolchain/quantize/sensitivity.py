@@ -279,6 +279,23 @@ def _cosines(emb: np.ndarray, ref: np.ndarray) -> dict:
     return cosine_summary(np.sum(emb * ref, axis=1))
 
 
+def reference_int8_graph(model: nn.Module, calibration: np.ndarray, int8, batch: int, mean, std) -> nn.Module:
+    """The all-int8 graph of `model` in torch's reference form (fast_reference), calibrated on
+    `calibration` (uint8 NHWC) with the options `int8`, as the `.pte`'s fallback measures it; it
+    takes batches of `batch` images."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = next(_batches(calibration, batch, mean, std))[0]
+    graph = torch.export.export(model.eval(), (example,), strict=False).module()
+    prepared = prepare_pt2e(graph, xnnpack_quantizer(int8))
+    with torch.no_grad():
+        for x, _ in _batches(calibration, batch, mean, std):
+            prepared(x)
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    narrow_sigmoid_ranges(converted)  # as the export's int8 graph (toolchain.quantize.pt2e)
+    return fast_reference(converted)
+
+
 def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndarray, mean, std, int8,
                       *, reference: nn.Module | None = None, batch: int = 16, measure: int = 16,
                       progress: bool = True) -> dict:
@@ -294,8 +311,6 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     cosine_mean, cosine_min, gain_mean, gain_min}, ...] measured ones first, best first (the
     others carry None), "images": n, "measured": k, "graph": converted graph}.
     """
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
     from toolchain.console import progress_bar
     from toolchain.quantize.int8_options import Int8Options
 
@@ -303,15 +318,7 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     if len(images) < 2:
         raise ToolchainError("int8 sensitivity needs at least 2 images to measure on")
     model = model.eval()
-    example = next(_batches(images, batch, mean, std))[0]
-    graph = torch.export.export(model, (example,), strict=False).module()
-    prepared = prepare_pt2e(graph, xnnpack_quantizer(int8))
-    with torch.no_grad():
-        for x, _ in _batches(calibration, batch, mean, std):
-            prepared(x)
-    converted = convert_pt2e(prepared, fold_quantize=False)
-    narrow_sigmoid_ranges(converted)  # as the export's int8 graph (toolchain.quantize.pt2e)
-    converted = fast_reference(converted)
+    converted = reference_int8_graph(model, calibration, int8, batch, mean, std)
     ref = mirrored_embeddings((reference or model).eval(), images, batch, mean, std)
     base = _cosines(mirrored_embeddings(converted, images, batch, mean, std), ref)
     layers = _layer_nodes(converted)
