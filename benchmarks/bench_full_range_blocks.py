@@ -33,16 +33,12 @@ from rich.table import Table
 from toolchain.data import load_identity_dataset
 from toolchain.errors import ToolchainError
 from toolchain.models.io import load_model
-from toolchain.quantize.calibration import identity_calibration_set
+from toolchain.quantize.calibration import identity_calibration_indices, identity_calibration_set
 from toolchain.quantize.int8_options import Int8Options
 from toolchain.quantize.sensitivity import block_names, mirrored_embeddings, reference_int8_graph
 from toolchain.recipe import load_recipe
 
 BATCH = 16
-
-
-def _unit(e: np.ndarray) -> np.ndarray:
-    return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
 def main() -> None:
@@ -69,18 +65,18 @@ def main() -> None:
     ds = load_identity_dataset(args.run / "data" / "train.rec")
     n_cal = recipe.export.calibration_images
     calibration = identity_calibration_set(ds, n_cal, seed)
-    drawn = set(np.random.default_rng(seed).choice(len(ds), min(len(ds), n_cal), replace=False).tolist())
+    drawn = set(identity_calibration_indices(len(ds), n_cal, seed).tolist())
     rest = [i for i in range(len(ds)) if i not in drawn]
     images = np.stack([ds.get_uint8(i) for i in rest])
 
     def cosines(full_range: tuple[str, ...], subset: np.ndarray, ref: np.ndarray) -> np.ndarray:
         graph = reference_int8_graph(model, calibration, dataclasses.replace(int8, full_range_layers=full_range),
                                      BATCH, spec.mean, spec.std)
-        return np.sum(_unit(mirrored_embeddings(graph, subset, BATCH, spec.mean, spec.std)) * ref, 1)
+        return np.sum(mirrored_embeddings(graph, subset, BATCH, spec.mean, spec.std) * ref, 1)  # unit vectors
 
     t0 = time.perf_counter()
     console.print(f"all int8 ({int8.calibration}), export seed {seed}: embedding {len(images)} identity images ...")
-    ref_all = _unit(mirrored_embeddings(model, images, BATCH, spec.mean, spec.std))
+    ref_all = mirrored_embeddings(model, images, BATCH, spec.mean, spec.std)
     base = cosines((), images, ref_all)
     tail = np.where(base < bound)[0]
     if len(tail) == 0:

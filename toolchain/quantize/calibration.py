@@ -122,10 +122,15 @@ def build_calibration_set(kind: str = "backbone", *, images=None, enrollment=Non
     return np.ascontiguousarray(chosen)
 
 
+def identity_calibration_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """Which of `n` identity images identity_calibration_set draws (sorted)."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(n, size), replace=False))
+
+
 def identity_calibration_set(dataset, size: int, seed: int) -> np.ndarray:
     """An embedding model's calibration images: `size` images of an identity dataset (anything
     with len() and get_uint8(i)), drawn without replacement with `seed`, as the recipes' export
     draws them."""
-    pick = np.random.default_rng(seed).choice(len(dataset), min(len(dataset), size), replace=False)
-    return build_calibration_set("backbone", images=np.stack([dataset.get_uint8(int(i)) for i in np.sort(pick)]),
+    pick = identity_calibration_indices(len(dataset), size, seed)
+    return build_calibration_set("backbone", images=np.stack([dataset.get_uint8(int(i)) for i in pick]),
                                  size=size, seed=seed)

@@ -177,8 +177,7 @@ def _own_pool_range(base):
         full_range_layers: tuple[str, ...] = ()
 
         def _in_float_layer(self, node) -> bool:
-            name = module_of(node)
-            return name is not None and any(name == n or name.startswith(n + ".") for n in self.float_layers)
+            return in_modules(node, self.float_layers) is not None
 
         def annotate(self, model):
             model = super().annotate(model)
@@ -209,7 +208,7 @@ def _own_pool_range(base):
     return OwnPoolRangeQuantizer
 
 
-def _in_modules(node, names) -> str | None:
+def in_modules(node, names) -> str | None:
     """Which of the module names `names` the node was traced inside, if any."""
     name = module_of(node)
     return next((n for n in names if name is not None and (name == n or name.startswith(n + "."))), None)
@@ -240,7 +239,7 @@ def _full_range(model, names: tuple[str, ...]) -> None:
             swapped[id(ctor)] = MinMaxObserver.with_args(**kwargs)
         return dataclasses.replace(spec, observer_or_fake_quant_ctr=swapped[id(ctor)])
 
-    inside = {n: _in_modules(n, names) for n in model.graph.nodes if n.op == "call_function"}
+    inside = {n: in_modules(n, names) for n in model.graph.nodes if n.op == "call_function"}
     found = {m for m in inside.values() if m is not None}
     missing = [n for n in names if n not in found]
     if missing:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.fx.node import map_arg
 
 from toolchain.errors import ToolchainError
-from toolchain.quantize.pt2e import module_of, xnnpack_quantizer
+from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
 from toolchain.quantize.selection import cosine_summary, forward_selection, ranking_indices, targets_met
 from toolchain.runtime.preprocess import model_input
@@ -210,8 +210,7 @@ def block_names(model: nn.Module) -> list[str]:
 
 
 def _in_blocks(node, names) -> bool:
-    module = module_of(node)
-    return module is not None and any(module == b or module.startswith(b + ".") for b in names)
+    return in_modules(node, names) is not None
 
 
 @contextlib.contextmanager
