@@ -159,6 +159,45 @@ def test_forward_selection_keeps_what_reaches_the_target_within_the_size_budget(
     assert tight["tried"] == [] and len(tight["trail"]) == 1
 
 
+def test_the_pte_choice_is_judged_when_the_greedy_steps_miss_and_kept_only_if_it_meets(calibrated):
+    model, buf, example, inputs = calibrated
+    units = op_units(buf, model, example, None)
+    views, ref = _views_and_reference(model, inputs)
+    two = choose_float_units(buf, units, views, ref, min_cosine_mean=1.1, min_cosine_min=None, max_units=2)
+    pair, target = two["tried"], two["trail"][2]["cosine_mean_low"]
+    assert target > two["trail"][1]["cosine_mean_low"]  # one greedy step cannot reach it
+    got = choose_float_units(buf, units, views, ref, min_cosine_mean=target, min_cosine_min=None, max_units=1,
+                             also_try=pair[::-1])
+    assert got["met"] and got["from"] == ".pte" and got["float_units"] == pair[::-1] and got["tried"] == pair[:1]
+    assert got["trail"][-1]["units"] == pair[::-1] and got["trail"][-1]["cosine_mean_low"] == pytest.approx(target)
+    # Not kept when it misses too, when it is over the size budget, or when a name is not a unit here.
+    for kwargs in ({"min_cosine_mean": 1.1}, {"min_cosine_mean": target, "max_bytes": two["trail"][1]["bytes"]}):
+        kept = choose_float_units(buf, units, views, ref, **{"min_cosine_min": None, "max_units": 1, **kwargs},
+                                  also_try=pair)
+        assert not kept["met"] and kept["float_units"] == [] and "from" not in kept
+    odd = choose_float_units(buf, units, views, ref, min_cosine_mean=target, min_cosine_min=None, max_units=1,
+                             also_try=[pair[0], "nope"])
+    assert not odd["met"] and len(odd["trail"]) == 2
+
+
+def test_the_tflite_plan_takes_the_pte_units_to_try_only_when_they_are_the_same_kind():
+    from toolchain.export.api import _Int8Graph, _tflite_float_plan
+    from toolchain.quantize.int8_options import Int8Options
+
+    model = _Blocks().eval()
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    tfl = _Int8Graph(model, Int8Options(fallback=True, fallback_unit="block"), images, {}, measure=images)
+    targets = {"min_cosine_mean": 0.999}
+
+    def pte(unit):
+        return _Int8Graph(model, Int8Options(float_layers=("features.1",), fallback_unit=unit), images, {})
+
+    plan = _tflite_float_plan(model, model.spec, tfl, model, torch.zeros(1, 3, 32, 32), targets, False, pte("block"))
+    assert plan.also_try == ("features.1",) and plan.fallback
+    other = _tflite_float_plan(model, model.spec, tfl, model, torch.zeros(1, 3, 32, 32), targets, False, pte("layer"))
+    assert other.also_try == ()
+
+
 def test_export_names_a_tflite_with_float_layers_mixed(tmp_path):
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)

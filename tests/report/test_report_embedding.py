@@ -147,6 +147,16 @@ def test_report_shows_the_tflite_fallback_its_trail_bytes_and_latency(tmp_path):
             "(target cosine mean >= 0.999, within 1,983,616 bytes): 1 block(s) kept in float: `features.1`.") in md
     assert "| 1 | `features.1` | 0.9991 | 0.99905 | 0.996 | - | 1,712,000 |" in md
     assert "4.2 ms with those blocks in float against 3.5 ms all int8 (1.20 x)" in md
+    # The .pte's choice, judged after the greedy steps missed, is one row naming its units.
+    trail.append({"layers": 2, "units": ["features.0", "features.1"], "source": "the .pte's choice",
+                  "cosine_mean": 0.9992, "cosine_mean_low": 0.99915, "cosine_min": 0.996, "set_aside": [],
+                  "bytes": 1_730_000})
+    recovery["tflite_fallback"].update(float_units=["features.0", "features.1"], met=True, **{"from": ".pte"})
+    write_report(_recovery_only(recovery), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert ("2 block(s) kept in float: `features.0`, `features.1` (the `.pte`'s choice, judged after its own steps "
+            "missed the target).") in md
+    assert "| 2 | the .pte's choice: `features.0`, `features.1` | 0.9992 | 0.99915 |" in md
     recovery["tflite_fallback"] = {"float_units": [], "met": None, "unit": "layer", "error": "cannot tell which ops"}
     write_report(_recovery_only(recovery), tmp_path)
     assert "The `.tflite`'s fallback did not run: cannot tell which ops. The file is all int8." in \

@@ -271,7 +271,8 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                 # (toolchain.export.row_stem). The .pte keeps the plain stem: its NHWC input
                 # (toolchain.export.nhwc_input) would need transposes around the row reshape.
                 tflite_int8_model = with_row_stem(tflite_int8_model, spec.input_size[2]) or tflite_int8_model
-                plan = _tflite_float_plan(model, spec, g, tflite_int8_model, example, fallback_targets, progress) \
+                plan = _tflite_float_plan(model, spec, g, tflite_int8_model, example, fallback_targets, progress,
+                                          graphs.get("executorch")) \
                     if "int8" in precisions and tflite_backend == "onnx2tf" else None
                 records += _export_tflite(model, tflite_int8_model, spec, model_name, example, precisions,
                                           g.calibration, threshold, source_rec, versions, require_full_delegation,
@@ -395,10 +396,12 @@ def _full_range_ops(tflite_model, example, opts: Int8Options):
     return lambda calibrated: unit_tensors(calibrated, tflite_model, example, opts.full_range_layers)
 
 
-def _tflite_float_plan(model, spec, g: _Int8Graph, tflite_model, example, targets: dict | None, progress: bool):
+def _tflite_float_plan(model, spec, g: _Int8Graph, tflite_model, example, targets: dict | None, progress: bool,
+                       pte: _Int8Graph | None = None):
     """What the int8 .tflite keeps in float (toolchain.export.tflite_fallback), or None: the
     layers the recipe names, or with the fallback on the units it chooses in LiteRT, on the
-    images the .pte's fallback measures on, within the size budget."""
+    images the .pte's fallback measures on, within the size budget. `pte`: the .pte's graph,
+    whose float units the .tflite's fallback also judges when its own choice misses."""
     from toolchain.export.tflite_fallback import FloatPlan
     from toolchain.quantize.sensitivity import mirrored_embeddings
     from toolchain.runtime.preprocess import normalise
@@ -418,7 +421,9 @@ def _tflite_float_plan(model, spec, g: _Int8Graph, tflite_model, example, target
                      reference=mirrored_embeddings(model.eval(), g.measure, 16, spec.mean, spec.std),
                      targets={k: targets.get(k) for k in ("min_cosine_mean", "min_cosine_min")},
                      max_units=opts.max_float_layers,
-                     max_bytes=None if budget is None else int(budget) - _METADATA_ALLOWANCE, progress=progress)
+                     max_bytes=None if budget is None else int(budget) - _METADATA_ALLOWANCE, progress=progress,
+                     also_try=tuple(pte.options.float_layers) if pte is not None and
+                     pte.options.fallback_unit == opts.fallback_unit else ())
 
 
 def _fallback_latency(kept: ArtifactRecord, all_int8, staging: Path) -> dict:

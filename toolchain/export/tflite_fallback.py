@@ -252,12 +252,19 @@ def _cosines(buf: bytes, views: tuple[np.ndarray, np.ndarray], reference: np.nda
 
 def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tuple[np.ndarray, np.ndarray],
                        reference: np.ndarray, *, min_cosine_mean: float | None, min_cosine_min: float | None,
-                       max_units: int, max_bytes: int | None = None, progress: bool = False) -> dict:
+                       max_units: int, max_bytes: int | None = None, progress: bool = False,
+                       also_try: list[str] | None = None) -> dict:
     """Forward selection (module docstring): candidates ranked on the ranking subset of the
     measuring images, each step judged on all (toolchain.quantize.selection). views: the
     measuring images and their mirrors, normalised NHWC float32; reference: the float model's
     embeddings of image plus mirror, L2-normalised. Returns {"float_units", "met", "tried",
-    "trail"}; each trail row has the file's bytes."""
+    "trail"}; each trail row has the file's bytes.
+
+    also_try: units chosen elsewhere (the `.pte`'s fallback), judged by the same rule when the
+    greedy choice misses. Greedy steps take the largest gain whatever it costs in bytes, so one
+    large unit can spend the size budget before the targets hold: SeesawFaceNet at export seed
+    2 took `features.9` (52 KB) and ran out of room; given the `.pte`'s five blocks, it passed.
+    Its trail row has `units` and `source` in place of `added`."""
     pick = ranking_indices(len(reference))
     ranking_views, ranking_reference = (views[0][pick], views[1][pick]), reference[pick]
 
@@ -281,8 +288,16 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
             return None
         return _cosines(candidate, ranking_views, ranking_reference)
 
-    return forward_selection(list(units), rank, judge, met, max_units, trail,
-                             "int8 fallback (.tflite): units kept in float", progress)
+    choice = forward_selection(list(units), rank, judge, met, max_units, trail,
+                               "int8 fallback (.tflite): units kept in float", progress)
+    other = list(also_try or [])
+    if choice["met"] or not other or not set(other) <= set(units) or set(other) == set(choice["tried"][:len(other)]):
+        return choice  # nothing to try, or a set the greedy steps already judged
+    judged = judge(other)
+    if max_bytes is not None and judged["bytes"] > max_bytes:
+        return choice
+    trail.append({"layers": len(other), "units": other, "source": "the .pte's choice", **judged})
+    return {**choice, "float_units": other, "met": True, "from": ".pte"} if met(judged) else choice
 
 
 @dataclasses.dataclass
@@ -290,8 +305,8 @@ class FloatPlan:
     """What the int8 `.tflite` keeps in float: the units `given` (export.int8.float_layers), or,
     with `fallback`, the forward selection's choice towards `targets`
     ({"min_cosine_mean", "min_cosine_min"}) within `max_bytes`. `model` and `example`: the torch
-    form the file was converted from, to name its ops. `views` and `reference`: see
-    choose_float_units. `float_ops` fills `report`."""
+    form the file was converted from, to name its ops. `views`, `reference` and `also_try` (the
+    `.pte`'s float units): see choose_float_units. `float_ops` fills `report`."""
     model: nn.Module
     example: torch.Tensor
     unit: str = "layer"
@@ -302,6 +317,7 @@ class FloatPlan:
     targets: dict = dataclasses.field(default_factory=dict)
     max_units: int = 8
     max_bytes: int | None = None
+    also_try: tuple[str, ...] = ()
     progress: bool = False
     report: dict = dataclasses.field(default_factory=dict)
 
@@ -326,7 +342,8 @@ class FloatPlan:
         choice = choose_float_units(calibrated, units, self.views, self.reference,
                                     min_cosine_mean=self.targets.get("min_cosine_mean"),
                                     min_cosine_min=self.targets.get("min_cosine_min"), max_units=self.max_units,
-                                    max_bytes=self.max_bytes, progress=self.progress)
+                                    max_bytes=self.max_bytes, progress=self.progress,
+                                    also_try=list(self.also_try))
         self.report = {**choice, "unit": self.unit, "targets": dict(self.targets), "max_bytes": self.max_bytes,
                        "images": int(len(self.reference)), "ranking_images": len(ranking_indices(len(self.reference)))}
         kept = [op for u in choice["float_units"] for op in units[u]]

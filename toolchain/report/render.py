@@ -221,7 +221,12 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
                 f"after setting aside the lowest {len(aside)} cosines (rare images int8 gets badly wrong; parity "
                 "still judges every pair); the mean target holds on the mean's one-sided 95% lower bound, since "
                 f"parity judges the file on other images{ranked} (toolchain.quantize.selection).", ""]
-    rows = [[t["layers"], f"`{t['added']}`" if t.get("added") else "", _num(t["cosine_mean"], 5),
+    def added(t: Mapping) -> str:
+        if t.get("units"):  # a whole set judged at once (the .pte's choice, tflite_fallback)
+            return f"{t.get('source', 'given')}: " + ", ".join(f"`{u}`" for u in t["units"])
+        return f"`{t['added']}`" if t.get("added") else ""
+
+    rows = [[t["layers"], added(t), _num(t["cosine_mean"], 5),
              _num(t.get("cosine_mean_low"), 5), _num(t["cosine_min"], 5),
              ", ".join(_num(x, 4) for x in t.get("set_aside") or []) or "-"]
             + ([f"{t['bytes']:,}"] if sized else []) for t in trail]
@@ -321,7 +326,8 @@ def _tflite_fallback_lines(fb: Optional[Mapping]) -> list[str]:
     targets = _cosine_targets(fb)
     budget = f", within {fb['max_bytes']:,} bytes" if fb.get("max_bytes") else ""
     if kept:
-        what = f"{len(kept)} {unit}(s) kept in float: {names}"
+        what = f"{len(kept)} {unit}(s) kept in float: {names}" + (
+            f" (the `{fb['from']}`'s choice, judged after its own steps missed the target)" if fb.get("from") else "")
     elif fb.get("met"):
         what = f"every {unit} int8 already meets it"
     else:
