@@ -197,7 +197,11 @@ def test_a_format_overrides_the_keys_it_sets_and_inherits_the_rest():
                                           ("export.int8.tflite.qat_steps=-1", "export.int8.tflite.qat_steps"),
                                           ("export.int8.executorch.calibration=kl",
                                            "export.int8.executorch.calibration"),
-                                          ("export.int8.tflite.fallback=true", "export.int8.tflite.fallback")])
+                                          ("export.int8.tflite.fallback=true", "export.int8.tflite.fallback"),
+                                          ("export.int8.full_range_layers=[features.99]",
+                                           "export.int8.full_range_layers: features.99"),
+                                          ("export.int8.float_layers=[stem,features.0]",
+                                           "export.int8.float_layers: stem")])
 def test_recipe_with_a_bad_int8_setting_exits_2(tmp_path, capsys, override, key):
     from pathlib import Path
 

@@ -624,8 +624,32 @@ def _train_config(section) -> dict:
     return section.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
 
 
+def check_int8_module_names(recipe: Recipe) -> None:
+    """Names in export.int8.float_layers and full_range_layers must be modules of the model:
+    checked before any stage (and by `toolchain run` before it writes to the run folder), so a
+    typo exits 2 before training rather than at the export stage. A model the registry does not
+    know (a checkpoint path) is checked at export."""
+    from toolchain.models import build_model, list_models
+
+    int8 = recipe.export.int8
+    named = {"float_layers": int8.float_layers, "full_range_layers": int8.full_range_layers}
+    backbone = recipe.train.backbone
+    name = backbone.model if backbone is not None else recipe.export.model
+    if recipe.kind != "embedding" or not any(named.values()) or name not in list_models():
+        return
+    kwargs = {"embedding_size": backbone.embedding_size} if backbone is not None else {}
+    modules = dict(build_model(name, **kwargs).named_modules())
+    for key, names in named.items():
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            blocks = [n for n in modules if n.count(".") == 1][:4]
+            raise ToolchainError(f"export.int8.{key}: {', '.join(unknown)} not a module of {name} "
+                                 f"(blocks are named like {', '.join(blocks)})")
+
+
 def default_stages(recipe: Recipe) -> list[Stage]:
     """The stages of a recipe's route, in order."""
+    check_int8_module_names(recipe)
     data = Stage("data", _stage_data, title="data", workdir="data", external=_folder_inputs, version=2,
                  config=lambda ctx: ctx.recipe.data.model_dump(mode="json"))
     stages = [data]
