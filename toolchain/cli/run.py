@@ -25,9 +25,8 @@ def run(recipe: Path, overrides: tuple[str, ...], out_dir: Path | None) -> None:
     """
     from toolchain.console import third_party_log
     from toolchain.pipeline import run_recipe
-    from toolchain.recipe import load_recipe
-
     from toolchain.pipeline.stages import check_int8_module_names
+    from toolchain.recipe import load_recipe
 
     rec = load_recipe(recipe, overrides)
     check_int8_module_names(rec)  # a bad module name exits 2 before the run folder is made
