@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -253,7 +254,7 @@ def _cosines(buf: bytes, views: tuple[np.ndarray, np.ndarray], reference: np.nda
 def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tuple[np.ndarray, np.ndarray],
                        reference: np.ndarray, *, min_cosine_mean: float | None, min_cosine_min: float | None,
                        max_units: int, max_bytes: int | None = None, progress: bool = False,
-                       also_try: list[str] | None = None) -> dict:
+                       also_try: Sequence[str] = ()) -> dict:
     """Forward selection (module docstring): candidates ranked on the ranking subset of the
     measuring images, each step judged on all (toolchain.quantize.selection). views: the
     measuring images and their mirrors, normalised NHWC float32; reference: the float model's
@@ -290,7 +291,7 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
 
     choice = forward_selection(list(units), rank, judge, met, max_units, trail,
                                "int8 fallback (.tflite): units kept in float", progress)
-    other = list(also_try or [])
+    other = list(also_try)
     if choice["met"] or not other or not set(other) <= set(units) or set(other) == set(choice["tried"][:len(other)]):
         return choice  # nothing to try, or a set the greedy steps already judged
     judged = judge(other)
@@ -343,7 +344,7 @@ class FloatPlan:
                                     min_cosine_mean=self.targets.get("min_cosine_mean"),
                                     min_cosine_min=self.targets.get("min_cosine_min"), max_units=self.max_units,
                                     max_bytes=self.max_bytes, progress=self.progress,
-                                    also_try=list(self.also_try))
+                                    also_try=self.also_try)
         self.report = {**choice, "unit": self.unit, "targets": dict(self.targets), "max_bytes": self.max_bytes,
                        "images": int(len(self.reference)), "ranking_images": len(ranking_indices(len(self.reference)))}
         kept = [op for u in choice["float_units"] for op in units[u]]
