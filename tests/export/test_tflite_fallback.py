@@ -180,6 +180,39 @@ def test_the_pte_choice_is_judged_when_the_greedy_steps_miss_and_kept_only_if_it
     assert not odd["met"] and len(odd["trail"]) == 2
 
 
+def test_the_pte_choice_is_kept_when_it_meets_with_fewer_units_than_the_greedy_steps(monkeypatch):
+    # Scores stand in for LiteRT: the ranking images favour `a`, so the greedy steps take `a` then
+    # `b`, while `c` alone meets the target on all the measuring images.
+    import toolchain.export.tflite_fallback as tf
+
+    ranking = {(): 0.998, ("a",): 0.9990, ("b",): 0.9980, ("c",): 0.9985, ("a", "b"): 0.9995, ("a", "c"): 0.9993}
+    judged = {(): 0.998, ("a",): 0.9985, ("b",): 0.9982, ("a", "b"): 0.9995, ("c",): 0.9992, ("b", "c"): 0.9994}
+
+    def cosines(buf, views, reference):
+        mean = (ranking if len(views[0]) < 64 else judged)[tuple(sorted(json.loads(buf)))]
+        return {"cosine_mean": mean, "cosine_mean_low": mean, "cosine_min": mean, "set_aside": []}
+
+    monkeypatch.setattr(tf, "quantize_keeping_float", lambda calibrated, ops: json.dumps(sorted(ops)).encode())
+    monkeypatch.setattr(tf, "_cosines", cosines)
+    units, views, ref = {"a": ["a"], "b": ["b"], "c": ["c"]}, (np.zeros((64, 1)), np.zeros((64, 1))), np.zeros(64)
+
+    def choose(also_try):
+        return tf.choose_float_units(b"", units, views, ref, min_cosine_mean=0.999, min_cosine_min=None,
+                                     max_units=3, also_try=also_try)
+
+    greedy = choose(())
+    assert greedy["float_units"] == ["a", "b"] and "from" not in greedy
+    fewer = choose(["c"])
+    assert fewer["float_units"] == ["c"] and fewer["from"] == ".pte" and fewer["why"] == "fewer units"
+    assert fewer["tried"] == ["a", "b"] and fewer["trail"][-1]["units"] == ["c"]
+    # As many units: the greedy choice stands and nothing more is judged; fewer that miss: it stands too.
+    same = choose(["b", "c"])
+    assert same["float_units"] == ["a", "b"] and len(same["trail"]) == len(greedy["trail"])
+    missing = choose(["b"])
+    assert missing["float_units"] == ["a", "b"] and "from" not in missing
+    assert missing["trail"][-1]["units"] == ["b"]
+
+
 def test_the_tflite_plan_takes_the_pte_units_to_try_only_when_they_are_the_same_kind():
     from toolchain.export.api import _Int8Graph, _tflite_float_plan
     from toolchain.quantize.int8_options import Int8Options

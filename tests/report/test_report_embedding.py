@@ -154,9 +154,14 @@ def test_report_shows_the_tflite_fallback_its_trail_bytes_and_latency(tmp_path):
     recovery["tflite_fallback"].update(float_units=["features.0", "features.1"], met=True, **{"from": ".pte"})
     write_report(_recovery_only(recovery), tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert ("2 block(s) kept in float: `features.0`, `features.1` (the `.pte`'s choice, judged after its own steps "
+    assert ("2 block(s) kept in float: `features.0`, `features.1` (the `.pte`'s choice: judged after its own steps "
             "missed the target).") in md
     assert "| 2 | the .pte's choice: `features.0`, `features.1` | 0.9992 | 0.99915 |" in md
+    # ... or taken because it keeps fewer units than the greedy steps' choice, which met the target too.
+    recovery["tflite_fallback"]["why"] = "fewer units"
+    write_report(_recovery_only(recovery), tmp_path)
+    assert ("(the `.pte`'s choice: it keeps fewer than its own steps' choice, which also met it)."
+            in (tmp_path / "report.md").read_text())
     recovery["tflite_fallback"] = {"float_units": [], "met": None, "unit": "layer", "error": "cannot tell which ops"}
     write_report(_recovery_only(recovery), tmp_path)
     assert "The `.tflite`'s fallback did not run: cannot tell which ops. The file is all int8." in \

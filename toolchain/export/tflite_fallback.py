@@ -262,10 +262,14 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     "trail"}; each trail row has the file's bytes.
 
     also_try: units chosen elsewhere (the `.pte`'s fallback), judged by the same rule when the
-    greedy choice misses. Greedy steps take the largest gain whatever it costs in bytes, so one
-    large unit can spend the size budget before the targets hold: SeesawFaceNet at export seed
-    2 took `features.9` (52 KB) and ran out of room; given the `.pte`'s five blocks, it passed.
-    Its trail row has `units` and `source` in place of `added`."""
+    greedy choice misses or keeps more units than it, and kept when it meets the targets: the
+    fallback keeps the fewest units it found. Greedy steps take the largest gain whatever it
+    costs in bytes, so one large unit can spend the size budget before the targets hold:
+    SeesawFaceNet at export seed 2 took `features.9` (52 KB) and ran out of room; given the
+    `.pte`'s five blocks, it passed. And a step ranked on 32 images can add a unit that helps
+    little on all of them: on the Intel Xeon, SeesawFaceNet's seed 0 took six blocks where the
+    `.pte` kept four. Its trail row has `units` and `source` in place of `added`; the result's
+    "from" is ".pte" and "why" says which case it was."""
     pick = ranking_indices(len(reference))
     ranking_views, ranking_reference = (views[0][pick], views[1][pick]), reference[pick]
 
@@ -292,13 +296,18 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     choice = forward_selection(list(units), rank, judge, met, max_units, trail,
                                "int8 fallback (.tflite): units kept in float", progress)
     other = list(also_try)
-    if choice["met"] or not other or not set(other) <= set(units) or set(other) == set(choice["tried"][:len(other)]):
+    fewer = choice["met"] and len(other) < len(choice["float_units"])
+    if (choice["met"] and not fewer) or not other or not set(other) <= set(units) \
+            or set(other) == set(choice["tried"][:len(other)]):
         return choice  # nothing to try, or a set the greedy steps already judged
     judged = judge(other)
     if max_bytes is not None and judged["bytes"] > max_bytes:
         return choice
     trail.append({"layers": len(other), "units": other, "source": "the .pte's choice", **judged})
-    return {**choice, "float_units": other, "met": True, "from": ".pte"} if met(judged) else choice
+    if not met(judged):
+        return choice
+    why = "fewer units" if fewer else "own steps missed"
+    return {**choice, "float_units": other, "met": True, "from": ".pte", "why": why}
 
 
 @dataclasses.dataclass

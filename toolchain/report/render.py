@@ -326,8 +326,10 @@ def _tflite_fallback_lines(fb: Optional[Mapping]) -> list[str]:
     targets = _cosine_targets(fb)
     budget = f", within {fb['max_bytes']:,} bytes" if fb.get("max_bytes") else ""
     if kept:
+        why = ("it keeps fewer than its own steps' choice, which also met it" if fb.get("why") == "fewer units"
+               else "judged after its own steps missed the target")
         what = f"{len(kept)} {unit}(s) kept in float: {names}" + (
-            f" (the `{fb['from']}`'s choice, judged after its own steps missed the target)" if fb.get("from") else "")
+            f" (the `{fb['from']}`'s choice: {why})" if fb.get("from") else "")
     elif fb.get("met"):
         what = f"every {unit} int8 already meets it"
     else:
