@@ -1,6 +1,6 @@
 """In-runtime latency of recipe runs' int8 files against their fp32 files, in one interleaved run.
 
-    python benchmarks/bench_run_latency.py RUN [RUN ...] [--rounds 5] [--repeats 100] [--json FILE]
+    python benchmarks/bench_run_latency.py RUN [RUN ...] [--rounds 5] [--repeats 100] [--json FILE] [--no-amx]
 
 RUN: a run folder (`toolchain run RECIPE --out RUN`, or one `seed-N` folder of
 benchmarks/bench_recipe_seeds.py) whose `export/` holds int8 and fp32 files of each format.
@@ -11,7 +11,8 @@ Every file is timed inside its runtime, one thread, the files taken in turn with
 (toolchain.export.bench.interleaved_latency: ETDump's `Method::execute` for a `.pte`, LiteRT's
 `invoke()` less a one-op model's for a `.tflite`). Prints each int8 file's median, its run's
 fp32 file of the same format, their ratio and the lowest and highest ratio of a single round,
-with the CPU and its int8 features.
+with the CPU and its int8 features. `--no-amx` denies the process Intel AMX first, as `toolchain
+bench --no-amx` does (toolchain.runtime.amx): LiteRT's XNNPACK then runs a VNNI CPU's kernels.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolchain.environment import cpu_facts, describe_cpu
+from toolchain.errors import ToolchainError
 from toolchain.export.bench import interleaved_latency, target_ratio
 
 FORMATS = (".pte", ".tflite")
@@ -51,12 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-amx", action="store_true", help="deny this process Intel AMX (Linux x86-64)")
     args = ap.parse_args(argv)
+    if args.no_amx:  # before any runtime starts and asks for AMX
+        from toolchain.runtime.amx import deny_amx
+        try:
+            deny_amx()
+        except ToolchainError as exc:
+            raise SystemExit(f"error: {exc}")
     files = {run: run_files(run) for run in args.runs}
     paths = {f"{run}|{ext}|{p}": f for run, by_ext in files.items() for ext, pair in by_ext.items()
              for p, f in pair.items()}
-    measured = interleaved_latency(paths, args.repeats, args.rounds)
-    facts = cpu_facts()
+    try:
+        measured = interleaved_latency(paths, args.repeats, args.rounds)
+    except ToolchainError as exc:  # a file its runtime cannot time (not an image model, say)
+        raise SystemExit(f"error: {exc}")
+    facts = cpu_facts() | ({"amx": "denied"} if args.no_amx else {})
     cpu, target = describe_cpu(facts), target_ratio(facts)
     table = Table(title=f"int8 against fp32, in the runtime, one thread: {cpu}")
     for col in ("run", "file", "int8 / fp32 (ms)", "int8 / fp32", "one round's range", f"target (<= {target:g})"):

@@ -125,3 +125,54 @@ def test_bench_caption_points_an_amx_cpu_to_no_amx(amx, hint):
     console = Console(record=True, width=250)
     console.print(render_table([], cpu))
     assert ("--no-amx measures its VNNI ones" in console.export_text()) == hint
+
+
+def _tiny_tflite(shape=(1, 16, 16, 3)) -> bytes:
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)])
+    def relu(x):
+        return tf.nn.relu(x * 2.0)
+
+    from toolchain.export.metadata import embed_tflite_metadata
+
+    buf = tf.lite.TFLiteConverter.from_concrete_functions([relu.get_concrete_function()], relu).convert()
+    meta = {"output": "embedding", "input": {"layout": "NHWC", "mean": [0.5] * 3, "std": [0.5] * 3}}
+    return embed_tflite_metadata(buf, meta)  # what the runtime's runner reads: the input's layout and scaling
+
+
+def _vector_tflite() -> bytes:
+    return _tiny_tflite((1, 64))
+
+
+def test_run_latency_times_a_runs_int8_file_against_its_fp32_file_with_amx_denied(tmp_path):
+    # benchmarks/bench_run_latency.py in its own process: the AMX denial holds for the process.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    buf = _tiny_tflite()
+    (export / "m_int8_mixed.tflite").write_bytes(buf)
+    (export / "m_fp32.tflite").write_bytes(buf)
+    out = tmp_path / "latency.json"
+    args = [sys.executable, str(root / "benchmarks" / "bench_run_latency.py"), str(tmp_path / "run"),
+            "--rounds", "2", "--repeats", "3", "--json", str(out), "--no-amx"]
+    run = subprocess.run(args, capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    assert "AMX denied" in report["cpu"] or "--no-amx" in report["cpu"]
+    (row,) = report["rows"]
+    assert row["int8"] == "m_int8_mixed.tflite" and row["fp32"] == "m_fp32.tflite"
+    assert row["int8_ms"] > 0 and row["ratio"] == pytest.approx(row["int8_ms"] / row["fp32_ms"])
+    assert row["round_range"][0] <= row["round_range"][1]
+    # A run folder without such a pair: one line, exit 1.
+    (export / "m_fp32.tflite").unlink()
+    run = subprocess.run(args, capture_output=True, text=True, cwd=root)
+    assert run.returncode == 1 and "holds no int8 and fp32 file" in run.stderr and "Traceback" not in run.stderr
+    # A file that is no image model: one line, exit 1.
+    (export / "m_fp32.tflite").write_bytes(_vector_tflite())
+    run = subprocess.run(args, capture_output=True, text=True, cwd=root)
+    assert run.returncode == 1 and "expected a 4-D image input" in run.stderr and "Traceback" not in run.stderr
