@@ -55,18 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-amx", action="store_true", help="deny this process Intel AMX (Linux x86-64)")
     args = ap.parse_args(argv)
-    if args.no_amx:  # before any runtime starts and asks for AMX
-        from toolchain.runtime.amx import deny_amx
-        try:
-            deny_amx()
-        except ToolchainError as exc:
-            raise SystemExit(f"error: {exc}")
     files = {run: run_files(run) for run in args.runs}
     paths = {f"{run}|{ext}|{p}": f for run, by_ext in files.items() for ext, pair in by_ext.items()
              for p, f in pair.items()}
     try:
+        if args.no_amx:  # before any runtime starts and asks for AMX
+            from toolchain.runtime.amx import deny_amx
+            deny_amx()
         measured = interleaved_latency(paths, args.repeats, args.rounds)
-    except ToolchainError as exc:  # a file its runtime cannot time (not an image model, say)
+    except ToolchainError as exc:  # AMX already granted, or a file its runtime cannot time
         raise SystemExit(f"error: {exc}")
     facts = cpu_facts() | ({"amx": "denied"} if args.no_amx else {})
     cpu, target = describe_cpu(facts), target_ratio(facts)

@@ -130,19 +130,15 @@ def test_bench_caption_points_an_amx_cpu_to_no_amx(amx, hint):
 def _tiny_tflite(shape=(1, 16, 16, 3)) -> bytes:
     import tensorflow as tf
 
+    from toolchain.export.metadata import embed_tflite_metadata
+
     @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)])
     def relu(x):
         return tf.nn.relu(x * 2.0)
 
-    from toolchain.export.metadata import embed_tflite_metadata
-
     buf = tf.lite.TFLiteConverter.from_concrete_functions([relu.get_concrete_function()], relu).convert()
     meta = {"output": "embedding", "input": {"layout": "NHWC", "mean": [0.5] * 3, "std": [0.5] * 3}}
     return embed_tflite_metadata(buf, meta)  # what the runtime's runner reads: the input's layout and scaling
-
-
-def _vector_tflite() -> bytes:
-    return _tiny_tflite((1, 64))
 
 
 def test_run_latency_times_a_runs_int8_file_against_its_fp32_file_with_amx_denied(tmp_path):
@@ -173,6 +169,6 @@ def test_run_latency_times_a_runs_int8_file_against_its_fp32_file_with_amx_denie
     run = subprocess.run(args, capture_output=True, text=True, cwd=root)
     assert run.returncode == 1 and "holds no int8 and fp32 file" in run.stderr and "Traceback" not in run.stderr
     # A file that is no image model: one line, exit 1.
-    (export / "m_fp32.tflite").write_bytes(_vector_tflite())
+    (export / "m_fp32.tflite").write_bytes(_tiny_tflite((1, 64)))
     run = subprocess.run(args, capture_output=True, text=True, cwd=root)
     assert run.returncode == 1 and "expected a 4-D image input" in run.stderr and "Traceback" not in run.stderr

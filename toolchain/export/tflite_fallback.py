@@ -297,8 +297,8 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
                                "int8 fallback (.tflite): units kept in float", progress)
     other = list(also_try)
     fewer = choice["met"] and len(other) < len(choice["float_units"])
-    if (choice["met"] and not fewer) or not other or not set(other) <= set(units) \
-            or set(other) == set(choice["tried"][:len(other)]):
+    worth_judging = (fewer or not choice["met"]) and set(other) <= set(units)
+    if not other or not worth_judging or set(other) == set(choice["tried"][:len(other)]):
         return choice  # nothing to try, or a set the greedy steps already judged
     judged = judge(other)
     if max_bytes is not None and judged["bytes"] > max_bytes:
