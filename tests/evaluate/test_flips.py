@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from toolchain.evaluate.flips import allowed_flips, expected_flips, noise_budget
+from toolchain.evaluate.flips import allowed_flips, expected_flips, flips_within, noise_budget, score_noise_at
 
 
 def test_allowed_flips_follow_the_agreement_bound():
@@ -43,3 +43,43 @@ def test_noise_budget_is_zero_when_a_pair_sits_on_the_threshold():
     # a pair exactly at the threshold flips half the time at any noise
     assert noise_budget([0.5, 0.9, 0.1], 0.5, 0) == 0.0
     assert noise_budget([], 0.5, 3) == 0.0
+
+
+def test_flips_within_is_the_poisson_mean_at_the_risk():
+    def tail(mean, allowed):  # P(count > allowed)
+        return 1 - sum(math.exp(-mean) * mean ** k / math.factorial(k) for k in range(allowed + 1))
+
+    for allowed in (0, 6, 30):
+        aim = flips_within(allowed, 0.05)
+        assert 0 < aim < allowed + 1
+        assert tail(aim, allowed) == pytest.approx(0.05, abs=1e-6)
+        assert tail(aim + 0.05, allowed) > 0.05
+    assert flips_within(30, 0.05) < flips_within(30, 0.2)  # a larger risk allows more
+    assert flips_within(-1, 0.05) == 0.0
+
+
+def _noisy_embeddings(rng, n, dim, sigma):
+    """Unit embeddings in identity clusters (pairs of one person score high), and the same with
+    Gaussian noise of std `sigma` per coordinate, normalised again."""
+    centres = rng.normal(size=(n // 4, dim))
+    f = np.repeat(centres, 4, axis=0) + 0.6 * rng.normal(size=(n, dim))
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    e = f + rng.normal(0, sigma, f.shape)
+    return e / np.linalg.norm(e, axis=1, keepdims=True), f
+
+
+def test_score_noise_at_a_threshold_is_read_from_pairs_far_from_it():
+    rng = np.random.default_rng(0)
+    e, f = _noisy_embeddings(rng, 400, 64, 0.002)
+    upper = np.triu_indices(len(f), 1)
+    s, error = (f @ f.T)[upper], (e @ e.T - f @ f.T)[upper]
+    near = np.abs(s - 0.7) < 0.03
+    assert near.sum() > 100
+    predicted = score_noise_at(e, f, 0.7)
+    assert predicted == pytest.approx(error[near].std(), rel=0.1)
+    # Pairs of different people (scores about 0) are noisier than pairs at the threshold, so
+    # the raw std over all pairs would overstate it.
+    assert error.std() > 1.2 * predicted
+    assert score_noise_at(f, f, 0.7) == 0.0
+    assert math.isnan(score_noise_at(f[:1], f[:1], 0.7))  # no pair: nothing measured
+    assert score_noise_at(e, f, 0.9) < predicted  # the noise shrinks towards a score of 1

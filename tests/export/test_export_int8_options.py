@@ -156,3 +156,20 @@ def test_pte_fallback_predicts_its_size_from_the_all_int8_file(tmp_path):
     size = fallback["size"]
     assert size["all_int8_bytes"] == (tmp_path / rec.file).stat().st_size  # the base is the all-int8 file
     assert size["max_bytes"] < 10_000_000 and size["predicted_bytes"] == size["all_int8_bytes"]
+
+
+def test_the_agreement_target_reaches_both_fallbacks(tmp_path):
+    """The recipe's agreement target (toolchain.quantize.agreement) goes to the .pte's and the
+    .tflite's fallbacks: each judges the score noise at its threshold and reports it."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)  # one colour an image, so that their embeddings differ
+    images = np.clip(rng.integers(0, 256, (16, 1, 1, 3)) + rng.normal(0, 30, (16, 112, 112, 3)), 0, 255)
+    images = images.astype(np.uint8)
+    targets = {"min_cosine_mean": -1.0, "score_threshold": 0.5, "max_score_noise": 1.0}
+    export_model(_Embedder().eval(), tmp_path, ["executorch", "tflite"], "int8", images[:8], progress=False,
+                 identity_images=images, int8={"fallback": True}, fallback_targets=targets)
+    recovery = json.loads((tmp_path / "export_manifest.json").read_text())["int8_recovery"]
+    for fallback in (recovery["fallback"], recovery["tflite_fallback"]):
+        assert fallback["met"] and fallback["targets"]["max_score_noise"] == 1.0
+        assert fallback["targets"]["score_threshold"] == 0.5
+        assert 0 <= fallback["trail"][0]["score_noise"] < 1.0

@@ -188,7 +188,7 @@ def test_the_pte_choice_is_kept_when_it_meets_with_fewer_units_than_the_greedy_s
     ranking = {(): 0.998, ("a",): 0.9990, ("b",): 0.9980, ("c",): 0.9985, ("a", "b"): 0.9995, ("a", "c"): 0.9993}
     judged = {(): 0.998, ("a",): 0.9985, ("b",): 0.9982, ("a", "b"): 0.9995, ("c",): 0.9992, ("b", "c"): 0.9994}
 
-    def cosines(buf, views, reference):
+    def cosines(buf, views, reference, agreement=None):
         mean = (ranking if len(views[0]) < 64 else judged)[tuple(sorted(json.loads(buf)))]
         return {"cosine_mean": mean, "cosine_mean_low": mean, "cosine_min": mean, "set_aside": []}
 

@@ -359,3 +359,36 @@ def test_a_pte_size_budget_steers_the_block_fallback():
     assert free["tried"][0] not in tight["tried"]
     assert all(1000 + FLOAT_WEIGHT_BYTES * float_weight_count(model, tight["tried"][:k]) <= 1000 + cost - 1
                for k in range(1, len(tight["tried"]) + 1))
+
+
+def test_the_block_fallback_keeps_blocks_until_the_agreement_target_holds_too():
+    """Cosine targets already met all int8; the score noise at the threshold still decides."""
+    torch.manual_seed(0)
+    model = BlockEmbedder().eval()
+    with torch.no_grad():
+        model.emb[2].bias.zero_()
+    spec = model.spec
+    # Images of one colour each, so that their embeddings differ (pair scores 0.5 to 0.99).
+    rng = np.random.default_rng(1)
+    images = np.clip(rng.integers(0, 256, (24, 1, 1, 3)) + rng.normal(0, 30, (24, 112, 112, 3)), 0, 255)
+    images, calib = images.astype(np.uint8), _images(16, 2)
+    sens = layer_sensitivity(model, calib, images, spec.mean, spec.std,
+                             Int8Options(fallback=True, fallback_unit="block"), batch=8, progress=False)
+
+    def choose(max_noise):
+        return choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=3, batch=8,
+                                   min_cosine_mean=0.0, min_cosine_min=None,
+                                   agreement={"score_threshold": 0.5, "max_score_noise": max_noise})
+
+    loose = choose(1.0)
+    assert loose["met"] and loose["float_layers"] == [] and len(loose["trail"]) == 1
+    never = choose(1e-12)
+    assert not never["met"] and never["float_layers"] == [] and len(never["tried"]) == 3
+    noise = [t["score_noise"] for t in never["trail"]]
+    assert noise[1] < noise[0]  # the first block chosen quietens the scores
+    got = choose(noise[1])
+    assert got["met"] and got["float_layers"] == never["tried"][:1]
+    assert got["trail"][1]["score_noise"] <= noise[1]
+    without = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=3, batch=8,
+                                  min_cosine_mean=0.0, min_cosine_min=None)
+    assert without["met"] and without["float_layers"] == [] and "score_noise" not in without["trail"][0]

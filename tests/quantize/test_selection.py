@@ -76,3 +76,21 @@ def test_forward_selection_ranks_cheaply_and_stops_on_the_judged_bound():
     got = forward_selection(list(gain), lambda names: None if "a" in names else rank(names), judge,
                             lambda c: targets_met(c, 0.999, None), 4, [], "test")
     assert "a" not in got["tried"]
+
+
+def test_an_agreement_target_is_judged_on_the_score_noise_at_its_threshold():
+    from toolchain.evaluate.flips import score_noise_at
+    from toolchain.quantize.selection import embedding_summary
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(64, 16))
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    e = f + rng.normal(0, 0.01, f.shape)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    plain = embedding_summary(e, f)
+    assert "score_noise" not in plain and plain == cosine_summary(np.sum(e * f, axis=1))
+    c = embedding_summary(e, f, {"score_threshold": 0.5, "max_score_noise": 1.0})
+    assert c["score_noise"] == pytest.approx(score_noise_at(e, f, 0.5)) and c["score_noise"] > 0
+    assert targets_met(c, 0.9, None, c["score_noise"])
+    assert not targets_met(c, 0.9, None, c["score_noise"] * 0.99)
+    assert not targets_met(c, 1.0, None, 1.0)  # the cosine targets still hold as before

@@ -186,7 +186,8 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     `executorch` / `tflite` keys override it for that format's file. Each int8
     artifact records the method it was made with; QAT and the fallback (toolchain.quantize.recovery)
     train on / measure with `identity_images` (uint8 NHWC; default: the calibration images), the
-    fallback towards `fallback_targets` ({"min_cosine_mean", "min_cosine_min"}). What they did is
+    fallback towards `fallback_targets` ({"min_cosine_mean", "min_cosine_min"}, and optionally the
+    agreement target's "score_threshold" and "max_score_noise", toolchain.quantize.agreement). What they did is
     in the manifest's `int8_recovery` (the `.tflite`'s under its `tflite` key when its options differ).
     """
     from toolchain.quantize.int8_options import Int8Options
@@ -403,6 +404,7 @@ def _tflite_float_plan(model, spec, g: _Int8Graph, tflite_model, example, target
     images the .pte's fallback measures on, within the size budget. `pte`: the .pte's graph,
     whose float units the .tflite's fallback also judges when its own choice misses."""
     from toolchain.export.tflite_fallback import FloatPlan
+    from toolchain.quantize.recovery import fallback_targets_report
     from toolchain.quantize.sensitivity import mirrored_embeddings
     from toolchain.runtime.preprocess import normalise
 
@@ -419,7 +421,7 @@ def _tflite_float_plan(model, spec, g: _Int8Graph, tflite_model, example, target
     budget = targets.get("max_int8_bytes")
     return FloatPlan(tflite_model, example, unit=opts.fallback_unit, fallback=True, views=views,
                      reference=mirrored_embeddings(model.eval(), g.measure, 16, spec.mean, spec.std),
-                     targets={k: targets.get(k) for k in ("min_cosine_mean", "min_cosine_min")},
+                     targets=fallback_targets_report(targets),
                      max_units=opts.max_float_layers,
                      max_bytes=None if budget is None else int(budget) - _METADATA_ALLOWANCE, progress=progress,
                      also_try=tuple(pte.options.float_layers) if pte is not None and

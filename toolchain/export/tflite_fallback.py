@@ -38,7 +38,8 @@ from torch import nn
 
 from toolchain.errors import ToolchainError
 from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name
-from toolchain.quantize.selection import cosine_summary, forward_selection, ranking_indices, targets_met
+from toolchain.quantize.recovery import agreement_of
+from toolchain.quantize.selection import embedding_summary, forward_selection, ranking_indices, targets_met
 from toolchain.quantize.sensitivity import block_names
 
 _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -245,16 +246,17 @@ def litert_embeddings(buf: bytes, inputs: np.ndarray) -> np.ndarray:
     return np.stack(out).astype(np.float64)
 
 
-def _cosines(buf: bytes, views: tuple[np.ndarray, np.ndarray], reference: np.ndarray) -> dict:
+def _cosines(buf: bytes, views: tuple[np.ndarray, np.ndarray], reference: np.ndarray,
+             agreement: dict | None = None) -> dict:
     e = litert_embeddings(buf, views[0]) + litert_embeddings(buf, views[1])
     e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    return cosine_summary((e * reference).sum(1))
+    return embedding_summary(e, reference, agreement)
 
 
 def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tuple[np.ndarray, np.ndarray],
                        reference: np.ndarray, *, min_cosine_mean: float | None, min_cosine_min: float | None,
                        max_units: int, max_bytes: int | None = None, progress: bool = False,
-                       also_try: Sequence[str] = ()) -> dict:
+                       also_try: Sequence[str] = (), agreement: dict | None = None) -> dict:
     """Forward selection (module docstring): candidates ranked on the ranking subset of the
     measuring images, each step judged on all (toolchain.quantize.selection). views: the
     measuring images and their mirrors, normalised NHWC float32; reference: the float model's
@@ -269,19 +271,21 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     `.pte`'s five blocks, it passed. And a step ranked on 32 images can add a unit that helps
     little on all of them: on the Intel Xeon, SeesawFaceNet's seed 0 took six blocks where the
     `.pte` kept four. Its trail row has `units` and `source` in place of `added`; the result's
-    "from" is ".pte" and "why" says which case it was."""
+    "from" is ".pte" and "why" says which case it was. `agreement`: as in
+    toolchain.quantize.sensitivity.choose_float_layers, a score-noise target judged on all the
+    measuring images."""
     pick = ranking_indices(len(reference))
     ranking_views, ranking_reference = (views[0][pick], views[1][pick]), reference[pick]
 
     def met(c: dict) -> bool:
-        return targets_met(c, min_cosine_mean, min_cosine_min)
+        return targets_met(c, min_cosine_mean, min_cosine_min, (agreement or {}).get("max_score_noise"))
 
     def file_keeping(names: list[str]) -> bytes:
         return quantize_keeping_float(calibrated, [op for n in names for op in units[n]])
 
     def judge(names: list[str]) -> dict:
         candidate = file_keeping(names)
-        return {**_cosines(candidate, views, reference), "bytes": len(candidate)}
+        return {**_cosines(candidate, views, reference, agreement), "bytes": len(candidate)}
 
     trail = [{"layers": 0, **judge([])}]
     if met(trail[0]):
@@ -314,7 +318,8 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
 class FloatPlan:
     """What the int8 `.tflite` keeps in float: the units `given` (export.int8.float_layers), or,
     with `fallback`, the forward selection's choice towards `targets`
-    ({"min_cosine_mean", "min_cosine_min"}) within `max_bytes`. `model` and `example`: the torch
+    ({"min_cosine_mean", "min_cosine_min"}, and optionally the agreement target's
+    "score_threshold" and "max_score_noise") within `max_bytes`. `model` and `example`: the torch
     form the file was converted from, to name its ops. `views`, `reference` and `also_try` (the
     `.pte`'s float units): see choose_float_units. `float_ops` fills `report`."""
     model: nn.Module
@@ -353,7 +358,7 @@ class FloatPlan:
                                     min_cosine_mean=self.targets.get("min_cosine_mean"),
                                     min_cosine_min=self.targets.get("min_cosine_min"), max_units=self.max_units,
                                     max_bytes=self.max_bytes, progress=self.progress,
-                                    also_try=self.also_try)
+                                    also_try=self.also_try, agreement=agreement_of(self.targets))
         self.report = {**choice, "unit": self.unit, "targets": dict(self.targets), "max_bytes": self.max_bytes,
                        "images": int(len(self.reference)), "ranking_images": len(ranking_indices(len(self.reference)))}
         kept = [op for u in choice["float_units"] for op in units[u]]

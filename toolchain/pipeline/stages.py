@@ -367,6 +367,7 @@ def _stage_export(ctx: RunContext) -> StageOutput:
     artifacts, files = [], []
     jobs: list[tuple[str | None, Any, Path, Any]] = []
     identity = None  # identity images for QAT and the int8 fallback
+    targets = _fallback_targets(ctx)
     if _fleet_export(ctx):
         return _stage_export_fleet(ctx)
     if ctx.recipe.kind == "verifier":
@@ -385,12 +386,14 @@ def _stage_export(ctx: RunContext) -> StageOutput:
             calib = identity_calibration_set(ds, cfg.calibration_images, ctx.recipe.seed)
             if any(o.qat_steps or o.fallback for o in _int8_options(cfg)):  # they train on / measure with these
                 identity = np.stack([ds.get_uint8(i) for i in range(len(ds))])
+            if any(o.fallback for o in _int8_options(cfg)):
+                targets |= _agreement_target(ctx, identity, np.asarray(ds.labels))
         jobs.append((None, _embedding_source(ctx), out_root, calib))
     for user, source, out_dir, calib in jobs:
         records = export_model(source, out_dir, cfg.formats, cfg.precisions, calib,
                                calibration_size=cfg.calibration_images, tflite_backend=cfg.tflite_backend,
                                seed=ctx.recipe.seed, int8=cfg.int8.model_dump(), identity_images=identity,
-                               fallback_targets=_fallback_targets(ctx))
+                               fallback_targets=targets)
         for r in records:
             entry = {"path": ctx.rel(r.path), "format": r.format, "precision": r.precision, "bytes": int(r.bytes),
                      "sha256": r.sha256, "backend": r.backend, "model": r.model, "source": ctx.rel(source)
@@ -402,7 +405,26 @@ def _stage_export(ctx: RunContext) -> StageOutput:
         files += [f for f in out_dir.iterdir() if f.is_file() and f.suffix in (".json", ".pt")]
     recovery = (read_json(out_root / "export_manifest.json") or {}).get("int8_recovery") \
         if ctx.recipe.kind == "embedding" else None
+    if recovery and targets.get("agreement"):
+        recovery["agreement_target"] = targets["agreement"]
     return StageOutput(files=files, data={"artifacts": artifacts, **({"int8_recovery": recovery} if recovery else {})})
+
+
+def _agreement_target(ctx: RunContext, identity: np.ndarray, labels: np.ndarray) -> dict:
+    """The int8 fallback's agreement target (toolchain.quantize.agreement) from the float model
+    on the identity images, for the parity's pair count and agreement bound; {} when the identity
+    data carry no labels (a RecordIO set without them)."""
+    from toolchain.quantize.agreement import agreement_target
+
+    if len(labels) == 0 or labels.min() < 0:
+        return {}
+    model = _float_model(ctx)
+    p = ctx.recipe.parity
+    target = agreement_target(model, identity, labels, model.spec.mean, model.spec.std,
+                              parity_pairs=len(_pairs(ctx, p.max_pairs)), min_agreement=p.min_decision_agreement,
+                              seed=ctx.recipe.seed)
+    return {"score_threshold": target["score_threshold"], "max_score_noise": target["max_score_noise"],
+            "agreement": target}
 
 
 def _int8_options(cfg) -> list:
@@ -606,11 +628,12 @@ def _stage_parity(ctx: RunContext) -> StageOutput:
 
 
 def _fallback_targets(ctx: RunContext) -> dict:
-    """The int8 fallback aims at the parity section's cosine bounds, and the .tflite's keeps
-    within the int8 size budget."""
+    """The int8 fallback aims at the parity section's cosine bounds and, for an embedding model,
+    its agreement bound (the export stage adds that target, _agreement_target); the .tflite's
+    keeps within the int8 size budget."""
     p = ctx.recipe.parity
     return {"min_cosine_mean": p.min_embedding_cosine_mean, "min_cosine_min": p.min_embedding_cosine_min,
-            "max_int8_bytes": ctx.recipe.budgets.max_int8_bytes}
+            "min_decision_agreement": p.min_decision_agreement, "max_int8_bytes": ctx.recipe.budgets.max_int8_bytes}
 
 
 def _fallback_targets_key(ctx: RunContext) -> dict:

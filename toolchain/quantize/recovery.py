@@ -42,6 +42,20 @@ def qat_images(images: np.ndarray, seed: int) -> np.ndarray:
     return np.delete(images, _measuring_indices(len(images), seed), axis=0)
 
 
+def fallback_targets_report(targets: dict) -> dict:
+    """The targets a fallback aimed at, for its report: the cosine bounds, and the agreement
+    target when there is one."""
+    return {**{k: targets.get(k) for k in ("min_cosine_mean", "min_cosine_min")}, **(agreement_of(targets) or {})}
+
+
+def agreement_of(targets: dict | None) -> dict | None:
+    """The agreement target among the fallback's `targets`, or None when there is none."""
+    targets = targets or {}
+    if targets.get("max_score_noise") is None or targets.get("score_threshold") is None:
+        return None
+    return {k: float(targets[k]) for k in ("score_threshold", "max_score_noise")}
+
+
 # What a layer kept in float adds to the .pte: its weights in float32 instead of int8. (Its
 # per-channel scales and the float ops' own overhead are in the size allowance of the caller.)
 FLOAT_WEIGHT_BYTES = 3
@@ -74,7 +88,8 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
     """-> (model to quantise, Int8Options with float_layers, report dict). `float_model` is the
     reference (float outputs equal `int8_model`'s; the latter carries the export rewrites).
     identity_images: uint8 NHWC, QAT's training images and the fallback's measuring set, held out
-    from QAT (None: the calibration images). targets: {"min_cosine_mean", "min_cosine_min"} of the fallback.
+    from QAT (None: the calibration images). targets: {"min_cosine_mean", "min_cosine_min"} of the
+    fallback, and optionally its agreement target {"score_threshold", "max_score_noise"}.
     pte_size: (max bytes, all_int8_bytes(model, int8 options)) when the .pte has a size budget:
     the fallback then tries no choice whose predicted file would exceed it."""
     report: dict = {}
@@ -105,13 +120,13 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
         choice = choose_float_layers(float_model, sens, measure, mean, std, max_layers=int8.max_float_layers,
                                      min_cosine_mean=targets.get("min_cosine_mean"),
                                      min_cosine_min=targets.get("min_cosine_min"), allowed=allowed,
-                                     progress=progress)
+                                     agreement=agreement_of(targets), progress=progress)
         if size is not None and size["all_int8_bytes"] is not None:
             size["predicted_bytes"] = size["all_int8_bytes"] + FLOAT_WEIGHT_BYTES * float_weight_count(
                 int8_model, list(choice["float_layers"]))
             choice["size"] = size
         int8 = dataclasses.replace(int8, float_layers=tuple(choice["float_layers"]))
         report["sensitivity"] = {k: v for k, v in sens.items() if k != "graph"}
-        report["fallback"] = {**choice, "targets": {k: targets.get(k) for k in ("min_cosine_mean", "min_cosine_min")},
+        report["fallback"] = {**choice, "targets": fallback_targets_report(targets),
                               "images": int(len(measure)), "ranking_images": int(sens["images"])}
     return int8_model, int8, report

@@ -35,7 +35,8 @@ from torch.fx.node import map_arg
 from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
-from toolchain.quantize.selection import cosine_summary, forward_selection, ranking_indices, targets_met
+from toolchain.quantize.selection import (cosine_summary, embedding_summary, forward_selection, ranking_indices,
+                                          targets_met)
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -356,7 +357,8 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
 
 def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray, mean, std, *,
                         min_cosine_mean: float | None, min_cosine_min: float | None, max_layers: int,
-                        batch: int = 16, allowed=None, progress: bool = False) -> dict:
+                        batch: int = 16, allowed=None, agreement: dict | None = None,
+                        progress: bool = False) -> dict:
     """The fewest top-ranked layers to keep in float so the embedding cosine to float reaches the
     targets (None: not a target), at most `max_layers`. `images`: the measuring images the
     targets are judged on (toolchain.quantize.selection); `sensitivity` was measured on their
@@ -365,17 +367,19 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     set_aside}, ...]}. `allowed(units) -> bool` (None: any): a choice it refuses is not tried
     (the .pte's size budget, toolchain.quantize.recovery). When no choice meets the targets, `float_layers` is empty: float layers
     cost latency, and a file that misses its bounds anyway is better all int8 (the trail shows
-    what each step measured)."""
+    what each step measured). `agreement` ({"score_threshold", "max_score_noise"},
+    toolchain.quantize.agreement): the score noise at the threshold is a target too, judged on
+    the pairs among `images` (each trail row has it as `score_noise`)."""
     graph = sensitivity["graph"]
     ref = mirrored_embeddings(model.eval(), images, batch, mean, std)
     unit = sensitivity.get("unit", "layer")
 
     def met(c: dict) -> bool:
-        return targets_met(c, min_cosine_mean, min_cosine_min)
+        return targets_met(c, min_cosine_mean, min_cosine_min, (agreement or {}).get("max_score_noise"))
 
     def judge(names: list[str]) -> dict:
         with _float_units(graph, names, unit) as g:
-            return _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
+            return embedding_summary(mirrored_embeddings(g, images, batch, mean, std), ref, agreement)
 
     trail = [{"layers": 0, **judge([])}]
     chosen: list[str] = []

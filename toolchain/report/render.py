@@ -202,9 +202,14 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
 
 
 def _cosine_targets(fallback: Mapping) -> str:
-    """A fallback's cosine targets in words ("cosine mean >= 0.999, ..."); other keys are not targets."""
-    return ", ".join(f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in (fallback.get("targets") or {}).items()
-                     if v is not None and k.startswith("min_cosine_"))
+    """A fallback's targets in words ("cosine mean >= 0.999, ..., score noise at 0.786 <= 0.0059"):
+    the cosine bounds and the agreement target (toolchain.quantize.agreement)."""
+    targets = fallback.get("targets") or {}
+    words = [f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in targets.items()
+             if v is not None and k.startswith("min_cosine_")]
+    if targets.get("max_score_noise") is not None:
+        words.append(f"score noise at {targets['score_threshold']:.3f} <= {targets['max_score_noise']:.5f}")
+    return ", ".join(words)
 
 
 def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
@@ -226,12 +231,14 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
             return f"{t.get('source', 'given')}: " + ", ".join(f"`{u}`" for u in t["units"])
         return f"`{t['added']}`" if t.get("added") else ""
 
+    noisy = "score_noise" in trail[0]
     rows = [[t["layers"], added(t), _num(t["cosine_mean"], 5),
              _num(t.get("cosine_mean_low"), 5), _num(t["cosine_min"], 5),
              ", ".join(_num(x, 4) for x in t.get("set_aside") or []) or "-"]
-            + ([f"{t['bytes']:,}"] if sized else []) for t in trail]
+            + ([_num(t.get("score_noise"), 5)] if noisy else []) + ([f"{t['bytes']:,}"] if sized else []) for t in trail]
     head = [f"{unit}s in float", "added", "cosine mean", "mean, 95% lower bound", "cosine min", "set aside"]
-    return note + [_table(head + (["file bytes"] if sized else []), rows), ""]
+    head += (["score noise at the threshold"] if noisy else []) + (["file bytes"] if sized else [])
+    return note + [_table(head, rows), ""]
 
 
 def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) -> list[str]:
@@ -282,6 +289,13 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
                             for r in sens["layers"][:top]]), ""]
         if plot:
             out += [f"![int8 sensitivity per layer]({plot})", ""]
+    aim = rec.get("agreement_target")
+    if aim:
+        out += [f"Agreement target (toolchain.quantize.agreement): on {aim['pairs']:,} pairs of {aim['images']} identity "
+                f"images the float model scores {aim['float_accuracy']:.2f}% at the threshold "
+                f"{aim['score_threshold']:.3f}. Parity allows {aim['allowed_flips']} flips of {aim['parity_pairs']:,} "
+                f"pairs; {aim['expected_flips']:.1f} expected exceed that {aim['risk']:.0%} of the time, so the "
+                f"fallbacks aim at int8 score noise at most {aim['max_score_noise']:.5f} at the threshold.", ""]
     fb = rec.get("fallback")
     if fb:
         kept = fb.get("float_layers") or []
