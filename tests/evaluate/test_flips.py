@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from toolchain.evaluate.flips import allowed_flips, expected_flips, flips_within, noise_budget, score_noise_at
+from toolchain.evaluate.flips import (agreement_target, allowed_flips, expected_flips, flips_within, noise_budget,
+                                      score_noise_at)
 
 
 def test_allowed_flips_follow_the_agreement_bound():
@@ -83,3 +84,16 @@ def test_score_noise_at_a_threshold_is_read_from_pairs_far_from_it():
     assert score_noise_at(f, f, 0.7) == 0.0
     assert math.isnan(score_noise_at(f[:1], f[:1], 0.7))  # no pair: nothing measured
     assert score_noise_at(e, f, 0.9) < predicted  # the noise shrinks towards a score of 1
+
+
+def test_the_agreement_target_is_the_noise_whose_expected_flips_stay_within_the_bound_at_the_risk():
+    rng = np.random.default_rng(0)
+    issame = np.repeat([True, False], 600)
+    scores = np.where(issame, rng.normal(0.7, 0.1, 1200), rng.normal(0.3, 0.1, 1200))
+    loose, strict = agreement_target(scores, issame, 99.0), agreement_target(scores, issame, 99.5)
+    assert loose["allowed_flips"] == 12 and strict["allowed_flips"] == 6 and strict["pairs"] == 1200
+    assert 0.4 < strict["score_threshold"] < 0.6 and strict["risk"] == 0.05
+    assert 0 < strict["max_score_noise"] < loose["max_score_noise"]
+    assert strict["expected_flips"] == pytest.approx(flips_within(6, 0.05))
+    at_budget = expected_flips(scores, strict["score_threshold"], strict["max_score_noise"])
+    assert at_budget == pytest.approx(strict["expected_flips"], rel=1e-3)

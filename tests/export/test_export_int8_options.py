@@ -159,7 +159,7 @@ def test_pte_fallback_predicts_its_size_from_the_all_int8_file(tmp_path):
 
 
 def test_the_agreement_target_reaches_both_fallbacks(tmp_path):
-    """The recipe's agreement target (toolchain.quantize.agreement) goes to the .pte's and the
+    """The recipe's agreement target (toolchain.evaluate.flips.agreement_target) goes to the .pte's and the
     .tflite's fallbacks: each judges the score noise at its threshold and reports it."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)  # one colour an image, so that their embeddings differ

@@ -1,42 +1,30 @@
-"""The export stage's agreement target for the int8 fallback (toolchain.quantize.agreement)."""
+"""The export stage's agreement target for the int8 fallback (toolchain.evaluate.flips)."""
 
 from types import SimpleNamespace
 
 import numpy as np
-import torch
-from torch import nn
 
+import toolchain.evaluate.parity as parity
 import toolchain.pipeline.stages as stages
-from toolchain.models.registry import ModelSpec
+import toolchain.runtime as runtime
+from toolchain.evaluate.flips import agreement_target
 from toolchain.recipe import validate_recipe
 
 
-class _Embedder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(3, 8, 3, 2, 1), nn.Flatten(1), nn.LazyLinear(16))
-        self.spec = ModelSpec(name="tiny", output="embedding", output_dim=16)
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def test_the_agreement_target_comes_from_the_parity_bound_and_the_pair_count(monkeypatch):
-    torch.manual_seed(0)
-    model = _Embedder()
-    model(torch.zeros(1, 3, 112, 112))  # the lazy layer takes its shape
-    monkeypatch.setattr(stages, "_float_model", lambda ctx: model.eval())
-    monkeypatch.setattr(stages, "_pairs", lambda ctx, max_pairs: range(1200))
+def test_the_agreement_target_is_read_from_the_float_scores_of_the_parity_pairs(monkeypatch):
+    rng = np.random.default_rng(0)
+    issame = np.repeat([True, False], 600)
+    scores = np.where(issame, rng.normal(0.7, 0.1, 1200), rng.normal(0.3, 0.1, 1200))
+    pairs = SimpleNamespace(issame=issame)
+    runner = object()
+    monkeypatch.setattr(stages, "_pairs", lambda ctx, max_pairs: pairs)
+    monkeypatch.setattr(stages, "_embedding_source", lambda ctx: "backbone.pt")
+    monkeypatch.setattr(runtime, "load_runner", lambda source: runner if source == "backbone.pt" else None)
+    monkeypatch.setattr(parity, "pair_scores", lambda r, p: (scores, None, None) if (r, p) == (runner, pairs) else None)
     recipe = validate_recipe({"name": "m", "kind": "embedding", "export": {"model": "mobilefacenet"},
                               "parity": {"min_decision_agreement": 99.5}})
-    ctx = SimpleNamespace(recipe=recipe)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (40, 112, 112, 3), dtype=np.uint8)
-    labels = np.repeat(np.arange(10), 4)
-    got = stages._agreement_target(ctx, images, labels)
-    aim = got["agreement"]
-    assert aim["parity_pairs"] == 1200 and aim["allowed_flips"] == 6 and aim["expected_flips"] < 6
-    assert got["max_score_noise"] == aim["max_score_noise"] > 0
-    assert got["score_threshold"] == aim["score_threshold"]
-    # Identity data without labels (a RecordIO set can lack them): no agreement target.
-    assert stages._agreement_target(ctx, images, np.full(40, -1)) == {}
+    got = stages._agreement_target(SimpleNamespace(recipe=recipe))
+    expected = agreement_target(scores, issame, 99.5)
+    assert got["agreement"] == expected and got["agreement"]["allowed_flips"] == 6
+    assert got["max_score_noise"] == expected["max_score_noise"] > 0
+    assert got["score_threshold"] == expected["score_threshold"]

@@ -190,8 +190,8 @@ def test_report_shows_the_agreement_target_and_each_steps_score_noise(tmp_path):
               "set_aside": [0.9983], "score_noise": 0.0061},
              {"layers": 1, "added": "features.1", "cosine_mean": 0.99956, "cosine_mean_low": 0.99953,
               "cosine_min": 0.9987, "set_aside": [0.9984], "score_noise": 0.0055}]
-    aim = {"score_threshold": 0.786, "max_score_noise": 0.0058, "pairs": 5400, "images": 600, "float_accuracy": 95.1,
-           "parity_pairs": 6000, "allowed_flips": 30, "expected_flips": 22.4, "risk": 0.05}
+    aim = {"score_threshold": 0.786, "max_score_noise": 0.0058, "pairs": 6000, "allowed_flips": 30,
+           "expected_flips": 22.4, "risk": 0.05}
     recovery = {"agreement_target": aim,
                 "fallback": {"float_layers": ["features.1"], "met": True, "tried": ["features.1"], "images": 128,
                              "ranking_images": 32, "trail": trail,
@@ -199,8 +199,8 @@ def test_report_shows_the_agreement_target_and_each_steps_score_noise(tmp_path):
                                          "max_score_noise": 0.0058}}}
     write_report(_recovery_only(recovery), tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "on 5,400 pairs of 600 identity images the float model scores 95.10% at the threshold 0.786" in md
-    assert "Parity allows 30 flips of 6,000 pairs; 22.4 expected exceed that 5% of the time" in md
+    assert "the float model's scores of the 6,000 pairs set the threshold 0.786" in md
+    assert "Parity allows 30 flips; 22.4 expected exceed that 5% of the time" in md
     assert "score noise at most 0.00580 at the threshold" in md
     assert "target cosine mean >= 0.999, cosine min >= 0.99, score noise at 0.786 <= 0.00580" in md
     assert "| score noise at the threshold |" in md and "| 0.0055 |" in md

@@ -387,7 +387,7 @@ def _stage_export(ctx: RunContext) -> StageOutput:
             if any(o.qat_steps or o.fallback for o in _int8_options(cfg)):  # they train on / measure with these
                 identity = np.stack([ds.get_uint8(i) for i in range(len(ds))])
             if any(o.fallback for o in _int8_options(cfg)):
-                targets |= _agreement_target(ctx, identity, np.asarray(ds.labels))
+                targets |= _agreement_target(ctx)
         jobs.append((None, _embedding_source(ctx), out_root, calib))
     for user, source, out_dir, calib in jobs:
         records = export_model(source, out_dir, cfg.formats, cfg.precisions, calib,
@@ -410,19 +410,18 @@ def _stage_export(ctx: RunContext) -> StageOutput:
     return StageOutput(files=files, data={"artifacts": artifacts, **({"int8_recovery": recovery} if recovery else {})})
 
 
-def _agreement_target(ctx: RunContext, identity: np.ndarray, labels: np.ndarray) -> dict:
-    """The int8 fallback's agreement target (toolchain.quantize.agreement) from the float model
-    on the identity images, for the parity's pair count and agreement bound; {} when the identity
-    data carry no labels (a RecordIO set without them)."""
-    from toolchain.quantize.agreement import agreement_target
+def _agreement_target(ctx: RunContext) -> dict:
+    """The int8 fallback's agreement target (toolchain.evaluate.flips.agreement_target): from the
+    float model's scores of the pairs parity judges, those that set its decision threshold. Only
+    float scores are read; each fallback measures its int8 noise on its identity images."""
+    from toolchain.evaluate.flips import agreement_target
+    from toolchain.evaluate.parity import pair_scores
+    from toolchain.runtime import load_runner
 
-    if len(labels) == 0 or labels.min() < 0:
-        return {}
-    model = _float_model(ctx)
     p = ctx.recipe.parity
-    target = agreement_target(model, identity, labels, model.spec.mean, model.spec.std,
-                              parity_pairs=len(_pairs(ctx, p.max_pairs)), min_agreement=p.min_decision_agreement,
-                              seed=ctx.recipe.seed)
+    pairs = _pairs(ctx, p.max_pairs)
+    scores, _, _ = pair_scores(load_runner(_embedding_source(ctx)), pairs)  # as parity scores the float model
+    target = agreement_target(scores, pairs.issame, p.min_decision_agreement)
     return {"score_threshold": target["score_threshold"], "max_score_noise": target["max_score_noise"],
             "agreement": target}
 

@@ -54,8 +54,8 @@ def cosine_summary(cosines: np.ndarray) -> dict:
 
 def embedding_summary(embeddings: np.ndarray, reference: np.ndarray, agreement: dict | None = None) -> dict:
     """cosine_summary of L2-normalised `embeddings` against `reference`, and with an agreement
-    target ({"score_threshold", "max_score_noise"}, toolchain.quantize.agreement) the score
-    noise expected at its threshold (toolchain.evaluate.flips.score_noise_at)."""
+    target ({"score_threshold", "max_score_noise"}, toolchain.evaluate.flips.agreement_target)
+    the score noise expected at its threshold (toolchain.evaluate.flips.score_noise_at)."""
     from toolchain.evaluate.flips import score_noise_at
 
     out = cosine_summary(np.sum(embeddings * reference, axis=1))
@@ -67,7 +67,8 @@ def embedding_summary(embeddings: np.ndarray, reference: np.ndarray, agreement: 
 def targets_met(c: dict, min_cosine_mean: float | None, min_cosine_min: float | None,
                 max_score_noise: float | None = None) -> bool:
     """The mean target on the mean's lower bound (module docstring), the minimum on the minimum,
-    the agreement target on the score noise (toolchain.quantize.agreement); None: not a target."""
+    the agreement target on the score noise (toolchain.evaluate.flips.agreement_target); None:
+    not a target."""
     return (min_cosine_mean is None or c.get("cosine_mean_low", c["cosine_mean"]) >= min_cosine_mean) and \
            (min_cosine_min is None or c["cosine_min"] >= min_cosine_min) and \
            (max_score_noise is None or c["score_noise"] <= max_score_noise)

@@ -367,9 +367,9 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     set_aside}, ...]}. `allowed(units) -> bool` (None: any): a choice it refuses is not tried
     (the .pte's size budget, toolchain.quantize.recovery). When no choice meets the targets, `float_layers` is empty: float layers
     cost latency, and a file that misses its bounds anyway is better all int8 (the trail shows
-    what each step measured). `agreement` ({"score_threshold", "max_score_noise"},
-    toolchain.quantize.agreement): the score noise at the threshold is a target too, judged on
-    the pairs among `images` (each trail row has it as `score_noise`)."""
+    what each step measured). `agreement` ({"score_threshold", "max_score_noise"}, from
+    toolchain.evaluate.flips.agreement_target): the score noise at the threshold is a target
+    too, judged on the pairs among `images` (each trail row has it as `score_noise`)."""
     graph = sensitivity["graph"]
     ref = mirrored_embeddings(model.eval(), images, batch, mean, std)
     unit = sensitivity.get("unit", "layer")

@@ -203,7 +203,7 @@ def _parity_section(core: Mapping, scatter: Optional[str], roc: Optional[str]) -
 
 def _cosine_targets(fallback: Mapping) -> str:
     """A fallback's targets in words ("cosine mean >= 0.999, ..., score noise at 0.786 <= 0.0059"):
-    the cosine bounds and the agreement target (toolchain.quantize.agreement)."""
+    the cosine bounds and the agreement target (toolchain.evaluate.flips.agreement_target)."""
     targets = fallback.get("targets") or {}
     words = [f"{k.replace('min_cosine_', 'cosine ')} >= {v}" for k, v in targets.items()
              if v is not None and k.startswith("min_cosine_")]
@@ -291,11 +291,11 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
             out += [f"![int8 sensitivity per layer]({plot})", ""]
     aim = rec.get("agreement_target")
     if aim:
-        out += [f"Agreement target (toolchain.quantize.agreement): on {aim['pairs']:,} pairs of {aim['images']} identity "
-                f"images the float model scores {aim['float_accuracy']:.2f}% at the threshold "
-                f"{aim['score_threshold']:.3f}. Parity allows {aim['allowed_flips']} flips of {aim['parity_pairs']:,} "
-                f"pairs; {aim['expected_flips']:.1f} expected exceed that {aim['risk']:.0%} of the time, so the "
-                f"fallbacks aim at int8 score noise at most {aim['max_score_noise']:.5f} at the threshold.", ""]
+        out += [f"Agreement target (toolchain.evaluate.flips.agreement_target): the float model's scores of the "
+                f"{aim['pairs']:,} pairs set the threshold {aim['score_threshold']:.3f}. Parity allows "
+                f"{aim['allowed_flips']} flips; {aim['expected_flips']:.1f} expected exceed that {aim['risk']:.0%} of "
+                f"the time, so the fallbacks aim at int8 score noise at most {aim['max_score_noise']:.5f} at the "
+                "threshold, measured on their identity images.", ""]
     fb = rec.get("fallback")
     if fb:
         kept = fb.get("float_layers") or []
