@@ -188,7 +188,8 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     train on / measure with `identity_images` (uint8 NHWC; default: the calibration images), the
     fallback towards `fallback_targets` ({"min_cosine_mean", "min_cosine_min"}, and optionally the
     agreement target's "score_threshold" and "max_score_noise",
-    toolchain.evaluate.flips.agreement_target). What they did is in the manifest's `int8_recovery` (the `.tflite`'s under its `tflite` key when its options differ).
+    toolchain.evaluate.flips.agreement_target). What they did is in the manifest's
+    `int8_recovery` (the `.tflite`'s under its `tflite` key when its options differ).
     """
     from toolchain.quantize.int8_options import Int8Options
 

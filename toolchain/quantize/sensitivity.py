@@ -35,8 +35,7 @@ from torch.fx.node import map_arg
 from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
-from toolchain.quantize.selection import (cosine_summary, embedding_summary, forward_selection, ranking_indices,
-                                          targets_met)
+from toolchain.quantize.selection import embedding_summary, forward_selection, ranking_indices, targets_met
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -275,10 +274,6 @@ class _LocalError(torch.fx.Interpreter):
         return out
 
 
-def _cosines(emb: np.ndarray, ref: np.ndarray) -> dict:
-    return cosine_summary(np.sum(emb * ref, axis=1))
-
-
 def reference_int8_graph(model: nn.Module, calibration: np.ndarray, int8, batch: int, mean, std) -> nn.Module:
     """The all-int8 graph of `model` in torch's reference form (fast_reference), calibrated on
     `calibration` (uint8 NHWC) with the options `int8`, as the `.pte`'s fallback measures it; it
@@ -320,7 +315,7 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     model = model.eval()
     converted = reference_int8_graph(model, calibration, int8, batch, mean, std)
     ref = mirrored_embeddings((reference or model).eval(), images, batch, mean, std)
-    base = _cosines(mirrored_embeddings(converted, images, batch, mean, std), ref)
+    base = embedding_summary(mirrored_embeddings(converted, images, batch, mean, std), ref)
     layers = _layer_nodes(converted)
     local = _LocalError(converted, {node: name for name, node in layers.items()})
     with torch.no_grad():
@@ -342,7 +337,7 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     with progress_bar(f"int8 sensitivity per {unit}", min(measure, len(units)), enabled=progress) as advance:
         for name in by_proxy[:measure]:
             with _float_units(converted, [name], unit) as g:
-                c = _cosines(mirrored_embeddings(g, images, batch, mean, std), ref)
+                c = embedding_summary(mirrored_embeddings(g, images, batch, mean, std), ref)
             rows.append({"layer": name, "op": op_of[name], "local_error": proxy.get(name, 0.0), **c,
                          "gain_mean": c["cosine_mean"] - base["cosine_mean"],
                          "gain_min": c["cosine_min"] - base["cosine_min"]})
@@ -424,7 +419,7 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met,
         if len(names) == 1 and names[0] in alone:
             return dict(alone[names[0]])
         with _float_units(sensitivity["graph"], names, "block") as g:
-            return _cosines(mirrored_embeddings(g, ranking, batch, mean, std), ranking_ref)
+            return embedding_summary(mirrored_embeddings(g, ranking, batch, mean, std), ranking_ref)
 
     choice = forward_selection(units, rank, judge, met, max_layers, trail, "int8 fallback: blocks kept in float",
                                progress)
