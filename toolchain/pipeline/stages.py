@@ -368,6 +368,7 @@ def _stage_export(ctx: RunContext) -> StageOutput:
     jobs: list[tuple[str | None, Any, Path, Any]] = []
     identity = None  # identity images for QAT and the int8 fallback
     targets = _fallback_targets(ctx)
+    aim = None  # the agreement target, with the fallback on
     if _fleet_export(ctx):
         return _stage_export_fleet(ctx)
     if ctx.recipe.kind == "verifier":
@@ -387,7 +388,8 @@ def _stage_export(ctx: RunContext) -> StageOutput:
             if any(o.qat_steps or o.fallback for o in _int8_options(cfg)):  # they train on / measure with these
                 identity = np.stack([ds.get_uint8(i) for i in range(len(ds))])
             if any(o.fallback for o in _int8_options(cfg)):
-                targets |= _agreement_target(ctx)
+                aim = _agreement_target(ctx)
+                targets |= {k: aim[k] for k in ("score_threshold", "max_score_noise")}
         jobs.append((None, _embedding_source(ctx), out_root, calib))
     for user, source, out_dir, calib in jobs:
         records = export_model(source, out_dir, cfg.formats, cfg.precisions, calib,
@@ -405,8 +407,8 @@ def _stage_export(ctx: RunContext) -> StageOutput:
         files += [f for f in out_dir.iterdir() if f.is_file() and f.suffix in (".json", ".pt")]
     recovery = (read_json(out_root / "export_manifest.json") or {}).get("int8_recovery") \
         if ctx.recipe.kind == "embedding" else None
-    if recovery and targets.get("agreement"):
-        recovery["agreement_target"] = targets["agreement"]
+    if recovery and aim:
+        recovery["agreement_target"] = aim
     return StageOutput(files=files, data={"artifacts": artifacts, **({"int8_recovery": recovery} if recovery else {})})
 
 
@@ -421,9 +423,7 @@ def _agreement_target(ctx: RunContext) -> dict:
     p = ctx.recipe.parity
     pairs = _pairs(ctx, p.max_pairs)
     scores, _, _ = pair_scores(load_runner(_embedding_source(ctx)), pairs)  # as parity scores the float model
-    target = agreement_target(scores, pairs.issame, p.min_decision_agreement)
-    return {"score_threshold": target["score_threshold"], "max_score_noise": target["max_score_noise"],
-            "agreement": target}
+    return agreement_target(scores, pairs.issame, p.min_decision_agreement)
 
 
 def _int8_options(cfg) -> list:
