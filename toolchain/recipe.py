@@ -135,7 +135,7 @@ class Int8FormatSection(_Strict):
     """One format's own `export.int8` settings (`export.int8.executorch` / `export.int8.tflite`):
     each key set here replaces the section's value for that format's int8 file; null inherits.
     The runtimes round differently, so a recovery method can help one file and not the other
-    (README, The other recipes: measured on MobileFaceNet, not used by a shipped recipe)."""
+    (docs/int8-backbones.md: measured on MobileFaceNet, not used by a shipped recipe)."""
     calibration: Optional[Literal["mse", "minmax", "percentile"]] = None
     percentile: Optional[float] = Field(None, gt=50, le=100)
     outlier_factor: Optional[float] = Field(None, gt=1)

@@ -8,7 +8,7 @@ Two kinds of evaluation set:
   best threshold for both models. The artifact's accuracy is scored at the float model's fold
   thresholds (what an app that ships the float model's threshold gets), so its drop is the int8
   error's alone; `refit_accuracy` is its own protocol, each fold's threshold fitted again on its
-  scores, which a tiny score change can move to another plateau (README, VarGFaceNet seed 2).
+  scores, which a tiny score change can move to another plateau (docs/int8-backbones.md, VarGFaceNet seed 2).
 - a verifier (one enrolled user) takes a *probe set*: images with `issame` saying whether each
   shows the enrolled user. The score is the logit; the decision is logit >= the enrollment
   threshold (what the app runs), and accuracy is the accuracy of that decision.
@@ -184,7 +184,7 @@ def _lowest_images(cos: np.ndarray, pairs, index: tuple[np.ndarray, np.ndarray])
     """The LOWEST_SHOWN distinct images whose embeddings are furthest from float's, lowest first:
     the first listed pair each appears in (0-based, side "a" or "b") and its person where the
     pairs' identities are known. The minimum bound hinges on one image; these say which, and
-    whether the lowest share a person (on SeesawFaceNet they did: README, the other recipes)."""
+    whether the lowest share a person (on SeesawFaceNet they did: docs/int8-backbones.md)."""
     ia, ib = index
     ids = pairs.distinct_identities(ia, ib, len(cos))
     out = []

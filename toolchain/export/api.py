@@ -385,7 +385,7 @@ _METADATA_ALLOWANCE = 16_384
 # Room left under the size budget for the error of the .pte's predicted size (its all-int8 file
 # plus 3 bytes a float weight, toolchain.quantize.recovery). Float blocks also drop their int8
 # scales, so the prediction runs high: SeesawFaceNet's 4 float blocks, 1,909,728 B predicted,
-# 1,883,712 B written (README: the other recipes).
+# 1,883,712 B written (docs/int8-backbones.md).
 _PTE_SIZE_ALLOWANCE = 16_384
 
 

@@ -27,7 +27,7 @@
 - `full_range_layers`: modules (blocks or layers) whose activations take the calibration
   images' full range, their minimum and maximum, whatever `calibration` says: nothing they write
   is clipped, for a coarser step. Costs no bytes and no latency. For a block where rare images
-  run past the clipped range (SeesawFaceNet's `features.14`, README: the other recipes). Both
+  run past the clipped range (SeesawFaceNet's `features.14`, docs/int8-backbones.md). Both
   int8 files (toolchain.quantize.pt2e, toolchain.export.tflite_calibration).
 
 `from_any(value, fmt)` reads a recipe's section for one format: its `executorch` / `tflite`

@@ -5,7 +5,7 @@ activations run tens of times above the rest stretches the ranges of every layer
 and the other images are then left a few int8 steps. On the VarGFaceNet recipe's briefly trained
 model, one of 64 calibration images reached 472 at `features.15` against a median of 6.47, and
 torch's int8 reference graph scored a mean embedding cosine of 0.74 to float; without that image
-0.9994 (README: the other recipes).
+0.9994 (docs/int8-backbones.md).
 
 `screen_outliers` runs the float model once over the images, takes each image's largest
 activation magnitude at every leaf module, divides it by that module's median over the images,

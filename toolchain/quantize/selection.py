@@ -12,8 +12,8 @@ images (one pass per candidate), and the stopping rule judges the step's choice 
 parity bounds, which judge the file on a thousand other images:
 - the mean target holds on the mean's one-sided 95% lower bound, not on the measured mean. On
   MobileFaceNet's recipe, export seeds 1 and 2, the `.tflite`'s choice measured 0.99909 and
-  0.99902 on 32 images and 0.99895 and 0.99898 on the pairs', and the recipe failed (README: the
-  other recipes).
+  0.99902 on 32 images and 0.99895 and 0.99898 on the pairs', and the recipe failed
+  (docs/int8-backbones.md).
 - the lowest SET_ASIDE of the images are set aside from both statistics. int8 gets a few rare
   images badly wrong whatever stays float: SeesawFaceNet's all-int8 graph scored 0.48 and 0.58 on
   2 of 600 identity images (of two generator families) and at least 0.9939 on all 902 of the pairs'.

@@ -20,7 +20,7 @@ exported file is then measured in its runtime like any other.
 
 With `fallback_unit: block` the unit is a whole block (`features.3`: every op inside, SiLUs and
 adds too). One float conv gains little where the error is in the activations: its output is
-still rounded where the next int8 op reads it (SeesawFaceNet, README: the other recipes).
+still rounded where the next int8 op reads it (SeesawFaceNet, docs/int8-backbones.md).
 """
 
 from __future__ import annotations
@@ -404,7 +404,7 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met,
     most given the blocks already float (mean first, then minimum), ranked on the ranking images.
     Blocks interact where one alone does not: a float block's output is still rounded where the
     next int8 block reads it, and on SeesawFaceNet the stem alone lowered the mean while the stem
-    with the next two blocks raised it most (README). Costs one ranking pass per remaining block
+    with the next two blocks raised it most (docs/int8-backbones.md). Costs one ranking pass per remaining block
     per step; the first step's (each block alone) are the sensitivity table's, on the same graph
     and images, and reused."""
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
