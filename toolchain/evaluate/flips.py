@@ -2,11 +2,11 @@
 
 A pair whose float score s lies |s - t| from the decision threshold t flips when the artifact's
 score crosses t. With score noise of std sigma (int8 score - float score, per pair), that happens
-with probability about Phi(-|s - t| / sigma), so the flips to expect are the sum over the pairs.
-On the backbone recipes' 1,200 pairs this predicted the int8 files' measured flips within a few
-pairs (docs/int8-backbones.md). Inverted, it gives the noise budget: the score
-noise at which the expected flips equal what the agreement bound allows. A file over its budget
-fails agreement by more than chance, and the gap says how much quieter its int8 scores must get.
+with probability about Phi(-|s - t| / sigma), so the flips to expect are the sum over the pairs. On
+the backbone recipes' 1,200 pairs this predicted the int8 files' measured flips within a few pairs
+(docs/int8-backbones.md). Inverted, it gives the noise budget: the score noise at which the
+expected flips equal what the agreement bound allows. A file over its budget fails agreement by
+more than chance, and the gap says how much quieter its int8 scores must get.
 """
 
 from __future__ import annotations

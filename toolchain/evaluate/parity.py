@@ -8,7 +8,8 @@ Two kinds of evaluation set:
   best threshold for both models. The artifact's accuracy is scored at the float model's fold
   thresholds (what an app that ships the float model's threshold gets), so its drop is the int8
   error's alone; `refit_accuracy` is its own protocol, each fold's threshold fitted again on its
-  scores, which a tiny score change can move to another plateau (docs/int8-backbones.md, VarGFaceNet seed 2).
+  scores, which a tiny score change can move to another plateau (docs/int8-backbones.md,
+  VarGFaceNet seed 2).
 - a verifier (one enrolled user) takes a *probe set*: images with `issame` saying whether each
   shows the enrolled user. The score is the logit; the decision is logit >= the enrollment
   threshold (what the app runs), and accuracy is the accuracy of that decision.

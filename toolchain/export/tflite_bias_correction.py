@@ -2,11 +2,11 @@
 toolchain.quantize.bias_correction; Nagel et al., ICCV 2019, section 4.2, empirical variant).
 
 The converter's int8 graph has its own rounding errors, not PT2E's: carrying PT2E's corrected
-biases into it made VarGFaceNet's `.tflite` worse (docs/int8-backbones.md). So the errors are measured on the
-converter's own file. For every CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED op with an int32
-bias and no fused activation (a fused clamp hides the pre-activation mean), the mean over the
-calibration images of (int8 output, dequantised - float output) per channel is subtracted from the
-int32 bias, in units of its scale. The float outputs are the same-named tensors of the
+biases into it made VarGFaceNet's `.tflite` worse (docs/int8-backbones.md). So the errors are
+measured on the converter's own file. For every CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED op
+with an int32 bias and no fused activation (a fused clamp hides the pre-activation mean), the mean
+over the calibration images of (int8 output, dequantised - float output) per channel is subtracted
+from the int32 bias, in units of its scale. The float outputs are the same-named tensors of the
 converter's calibrated float graph.
 
 LiteRT runs a file only whole, and XNNPACK hides a graph's inner tensors unless they are outputs.

@@ -367,10 +367,10 @@ def _stage_export(ctx: RunContext) -> StageOutput:
     artifacts, files = [], []
     jobs: list[tuple[str | None, Any, Path, Any]] = []
     identity = None  # identity images for QAT and the int8 fallback
-    targets = _fallback_targets(ctx)
-    aim = None  # the agreement target, with the fallback on
     if _fleet_export(ctx):
         return _stage_export_fleet(ctx)
+    targets = _fallback_targets(ctx)
+    aim = None  # the agreement target, with the fallback on
     if ctx.recipe.kind == "verifier":
         users = ctx.results["enroll"]["users"]
         for user in users[:cfg.users] if cfg.users else users:

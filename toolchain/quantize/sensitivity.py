@@ -404,9 +404,9 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met,
     most given the blocks already float (mean first, then minimum), ranked on the ranking images.
     Blocks interact where one alone does not: a float block's output is still rounded where the
     next int8 block reads it, and on SeesawFaceNet the stem alone lowered the mean while the stem
-    with the next two blocks raised it most (docs/int8-backbones.md). Costs one ranking pass per remaining block
-    per step; the first step's (each block alone) are the sensitivity table's, on the same graph
-    and images, and reused."""
+    with the next two blocks raised it most (docs/int8-backbones.md). Costs one ranking pass per
+    remaining block per step; the first step's (each block alone) are the sensitivity table's, on
+    the same graph and images, and reused."""
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
     alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min")}
              for r in sensitivity["layers"] if r["cosine_mean"] is not None}
