@@ -392,3 +392,36 @@ def test_the_block_fallback_keeps_blocks_until_the_agreement_target_holds_too():
     without = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=3, batch=8,
                                   min_cosine_mean=0.0, min_cosine_min=None)
     assert without["met"] and without["float_layers"] == [] and "score_noise" not in without["trail"][0]
+
+
+@pytest.mark.parametrize("unit", ["block", "layer"])
+def test_when_only_the_agreement_target_is_missed_the_quietest_unit_goes_first(unit):
+    """The sensitivity table measures each unit's score noise at the threshold too, and the
+    fallback takes units in that order while the cosine targets hold (selection.ranking_key)."""
+    torch.manual_seed(0)
+    model = BlockEmbedder().eval()
+    spec = model.spec
+    rng = np.random.default_rng(1)  # images of one colour each, as in the test above
+    images = np.clip(rng.integers(0, 256, (24, 1, 1, 3)) + rng.normal(0, 30, (24, 112, 112, 3)), 0, 255)
+    images, calib = images.astype(np.uint8), _images(16, 2)
+    aim = {"score_threshold": 0.5, "max_score_noise": 1e-12}
+    sens = layer_sensitivity(model, calib, images, spec.mean, spec.std,
+                             Int8Options(fallback=True, fallback_unit=unit), batch=8, agreement=aim, progress=False)
+    base = sens["all_int8"]["score_noise"]
+    rows = [r for r in sens["layers"] if r["cosine_mean"] is not None]
+    assert len(rows) >= 2 and base > 0
+    for r in rows:
+        assert r["gain_noise"] == pytest.approx(base - r["score_noise"], abs=1e-15)
+    quietest = min(rows, key=lambda r: r["score_noise"])
+    assert quietest["gain_noise"] > 0
+
+    def first(min_cosine_mean):
+        got = choose_float_layers(model, sens, images, spec.mean, spec.std, max_layers=1, batch=8,
+                                  min_cosine_mean=min_cosine_mean, min_cosine_min=None, agreement=aim)
+        assert not got["met"]
+        return got["tried"][0]
+
+    # The cosine target holds all int8 (0.0): the unit that quietens the scores most comes first.
+    assert first(0.0) == quietest["layer"]
+    # A cosine target out of reach: the unit that wins back the most cosine comes first, as before.
+    assert first(1.0 + 1e-9) == max(rows, key=lambda r: (r["cosine_mean"], r["cosine_min"]))["layer"]

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from toolchain.quantize.selection import (CONFIDENCE_Z, RANKING_IMAGES, SET_ASIDE, cosine_summary,
-                                          forward_selection, ranking_indices, targets_met)
+from toolchain.quantize.selection import (CONFIDENCE_Z, RANKING_IMAGES, SET_ASIDE, cosine_key, cosine_summary,
+                                          forward_selection, noise_key, ranking_indices, ranking_key, targets_met)
 
 
 def test_the_lower_bound_is_the_mean_less_z_standard_errors():
@@ -94,3 +94,35 @@ def test_an_agreement_target_is_judged_on_the_score_noise_at_its_threshold():
     assert targets_met(c, 0.9, None, c["score_noise"])
     assert not targets_met(c, 0.9, None, c["score_noise"] * 0.99)
     assert not targets_met(c, 1.0, None, 1.0)  # the cosine targets still hold as before
+
+
+def test_a_step_ranks_by_the_bound_the_choice_so_far_misses():
+    cosine_ok = {"cosine_mean": 0.9995, "cosine_mean_low": 0.9994, "cosine_min": 0.995, "score_noise": 0.0066}
+    assert ranking_key(cosine_ok, 0.999, 0.99) is noise_key  # only the agreement target is missed
+    assert ranking_key({**cosine_ok, "cosine_mean_low": 0.9989}, 0.999, 0.99) is cosine_key
+    assert ranking_key({**cosine_ok, "cosine_min": 0.98}, 0.999, 0.99) is cosine_key
+    no_agreement = {k: v for k, v in cosine_ok.items() if k != "score_noise"}
+    assert ranking_key(no_agreement, 0.999, 0.99) is cosine_key
+    # "a" wins back more cosine, "b" quietens the scores at the threshold more (VarGFaceNet's
+    # blocks do not order the same way by both).
+    on_ranking = {"a": {"cosine_mean": 0.99952, "cosine_min": 0.996, "score_noise": 0.0062},
+                  "b": {"cosine_mean": 0.99950, "cosine_min": 0.996, "score_noise": 0.0058}}
+    noise = {"a": 0.0061, "b": 0.0057}
+
+    def judge(names):
+        return {**cosine_ok, "score_noise": min(noise[n] for n in names) if names else cosine_ok["score_noise"]}
+
+    def select(max_noise, cosine_target):
+        met = lambda c: targets_met(c, cosine_target, None, max_noise)  # noqa: E731
+        return forward_selection(["a", "b"], lambda names: on_ranking[names[-1]], judge, met, 2,
+                                 [{"layers": 0, **judge([])}], "test",
+                                 key_for=lambda judged: ranking_key(judged, cosine_target, None))
+
+    assert select(0.0060, 0.999)["float_units"] == ["b"]
+    # While the cosine target is the one missed, the cosine ranks: "a" first, then "b".
+    got = select(0.0060, 0.99999)
+    assert not got["met"] and got["tried"] == ["a", "b"]
+    # Without key_for, forward_selection ranks by the cosine as it always did.
+    plain = forward_selection(["a", "b"], lambda names: on_ranking[names[-1]], judge,
+                              lambda c: targets_met(c, 0.999, None, 0.0060), 1, [{"layers": 0, **judge([])}], "test")
+    assert plain["tried"] == ["a"] and not plain["met"]

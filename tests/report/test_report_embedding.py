@@ -204,3 +204,15 @@ def test_report_shows_the_agreement_target_and_each_steps_score_noise(tmp_path):
     assert "score noise at most 0.00580 at the threshold" in md
     assert "target cosine mean >= 0.999, cosine min >= 0.99, score noise at 0.786 <= 0.00580" in md
     assert "| score noise at the threshold |" in md and "| 0.0055 |" in md
+
+
+def test_report_sensitivity_table_shows_the_score_noise_when_there_is_an_agreement_target(tmp_path):
+    layers = [{"layer": "features.1", "op": "block", "local_error": 1e-3, "cosine_mean": 0.99951, "cosine_min": 0.996,
+               "gain_mean": 0.0001, "gain_min": 0.001, "score_noise": 0.00587, "gain_noise": 0.00053}]
+    recovery = {"sensitivity": {"all_int8": {"cosine_mean": 0.99941, "cosine_min": 0.995, "score_noise": 0.0064},
+                                "layers": layers, "images": 32, "measured": 1, "unit": "block"}}
+    write_report(_recovery_only(recovery), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "is 0.0064 all int8; the fallback ranks by it while that is the only target missed. The most" in md
+    assert "| score noise | noise removed |" in md
+    assert "| `features.1` | block | 1.00e-03 | 0.99951 | 0.996 | +0.00010 | 0.00587 | +0.00053 |" in md

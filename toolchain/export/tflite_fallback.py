@@ -17,8 +17,9 @@ whose input it prepares. Units follow `export.int8.fallback_unit`: a conv or lin
 or a `block` (toolchain.quantize.sensitivity.block_names) with every op in it.
 
 The choice is a forward selection measured on the file LiteRT runs (its XNNPACK delegate, one
-thread): each step keeps in float the unit that raises the cosine to the float model's embeddings
-most (image plus mirror, as parity embeds pair images), until the targets hold
+thread): each step keeps in float the unit that does most for the bound the choice so far misses,
+the cosine to the float model's embeddings (image plus mirror, as parity embeds pair images) or
+the score noise at the agreement target's threshold, until the targets hold
 (toolchain.quantize.selection). A unit whose file would pass `max_bytes` is not tried. One step
 costs a conversion (0.1 s for MobileFaceNet) and a pass over the ranking images per remaining
 unit, and one over all the measuring images. When no selection meets the targets, nothing is kept:
@@ -39,7 +40,7 @@ from torch import nn
 from toolchain.errors import ToolchainError
 from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name
 from toolchain.quantize.recovery import agreement_of
-from toolchain.quantize.selection import embedding_summary, forward_selection, ranking_indices, targets_met
+from toolchain.quantize.selection import embedding_summary, forward_selection, ranking_indices, ranking_key, targets_met
 from toolchain.quantize.sensitivity import block_names
 
 _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -295,10 +296,11 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
         candidate = file_keeping(names)
         if max_bytes is not None and len(candidate) > max_bytes:
             return None
-        return _cosines(candidate, ranking_views, ranking_reference)
+        return _cosines(candidate, ranking_views, ranking_reference, agreement)
 
     choice = forward_selection(list(units), rank, judge, met, max_units, trail,
-                               "int8 fallback (.tflite): units kept in float", progress)
+                               "int8 fallback (.tflite): units kept in float", progress,
+                               lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min))
     other = list(also_try)
     fewer = choice["met"] and len(other) < len(choice["float_units"])
     worth_judging = (fewer or not choice["met"]) and set(other) <= set(units)

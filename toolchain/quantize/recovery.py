@@ -116,7 +116,7 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
         measure = measuring_images(images, seed)
         size, allowed = _size_rule(int8_model, int8, pte_size) if pte_size is not None else (None, None)
         sens = layer_sensitivity(int8_model, calibration, measure[ranking_indices(len(measure))], mean, std, int8,
-                                 reference=float_model, progress=progress)
+                                 reference=float_model, agreement=agreement_of(targets), progress=progress)
         choice = choose_float_layers(float_model, sens, measure, mean, std, max_layers=int8.max_float_layers,
                                      min_cosine_mean=targets.get("min_cosine_mean"),
                                      min_cosine_min=targets.get("min_cosine_min"), allowed=allowed,

@@ -2,9 +2,11 @@
 (measured in torch's reference int8 graph, toolchain.quantize.sensitivity) and the `.tflite`'s
 (measured in LiteRT, toolchain.export.tflite_fallback) share it.
 
-Each step keeps in float the unit that raises the embedding cosine to float most, given the
-units already float (mean first, then minimum), until the targets hold. Units interact where one
-alone does not: a float unit's output is still rounded where the next int8 op reads it.
+Each step keeps in float the unit that does most for the bound the choice so far misses
+(`ranking_key`), given the units already float, until the targets hold: the embedding cosine to
+float (mean first, then minimum), or, once the cosine targets hold and only the agreement target
+does not, the score noise at the decision threshold (what flips decisions). Units interact where
+one alone does not: a float unit's output is still rounded where the next int8 op reads it.
 
 Two sets of images: the candidates of a step are ranked on RANKING_IMAGES of the measuring
 images (one pass per candidate), and the stopping rule judges the step's choice on all of them
@@ -74,26 +76,53 @@ def targets_met(c: dict, min_cosine_mean: float | None, min_cosine_min: float | 
            (max_score_noise is None or c["score_noise"] <= max_score_noise)
 
 
+def cosine_key(c: dict) -> tuple:
+    """Rank by the embedding cosine: the mean first, then the minimum (larger ranks first)."""
+    return c["cosine_mean"], c["cosine_min"]
+
+
+def noise_key(c: dict) -> tuple:
+    """Rank by the score noise at the decision threshold, the lowest first (larger keys rank first)."""
+    return -c["score_noise"], c["cosine_mean"]
+
+
+def ranking_key(judged: dict, min_cosine_mean: float | None, min_cosine_min: float | None) -> Callable[[dict], tuple]:
+    """What the next step ranks its candidates by, given the choice so far as judged on all the
+    measuring images: the score noise (`noise_key`) when its cosine targets hold and it has an
+    agreement target (which then is what it misses), else the cosine (`cosine_key`).
+
+    The cosine bounds do not imply agreement: VarGFaceNet's all-int8 files met them with room
+    and flipped too many decisions (toolchain.evaluate.flips.agreement_target). Ranked on the 32
+    ranking images against the noise on 512 other identity images, one block at a time in
+    float (VarGFaceNet, export seed 2, docs/int8-backbones.md), the noise ranked the blocks better
+    than the cosine did: the candidates are compared on the same pairs, so their difference is
+    far less noisy than either estimate."""
+    if "score_noise" in judged and targets_met(judged, min_cosine_mean, min_cosine_min):
+        return noise_key
+    return cosine_key
+
+
 def forward_selection(units: list[str], rank: Callable[[list[str]], dict | None], judge: Callable[[list[str]], dict],
                       met: Callable[[dict], bool], max_steps: int, trail: list[dict], label: str,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, key_for: Callable[[dict], Callable[[dict], tuple]] | None = None) -> dict:
     """rank(float units) -> {"cosine_mean", "cosine_min", ...} on the ranking images, or None when
     that choice is not allowed; judge(float units) -> the same on all measuring images (extra keys
     reach the trail), which `met` is asked about. `trail` holds the all-int8 row and gets one
-    row a step. Returns {"float_units", "met", "tried", "trail"}; `float_units` is empty when the
-    targets were not met: float units cost latency, and a file that misses its bounds anyway is
-    better all int8."""
+    row a step. key_for(the last judged row) -> the key each step ranks by (`ranking_key`; None:
+    always `cosine_key`); rank() must return what it reads. Returns {"float_units", "met",
+    "tried", "trail"}; `float_units` is empty when the targets were not met: float units cost
+    latency, and a file that misses its bounds anyway is better all int8."""
     from toolchain.console import progress_bar
 
     chosen: list[str] = []
     steps = min(max_steps, len(units))
     with progress_bar(label, steps, enabled=progress) as advance:
         for _ in range(steps):
+            key = key_for(trail[-1]) if key_for is not None else cosine_key
             best = None
             for name in (u for u in units if u not in chosen):
                 c = rank(chosen + [name])
-                if c is not None and (best is None or (c["cosine_mean"], c["cosine_min"]) >
-                                      (best[1]["cosine_mean"], best[1]["cosine_min"])):
+                if c is not None and (best is None or key(c) > key(best[1])):
                     best = (name, c)
             if best is None:
                 break

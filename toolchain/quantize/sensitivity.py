@@ -35,7 +35,8 @@ from torch.fx.node import map_arg
 from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
-from toolchain.quantize.selection import embedding_summary, forward_selection, ranking_indices, targets_met
+from toolchain.quantize.selection import (cosine_key, embedding_summary, forward_selection, ranking_indices,
+                                          ranking_key, targets_met)
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -293,7 +294,7 @@ def reference_int8_graph(model: nn.Module, calibration: np.ndarray, int8, batch:
 
 def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndarray, mean, std, int8,
                       *, reference: nn.Module | None = None, batch: int = 16, measure: int = 16,
-                      progress: bool = True) -> dict:
+                      agreement: dict | None = None, progress: bool = True) -> dict:
     """Rank the int8 model's layers by the embedding cosine to float each one wins back alone.
 
     calibration, images: uint8 NHWC (calibration images; identity images measured on).
@@ -302,9 +303,12 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     layer gets the local-error proxy (`_LocalError`), which picks those with the largest.
     With `int8.fallback_unit` "block" the units are the model's blocks (block_names), each
     measured, its proxy the sum of its layers'; the rows then name blocks (op "block").
+    agreement ({"score_threshold", ...}, toolchain.evaluate.flips.agreement_target): each row
+    also has the score noise at the threshold over the pairs among `images`, `score_noise`, and
+    how much it fell, `gain_noise`.
     Returns {"all_int8": {cosine_mean, cosine_min}, "layers": [{layer, op, local_error,
-    cosine_mean, cosine_min, gain_mean, gain_min}, ...] measured ones first, best first (the
-    others carry None), "images": n, "measured": k, "graph": converted graph}.
+    cosine_mean, cosine_min, gain_mean, gain_min}, ...] measured ones first, best first by the
+    cosine (the others carry None), "images": n, "measured": k, "graph": converted graph}.
     """
     from toolchain.console import progress_bar
     from toolchain.quantize.int8_options import Int8Options
@@ -315,7 +319,7 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     model = model.eval()
     converted = reference_int8_graph(model, calibration, int8, batch, mean, std)
     ref = mirrored_embeddings((reference or model).eval(), images, batch, mean, std)
-    base = embedding_summary(mirrored_embeddings(converted, images, batch, mean, std), ref)
+    base = embedding_summary(mirrored_embeddings(converted, images, batch, mean, std), ref, agreement)
     layers = _layer_nodes(converted)
     local = _LocalError(converted, {node: name for name, node in layers.items()})
     with torch.no_grad():
@@ -337,14 +341,16 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
     with progress_bar(f"int8 sensitivity per {unit}", min(measure, len(units)), enabled=progress) as advance:
         for name in by_proxy[:measure]:
             with _float_units(converted, [name], unit) as g:
-                c = embedding_summary(mirrored_embeddings(g, images, batch, mean, std), ref)
+                c = embedding_summary(mirrored_embeddings(g, images, batch, mean, std), ref, agreement)
             rows.append({"layer": name, "op": op_of[name], "local_error": proxy.get(name, 0.0), **c,
                          "gain_mean": c["cosine_mean"] - base["cosine_mean"],
-                         "gain_min": c["cosine_min"] - base["cosine_min"]})
+                         "gain_min": c["cosine_min"] - base["cosine_min"],
+                         **({"gain_noise": base["score_noise"] - c["score_noise"]} if agreement else {})})
             advance(1)
     for name in by_proxy[measure:]:
         rest.append({"layer": name, "op": op_of[name], "local_error": proxy.get(name, 0.0),
-                     "cosine_mean": None, "cosine_min": None, "gain_mean": None, "gain_min": None})
+                     "cosine_mean": None, "cosine_min": None, "gain_mean": None, "gain_min": None,
+                     **({"score_noise": None, "gain_noise": None} if agreement else {})})
     rows.sort(key=lambda r: (-r["gain_mean"], -r["gain_min"]))
     return {"all_int8": base, "layers": rows + rest, "images": int(len(images)), "measured": len(rows),
             "graph": converted, "method": int8.to_dict(), "unit": unit}
@@ -364,7 +370,10 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     cost latency, and a file that misses its bounds anyway is better all int8 (the trail shows
     what each step measured). `agreement` ({"score_threshold", "max_score_noise"}, from
     toolchain.evaluate.flips.agreement_target): the score noise at the threshold is a target
-    too, judged on the pairs among `images` (each trail row has it as `score_noise`)."""
+    too, judged on the pairs among `images` (each trail row has it as `score_noise`). The layers
+    are taken in the order of what the all-int8 graph misses (toolchain.quantize.selection.
+    ranking_key): the sensitivity table's noise when only the agreement target is missed (the
+    table must then have been measured with it), else its cosine."""
     graph = sensitivity["graph"]
     ref = mirrored_embeddings(model.eval(), images, batch, mean, std)
     unit = sensitivity.get("unit", "layer")
@@ -382,9 +391,14 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
         return {"float_layers": [], "met": True, "tried": [], "trail": trail}
     if unit == "block":
         return _choose_blocks(sensitivity, images, ref, batch, mean, std, judge, met, max_layers, trail, progress,
-                              allowed)
-    ranked = [r["layer"] for r in sensitivity["layers"]
-              if r["gain_mean"] is not None and (r["gain_mean"] > 0 or r["gain_min"] > 0)]
+                              allowed, agreement, lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min))
+    key = ranking_key(trail[0], min_cosine_mean, min_cosine_min)
+    measured = [r for r in sensitivity["layers"] if r["gain_mean"] is not None]
+    if key is cosine_key:
+        gains = [r for r in measured if r["gain_mean"] > 0 or r["gain_min"] > 0]
+    else:
+        gains = [r for r in measured if r.get("gain_noise") is not None and r["gain_noise"] > 0]
+    ranked = [r["layer"] for r in sorted(gains, key=key, reverse=True)]
     for name in ranked:
         if len(chosen) == max_layers:
             break
@@ -399,16 +413,17 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
 
 
 def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met, max_layers: int, trail: list,
-                   progress: bool, allowed=None) -> dict:
-    """Forward selection over blocks: each step keeps in float the block that raises the cosine
-    most given the blocks already float (mean first, then minimum), ranked on the ranking images.
+                   progress: bool, allowed=None, agreement: dict | None = None, key_for=None) -> dict:
+    """Forward selection over blocks: each step keeps in float the block that does most for the
+    bound missed (toolchain.quantize.selection.ranking_key) given the blocks already float,
+    ranked on the ranking images.
     Blocks interact where one alone does not: a float block's output is still rounded where the
     next int8 block reads it, and on SeesawFaceNet the stem alone lowered the mean while the stem
     with the next two blocks raised it most (docs/int8-backbones.md). Costs one ranking pass per
     remaining block per step; the first step's (each block alone) are the sensitivity table's, on
-    the same graph and images, and reused."""
+    the same graph and images, and reused when they have what the step ranks by."""
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
-    alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min")}
+    alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min", "score_noise") if k in r}
              for r in sensitivity["layers"] if r["cosine_mean"] is not None}
     pick = ranking_indices(len(images))
     ranking, ranking_ref = images[pick], ref[pick]
@@ -416,11 +431,11 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met,
     def rank(names: list[str]) -> dict | None:
         if allowed is not None and not allowed(names):
             return None
-        if len(names) == 1 and names[0] in alone:
+        if len(names) == 1 and names[0] in alone and (agreement is None or "score_noise" in alone[names[0]]):
             return dict(alone[names[0]])
         with _float_units(sensitivity["graph"], names, "block") as g:
-            return embedding_summary(mirrored_embeddings(g, ranking, batch, mean, std), ranking_ref)
+            return embedding_summary(mirrored_embeddings(g, ranking, batch, mean, std), ranking_ref, agreement)
 
     choice = forward_selection(units, rank, judge, met, max_layers, trail, "int8 fallback: blocks kept in float",
-                               progress)
+                               progress, key_for)
     return {"float_layers": choice.pop("float_units"), **choice}

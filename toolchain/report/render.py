@@ -274,6 +274,7 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
         base = sens["all_int8"]
         unit = sens.get("unit", "layer")
         aside = base.get("set_aside")
+        noise = base.get("score_noise") is not None
         out += [f"Per-{unit} sensitivity on {sens['images']} identity images, each with its mirror (torch's "
                 "reference int8 graph" + (f"; the fallback's ranking images, their lowest {len(aside)} cosines set "
                                           "aside" if aside is not None else "")
@@ -281,11 +282,17 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
                 f"{_num(base['cosine_min'], 5)}. Each row keeps one {unit} in float; "
                 f"{sens.get('measured', len(sens['layers']))} of {len(sens['layers'])} {unit}s were measured"
                 + ("" if unit == "block" else " (those where int8 adds the most noise locally: weights and output)")
-                + ", the most sensitive first:",
-                "", _table([unit, "op", "local int8 noise", "cosine mean", "cosine min", "mean gained"],
+                + (f". The score noise at the agreement target's threshold, over the pairs among these images, "
+                   f"is {_num(base['score_noise'], 5)} all int8; the fallback ranks by it while that is the only "
+                   "target missed" if noise else "")
+                + ". The most sensitive first:",
+                "", _table([unit, "op", "local int8 noise", "cosine mean", "cosine min", "mean gained"]
+                           + (["score noise", "noise removed"] if noise else []),
                            [[f"`{r['layer']}`", r["op"], f"{r['local_error']:.2e}" if r.get("local_error") is not None
                              else "n/a", _num(r["cosine_mean"], 5), _num(r["cosine_min"], 5),
                              "n/a" if r["gain_mean"] is None else f"{r['gain_mean']:+.5f}"]
+                            + ([_num(r.get("score_noise"), 5),
+                                "n/a" if r.get("gain_noise") is None else f"{r['gain_noise']:+.5f}"] if noise else [])
                             for r in sens["layers"][:top]]), ""]
         if plot:
             out += [f"![int8 sensitivity per layer]({plot})", ""]
