@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from toolchain.quantize.selection import (CONFIDENCE_Z, RANKING_IMAGES, SET_ASIDE, cosine_key, cosine_summary,
-                                          forward_selection, noise_key, ranking_indices, ranking_key, targets_met)
+                                          forward_selection, noise_key, ranking_indices, ranking_key, ranks_on_all,
+                                          targets_met)
 
 
 def test_the_lower_bound_is_the_mean_less_z_standard_errors():
@@ -59,7 +60,7 @@ def test_forward_selection_ranks_cheaply_and_stops_on_the_judged_bound():
     gain = {"a": 0.00010, "b": 0.00009, "c": 0.00008, "d": 0.00001}
     ranked, judged = [], []
 
-    def rank(names):  # a noisy ranking set that still orders the units right
+    def rank(names, key):  # a noisy ranking set that still orders the units right
         ranked.append(list(names))
         return {"cosine_mean": 0.99885 + sum(gain[n] for n in names) + 0.00001, "cosine_min": 0.995}
 
@@ -73,7 +74,7 @@ def test_forward_selection_ranks_cheaply_and_stops_on_the_judged_bound():
     assert got["trail"][1]["cosine_mean"] > 0.999 > got["trail"][1]["cosine_mean_low"]
     assert judged == [["a"], ["a", "b"], ["a", "b", "c"]] and len(ranked) == 4 + 3 + 2
     # A candidate rank() refuses (over a size budget) is never chosen.
-    got = forward_selection(list(gain), lambda names: None if "a" in names else rank(names), judge,
+    got = forward_selection(list(gain), lambda names, key: None if "a" in names else rank(names, key), judge,
                             lambda c: targets_met(c, 0.999, None), 4, [], "test")
     assert "a" not in got["tried"]
 
@@ -109,20 +110,27 @@ def test_a_step_ranks_by_the_bound_the_choice_so_far_misses():
                   "b": {"cosine_mean": 0.99950, "cosine_min": 0.996, "score_noise": 0.0058}}
     noise = {"a": 0.0061, "b": 0.0057}
 
+    keys = []
+
+    def rank(names, key):  # the noise is ranked on all the measuring images, the cosine on 32
+        keys.append(key)
+        return {**on_ranking[names[-1]], "images": 128 if ranks_on_all(key) else 32}
+
     def judge(names):
         return {**cosine_ok, "score_noise": min(noise[n] for n in names) if names else cosine_ok["score_noise"]}
 
     def select(max_noise, cosine_target):
         met = lambda c: targets_met(c, cosine_target, None, max_noise)  # noqa: E731
-        return forward_selection(["a", "b"], lambda names: on_ranking[names[-1]], judge, met, 2,
+        return forward_selection(["a", "b"], rank, judge, met, 2,
                                  [{"layers": 0, **judge([])}], "test",
                                  key_for=lambda judged: ranking_key(judged, cosine_target, None))
 
     assert select(0.0060, 0.999)["float_units"] == ["b"]
+    assert keys == [noise_key, noise_key] and ranks_on_all(noise_key) and not ranks_on_all(cosine_key)
     # While the cosine target is the one missed, the cosine ranks: "a" first, then "b".
     got = select(0.0060, 0.99999)
     assert not got["met"] and got["tried"] == ["a", "b"]
     # Without key_for, forward_selection ranks by the cosine as it always did.
-    plain = forward_selection(["a", "b"], lambda names: on_ranking[names[-1]], judge,
+    plain = forward_selection(["a", "b"], rank, judge,
                               lambda c: targets_met(c, 0.999, None, 0.0060), 1, [{"layers": 0, **judge([])}], "test")
     assert plain["tried"] == ["a"] and not plain["met"]

@@ -213,6 +213,6 @@ def test_report_sensitivity_table_shows_the_score_noise_when_there_is_an_agreeme
                                 "layers": layers, "images": 32, "measured": 1, "unit": "block"}}
     write_report(_recovery_only(recovery), tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "is 0.0064 all int8; the fallback ranks by it while that is the only target missed. The most" in md
+    assert "is 0.0064 all int8 (while that target is the only one missed, the fallback ranks by the noise" in md
     assert "| score noise | noise removed |" in md
     assert "| `features.1` | block | 1.00e-03 | 0.99951 | 0.996 | +0.00010 | 0.00587 | +0.00053 |" in md

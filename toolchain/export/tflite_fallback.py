@@ -40,7 +40,8 @@ from torch import nn
 from toolchain.errors import ToolchainError
 from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name
 from toolchain.quantize.recovery import agreement_of
-from toolchain.quantize.selection import embedding_summary, forward_selection, ranking_indices, ranking_key, targets_met
+from toolchain.quantize.selection import (embedding_summary, forward_selection, ranking_indices, ranking_key,
+                                          ranks_on_all, targets_met)
 from toolchain.quantize.sensitivity import block_names
 
 _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -292,10 +293,12 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     if met(trail[0]):
         return {"float_units": [], "met": True, "tried": [], "trail": trail}
 
-    def rank(names: list[str]) -> dict | None:
+    def rank(names: list[str], key) -> dict | None:
         candidate = file_keeping(names)
         if max_bytes is not None and len(candidate) > max_bytes:
             return None
+        if ranks_on_all(key):
+            return _cosines(candidate, views, reference, agreement)
         return _cosines(candidate, ranking_views, ranking_reference, agreement)
 
     choice = forward_selection(list(units), rank, judge, met, max_units, trail,

@@ -36,7 +36,7 @@ from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
 from toolchain.quantize.selection import (cosine_key, embedding_summary, forward_selection, ranking_indices,
-                                          ranking_key, targets_met)
+                                          ranking_key, ranks_on_all, targets_met)
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -372,8 +372,9 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     toolchain.evaluate.flips.agreement_target): the score noise at the threshold is a target
     too, judged on the pairs among `images` (each trail row has it as `score_noise`). The layers
     are taken in the order of what the all-int8 graph misses (toolchain.quantize.selection.
-    ranking_key): the sensitivity table's noise when only the agreement target is missed (the
-    table must then have been measured with it), else its cosine."""
+    ranking_key): by the noise when only the agreement target is missed, each measured layer
+    alone in float judged on all of `images` (selection.ranks_on_all), else by the sensitivity
+    table's cosine."""
     graph = sensitivity["graph"]
     ref = mirrored_embeddings(model.eval(), images, batch, mean, std)
     unit = sensitivity.get("unit", "layer")
@@ -391,13 +392,14 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
         return {"float_layers": [], "met": True, "tried": [], "trail": trail}
     if unit == "block":
         return _choose_blocks(sensitivity, images, ref, batch, mean, std, judge, met, max_layers, trail, progress,
-                              allowed, agreement, lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min))
+                              allowed, lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min))
     key = ranking_key(trail[0], min_cosine_mean, min_cosine_min)
     measured = [r for r in sensitivity["layers"] if r["gain_mean"] is not None]
     if key is cosine_key:
         gains = [r for r in measured if r["gain_mean"] > 0 or r["gain_min"] > 0]
-    else:
-        gains = [r for r in measured if r.get("gain_noise") is not None and r["gain_noise"] > 0]
+    else:  # the noise, read on all the measuring images (selection.ranks_on_all)
+        alone = {r["layer"]: judge([r["layer"]]) for r in measured if allowed is None or allowed([r["layer"]])}
+        gains = [{"layer": name, **c} for name, c in alone.items() if c["score_noise"] < trail[0]["score_noise"]]
     ranked = [r["layer"] for r in sorted(gains, key=key, reverse=True)]
     for name in ranked:
         if len(chosen) == max_layers:
@@ -413,28 +415,30 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
 
 
 def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met, max_layers: int, trail: list,
-                   progress: bool, allowed=None, agreement: dict | None = None, key_for=None) -> dict:
+                   progress: bool, allowed=None, key_for=None) -> dict:
     """Forward selection over blocks: each step keeps in float the block that does most for the
     bound missed (toolchain.quantize.selection.ranking_key) given the blocks already float,
-    ranked on the ranking images.
+    ranked on the ranking images, or by the noise on all of `images`.
     Blocks interact where one alone does not: a float block's output is still rounded where the
     next int8 block reads it, and on SeesawFaceNet the stem alone lowered the mean while the stem
     with the next two blocks raised it most (docs/int8-backbones.md). Costs one ranking pass per
     remaining block per step; the first step's (each block alone) are the sensitivity table's, on
     the same graph and images, and reused when they have what the step ranks by."""
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
-    alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min", "score_noise") if k in r}
+    alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min")}
              for r in sensitivity["layers"] if r["cosine_mean"] is not None}
     pick = ranking_indices(len(images))
     ranking, ranking_ref = images[pick], ref[pick]
 
-    def rank(names: list[str]) -> dict | None:
+    def rank(names: list[str], key) -> dict | None:
         if allowed is not None and not allowed(names):
             return None
-        if len(names) == 1 and names[0] in alone and (agreement is None or "score_noise" in alone[names[0]]):
+        if ranks_on_all(key):
+            return judge(names)
+        if len(names) == 1 and names[0] in alone:
             return dict(alone[names[0]])
         with _float_units(sensitivity["graph"], names, "block") as g:
-            return embedding_summary(mirrored_embeddings(g, ranking, batch, mean, std), ranking_ref, agreement)
+            return embedding_summary(mirrored_embeddings(g, ranking, batch, mean, std), ranking_ref)
 
     choice = forward_selection(units, rank, judge, met, max_layers, trail, "int8 fallback: blocks kept in float",
                                progress, key_for)

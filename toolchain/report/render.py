@@ -283,8 +283,8 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
                 f"{sens.get('measured', len(sens['layers']))} of {len(sens['layers'])} {unit}s were measured"
                 + ("" if unit == "block" else " (those where int8 adds the most noise locally: weights and output)")
                 + (f". The score noise at the agreement target's threshold, over the pairs among these images, "
-                   f"is {_num(base['score_noise'], 5)} all int8; the fallback ranks by it while that is the only "
-                   "target missed" if noise else "")
+                   f"is {_num(base['score_noise'], 5)} all int8 (while that target is the only one missed, the "
+                   "fallback ranks by the noise on all its measuring images)" if noise else "")
                 + ". The most sensitive first:",
                 "", _table([unit, "op", "local int8 noise", "cosine mean", "cosine min", "mean gained"]
                            + (["score noise", "noise removed"] if noise else []),
