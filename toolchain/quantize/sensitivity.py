@@ -12,7 +12,9 @@ The metric is the one the parity bounds cap: each image's embedding cosine to th
 (mean and minimum) on identity images. A layer's sensitivity is how much the mean rises when
 that layer alone stays float. Measuring it costs one pass over the images per layer, so a
 one-pass proxy (the noise int8 adds at each layer: its weights, and the output it writes)
-picks the `measure` layers that get measured; the others are listed with the proxy only. The
+picks the `measure` layers that get measured; the others are listed with the proxy only. With
+an agreement target, each unit's score noise at its threshold is measured too, and it ranks the
+units once that target is the only one missed (toolchain.quantize.selection.ranking_key). The
 fallback keeps the top-ranked layers in float, one more at a time, until the targets hold on the
 measuring images (the mean's lower confidence bound and the minimum, with the rare images int8
 gets badly wrong set aside: toolchain.quantize.selection) or `max_layers` are float; the
