@@ -22,7 +22,8 @@ the cosine to the float model's embeddings (image plus mirror, as parity embeds 
 the score noise at the agreement target's threshold, until the targets hold
 (toolchain.quantize.selection). A unit whose file would pass `max_bytes` is not tried. One step
 costs a conversion (0.1 s for MobileFaceNet) and a pass over the ranking images per remaining
-unit, and one over all the measuring images. When no selection meets the targets, nothing is kept:
+unit (over all the measuring images when the step ranks by the noise), and one over all the
+measuring images. When no selection meets the targets, nothing is kept:
 float ops cost latency, and a file that misses its bounds anyway is better all int8 (the trail
 shows what each step measured), as in the `.pte`'s fallback.
 """
@@ -299,7 +300,7 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
             return None
         if ranks_on_all(key):
             return _cosines(candidate, views, reference, agreement)
-        return _cosines(candidate, ranking_views, ranking_reference, agreement)
+        return _cosines(candidate, ranking_views, ranking_reference)
 
     choice = forward_selection(list(units), rank, judge, met, max_units, trail,
                                "int8 fallback (.tflite): units kept in float", progress,

@@ -425,7 +425,7 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met,
     next int8 block reads it, and on SeesawFaceNet the stem alone lowered the mean while the stem
     with the next two blocks raised it most (docs/int8-backbones.md). Costs one ranking pass per
     remaining block per step; the first step's (each block alone) are the sensitivity table's, on
-    the same graph and images, and reused when they have what the step ranks by."""
+    the same graph and images, and reused when the step ranks by the cosine."""
     units = [r["layer"] for r in sensitivity["layers"] if r["cosine_mean"] is not None]
     alone = {r["layer"]: {k: r[k] for k in ("cosine_mean", "cosine_min")}
              for r in sensitivity["layers"] if r["cosine_mean"] is not None}
