@@ -13,8 +13,9 @@ The metric is the one the parity bounds cap: each image's embedding cosine to th
 that layer alone stays float. Measuring it costs one pass over the images per layer, so a
 one-pass proxy (the noise int8 adds at each layer: its weights, and the output it writes)
 picks the `measure` layers that get measured; the others are listed with the proxy only. With
-an agreement target, each unit's score noise at its threshold is measured too, and it ranks the
-units once that target is the only one missed (toolchain.quantize.selection.ranking_key). The
+an agreement target, the table lists each unit's score noise at its threshold too; once that
+target is the only one missed, the fallback ranks by the noise on all its measuring images
+(toolchain.quantize.selection.ranking_key, ranks_on_all). The
 fallback keeps the top-ranked layers in float, one more at a time, until the targets hold on the
 measuring images (the mean's lower confidence bound and the minimum, with the rare images int8
 gets badly wrong set aside: toolchain.quantize.selection) or `max_layers` are float; the
@@ -384,9 +385,14 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     def met(c: dict) -> bool:
         return targets_met(c, min_cosine_mean, min_cosine_min, (agreement or {}).get("max_score_noise"))
 
+    judged: dict[tuple[str, ...], dict] = {}  # a noise-ranked step has judged its choice already
+
     def judge(names: list[str]) -> dict:
-        with _float_units(graph, names, unit) as g:
-            return embedding_summary(mirrored_embeddings(g, images, batch, mean, std), ref, agreement)
+        if tuple(names) not in judged:
+            with _float_units(graph, names, unit) as g:
+                judged[tuple(names)] = embedding_summary(mirrored_embeddings(g, images, batch, mean, std), ref,
+                                                         agreement)
+        return dict(judged[tuple(names)])
 
     trail = [{"layers": 0, **judge([])}]
     chosen: list[str] = []
