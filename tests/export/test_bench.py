@@ -172,3 +172,26 @@ def test_run_latency_times_a_runs_int8_file_against_its_fp32_file_with_amx_denie
     (export / "m_fp32.tflite").write_bytes(_tiny_tflite((1, 64)))
     run = subprocess.run(args, capture_output=True, text=True, cwd=root)
     assert run.returncode == 1 and "expected a 4-D image input" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bench_refuses_an_unknown_model_before_exporting_anything(tmp_path, capsys, monkeypatch):
+    from toolchain.export import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("exported before checking the names"))
+    rc = main(["bench", "verifier", "nosuchmodel", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nosuchmodel: neither a file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_exits_one_when_a_model_fails_to_export(tmp_path, capsys, monkeypatch):
+    from toolchain.export import bench
+
+    def one_fails(models, *a, **k):
+        return [{"model": "verifier", "error": "onnx2tf crashed", "artifacts": {}}]
+
+    monkeypatch.setattr(bench, "run_bench", one_fails)
+    rc = main(["bench", "verifier", "--out", str(tmp_path), "--json", str(tmp_path / "b.json")])
+    captured = capsys.readouterr()
+    assert rc == 1 and "bench: 1 of 1 models failed: verifier" in captured.err
+    assert "FAILED" in captured.out  # the table still says why
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["error"] == "onnx2tf crashed"

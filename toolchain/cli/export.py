@@ -226,7 +226,8 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
     apart, their ratio; a sample checked byte for byte)."""
     from toolchain.atomic import write_json_atomic
     from toolchain.environment import cpu_facts, describe_cpu
-    from toolchain.export.api import FORMATS, _parse_list
+    from toolchain.errors import CheckFailed, ToolchainError
+    from toolchain.export.api import FORMATS, _parse_list, check_source
     from toolchain.export.bench import DEFAULT_MODELS, render_table, run_bench
 
     if no_amx:  # before any library starts and asks for AMX (toolchain.runtime.amx)
@@ -240,7 +241,6 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
     if tuple(models) == ("fleet",):
         from pathlib import Path
 
-        from toolchain.errors import ToolchainError
         from toolchain.fleet.bench import bench_fleet, render_fleet_table
         from toolchain.console import progress_bar
 
@@ -253,6 +253,9 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
         if json_path:
             write_json_atomic(json_path, {"cpu": cpu, "fleet": rows})
         return
+
+    for name in models:  # a typo fails now, not after the other models' minutes of export
+        check_source(name)
 
     def partial(row):  # long runs: say which model is done as soon as it is measured
         click.echo(f"measured {row['model']}" + (f": FAILED ({row['error']})" if row.get("error") else ""))
@@ -267,3 +270,6 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
     if json_path:
         write_json_atomic(json_path, {"cpu": cpu, "rows": rows})
         click.echo(f"rows: {json_path}")
+    failed = [row["model"] for row in rows if row.get("error")]
+    if failed:  # the table shows why; a CI step must not read a failed export as measured
+        raise CheckFailed(f"bench: {len(failed)} of {len(rows)} models failed: {', '.join(failed)}")

@@ -45,6 +45,16 @@ def _parse_list(value, allowed: Sequence[str], what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def check_source(source: str) -> None:
+    """Raise the error `resolve_source` would for a name that is neither a path nor a registered
+    model, without loading anything (commands that take several models check them all first)."""
+    from toolchain.models import list_models
+
+    if not Path(str(source)).exists() and str(source) not in list_models():
+        raise ToolchainError(f"{source}: neither a file, an enrolled user folder nor a registered model "
+                             f"({', '.join(list_models())})")
+
+
 def resolve_source(source: Any, model_kwargs: dict | None = None, seed: int = 0) -> tuple[nn.Module, dict, dict]:
     """(float model in eval mode, loader meta, source record) from a module, name or path."""
     from toolchain.models import build_model, list_models
@@ -67,8 +77,8 @@ def resolve_source(source: Any, model_kwargs: dict | None = None, seed: int = 0)
         model = build_model(str(source), **(model_kwargs or {})).eval()
         return model, {"model": str(source), "model_kwargs": dict(model_kwargs or {})}, \
             {"kind": "registry", "model": str(source), "random_init": True, "seed": seed}
-    raise ToolchainError(f"{source}: neither a file, an enrolled user folder nor a registered model "
-                         f"({', '.join(list_models())})")
+    check_source(source)
+    raise AssertionError("unreachable: check_source raises")  # pragma: no cover
 
 
 def _save_float_reference(model: nn.Module, meta: dict, out: Path) -> str | None:

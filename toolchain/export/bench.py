@@ -118,60 +118,59 @@ def _bench_one(name, out_dir, formats, repeats, calibration_size, seed, progress
     from toolchain.quantize.calibration import build_calibration_set
     from toolchain.runtime import load_runner
 
-    if True:
-        model, meta, src = resolve_source(name, seed=seed)
-        is_verifier = model.spec.output == "logit"
-        if src.get("random_init"):
-            recalibrate_batchnorm(model, np.concatenate([calib_b, negatives]))
-        threshold = meta.get("threshold")
-        if is_verifier:
-            calib = build_calibration_set("verifier", enrollment=enrollment, negatives=negatives,
-                                          size=calibration_size, seed=seed)
-            if threshold is None:
-                # A random-init verifier has no enrollment threshold: the float model's median
-                # logit on the probe set splits its decisions in half (the hardest case for parity).
-                ref = load_runner(model)
-                threshold = float(np.median(ref.run(probe.images)[:, 0]))
-        else:
-            calib = build_calibration_set("backbone", images=calib_b, size=calibration_size, seed=seed)
-        out = Path(out_dir) / Path(str(name)).name
-        torch.manual_seed(seed)
-        records = export_model(model, out, formats, ("int8", "fp32"), calib, threshold=threshold,
-                               require_full_delegation=False, progress=progress, seed=seed,
-                               tflite_backend=tflite_backend)
-        parity = run_parity([r.path for r in records], probe if is_verifier else pair_set,
-                            reference=model, repeats=repeats)
-        by = {(r.format, r.precision): r for r in records}
-        par = {(p["format"], p["precision"]): p for p in parity}
-        lat = interleaved_latency({(r.format, r.precision): r.path for r in records}, repeats, rounds)
-        row = {"model": str(name), "random_init": src.get("random_init", False),
-               "kind": "verifier" if is_verifier else "backbone", "artifacts": {}}
-        for fmt in formats:
-            i8, f32 = par[(fmt, "int8")], par[(fmt, "fp32")]
-            rec8, rec32 = by[(fmt, "int8")], by[(fmt, "fp32")]
-            checks = rec8.checks.get("delegation") or {}
-            tfl = rec8.checks.get("tflite") or {}
-            l8, l32 = lat[(fmt, "int8")], lat[(fmt, "fp32")]
-            row["artifacts"][fmt] = {
-                "int8_bytes": rec8.bytes, "fp32_bytes": rec32.bytes,
-                "int8_ms": l8["runtime_ms"], "fp32_ms": l32["runtime_ms"], "eager_ms": i8["float_latency_ms"],
-                "ratio": l8["runtime_ms"] / l32["runtime_ms"],
-                "ratio_range": _ratio_range(l8["rounds_ms"], l32["rounds_ms"]),
-                "rounds": len(l8["rounds_ms"]), "int8_calls": l8["calls"], "fp32_calls": l32["calls"],
-                "int8_wall_ms": l8["wall_ms"], "fp32_wall_ms": l32["wall_ms"],
-                "call_overhead_ms": l8["overhead_ms"], "latency_source": l8["source"],
-                "int8_accuracy": i8["accuracy"], "float_accuracy": i8["float_accuracy"],
-                "accuracy_drop": i8["accuracy_drop"], "decision_agreement": i8["decision_agreement"],
-                "cosine_mean": i8.get("embedding_cosine_mean"), "cosine_min": i8.get("embedding_cosine_min"),
-                "max_abs_gap": i8["max_abs_gap"], "fp32_max_abs_gap": f32["max_abs_gap"],
-                "outside": {**{f"{k} (outside)": v for k, v in (checks.get("ops_outside") or {}).items()},
-                            **{f"{k} (float)": v for k, v in (checks.get("float_ops") or {}).items()},
-                            **{f"{k} (float in XNNPACK)": v
-                               for k, v in (checks.get("xnnpack_float_nodes") or {}).items()},
-                            **{f"{k} (not XNNPACK)": v for k, v in (tfl.get("xnnpack_unsupported") or {}).items()}},
-                "partitions": checks.get("partitions"), "backend": rec8.backend,
-            }
-        return row
+    model, meta, src = resolve_source(name, seed=seed)
+    is_verifier = model.spec.output == "logit"
+    if src.get("random_init"):
+        recalibrate_batchnorm(model, np.concatenate([calib_b, negatives]))
+    threshold = meta.get("threshold")
+    if is_verifier:
+        calib = build_calibration_set("verifier", enrollment=enrollment, negatives=negatives,
+                                      size=calibration_size, seed=seed)
+        if threshold is None:
+            # A random-init verifier has no enrollment threshold: the float model's median
+            # logit on the probe set splits its decisions in half (the hardest case for parity).
+            ref = load_runner(model)
+            threshold = float(np.median(ref.run(probe.images)[:, 0]))
+    else:
+        calib = build_calibration_set("backbone", images=calib_b, size=calibration_size, seed=seed)
+    out = Path(out_dir) / Path(str(name)).name
+    torch.manual_seed(seed)
+    records = export_model(model, out, formats, ("int8", "fp32"), calib, threshold=threshold,
+                           require_full_delegation=False, progress=progress, seed=seed,
+                           tflite_backend=tflite_backend)
+    parity = run_parity([r.path for r in records], probe if is_verifier else pair_set,
+                        reference=model, repeats=repeats)
+    by = {(r.format, r.precision): r for r in records}
+    par = {(p["format"], p["precision"]): p for p in parity}
+    lat = interleaved_latency({(r.format, r.precision): r.path for r in records}, repeats, rounds)
+    row = {"model": str(name), "random_init": src.get("random_init", False),
+           "kind": "verifier" if is_verifier else "backbone", "artifacts": {}}
+    for fmt in formats:
+        i8, f32 = par[(fmt, "int8")], par[(fmt, "fp32")]
+        rec8, rec32 = by[(fmt, "int8")], by[(fmt, "fp32")]
+        checks = rec8.checks.get("delegation") or {}
+        tfl = rec8.checks.get("tflite") or {}
+        l8, l32 = lat[(fmt, "int8")], lat[(fmt, "fp32")]
+        row["artifacts"][fmt] = {
+            "int8_bytes": rec8.bytes, "fp32_bytes": rec32.bytes,
+            "int8_ms": l8["runtime_ms"], "fp32_ms": l32["runtime_ms"], "eager_ms": i8["float_latency_ms"],
+            "ratio": l8["runtime_ms"] / l32["runtime_ms"],
+            "ratio_range": _ratio_range(l8["rounds_ms"], l32["rounds_ms"]),
+            "rounds": len(l8["rounds_ms"]), "int8_calls": l8["calls"], "fp32_calls": l32["calls"],
+            "int8_wall_ms": l8["wall_ms"], "fp32_wall_ms": l32["wall_ms"],
+            "call_overhead_ms": l8["overhead_ms"], "latency_source": l8["source"],
+            "int8_accuracy": i8["accuracy"], "float_accuracy": i8["float_accuracy"],
+            "accuracy_drop": i8["accuracy_drop"], "decision_agreement": i8["decision_agreement"],
+            "cosine_mean": i8.get("embedding_cosine_mean"), "cosine_min": i8.get("embedding_cosine_min"),
+            "max_abs_gap": i8["max_abs_gap"], "fp32_max_abs_gap": f32["max_abs_gap"],
+            "outside": {**{f"{k} (outside)": v for k, v in (checks.get("ops_outside") or {}).items()},
+                        **{f"{k} (float)": v for k, v in (checks.get("float_ops") or {}).items()},
+                        **{f"{k} (float in XNNPACK)": v
+                           for k, v in (checks.get("xnnpack_float_nodes") or {}).items()},
+                        **{f"{k} (not XNNPACK)": v for k, v in (tfl.get("xnnpack_unsupported") or {}).items()}},
+            "partitions": checks.get("partitions"), "backend": rec8.backend,
+        }
+    return row
 
 
 def interleaved_latency(paths: dict, repeats: int, rounds: int = DEFAULT_ROUNDS) -> dict:
