@@ -4,8 +4,9 @@ of each `.tflite`, int8 against fp32, counted under qemu's user-mode emulation.
     python benchmarks/bench_arm_instructions.py DIR [DIR ...] [--cpus max,cortex-a76,cortex-a53]
         [--invokes N] [--json FILE]
 
-Each DIR holds one model's `*_int8.tflite` and `*_fp32.tflite` (`toolchain bench --out OUT` writes
-OUT/verifier, OUT/mobilefacenet, ...). Needs `make arm-env` (toolchain.runtime.arm64).
+Each DIR holds one model's `*_int8.tflite` (or `*_int8_mixed.tflite`) and `*_fp32.tflite`:
+`toolchain bench --out OUT` writes OUT/verifier, OUT/mobilefacenet, ...; a recipe run writes
+RUN/export. Needs `make arm-env` (toolchain.runtime.arm64).
 
 Phones run int8 on dot-product instructions (ARMv8.2 `sdot`; `smmla` with i8mm), which no machine
 here has, and emulated time means nothing. What the emulator can say exactly is how many
@@ -172,7 +173,7 @@ def main() -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     rows = []
     for folder in args.dirs:
-        files = {p: sorted(folder.glob(f"*_{p}.tflite")) for p in ("int8", "fp32")}
+        files = {p: sorted(folder.glob(f"*_{p}*.tflite")) for p in ("int8", "fp32")}  # *_int8_mixed too
         if not all(files.values()):
             raise SystemExit(f"error: {folder} holds no *_int8.tflite and *_fp32.tflite pair")
         for cpu in args.cpus.split(","):
