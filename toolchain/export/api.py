@@ -45,14 +45,20 @@ def _parse_list(value, allowed: Sequence[str], what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def _unknown_source(source: Any) -> ToolchainError:
+    from toolchain.models import list_models
+
+    return ToolchainError(f"{source}: neither a file, an enrolled user folder nor a registered model "
+                          f"({', '.join(list_models())})")
+
+
 def check_source(source: str) -> None:
     """Raise the error `resolve_source` would for a name that is neither a path nor a registered
     model, without loading anything (commands that take several models check them all first)."""
     from toolchain.models import list_models
 
     if not Path(str(source)).exists() and str(source) not in list_models():
-        raise ToolchainError(f"{source}: neither a file, an enrolled user folder nor a registered model "
-                             f"({', '.join(list_models())})")
+        raise _unknown_source(source)
 
 
 def resolve_source(source: Any, model_kwargs: dict | None = None, seed: int = 0) -> tuple[nn.Module, dict, dict]:
@@ -77,8 +83,7 @@ def resolve_source(source: Any, model_kwargs: dict | None = None, seed: int = 0)
         model = build_model(str(source), **(model_kwargs or {})).eval()
         return model, {"model": str(source), "model_kwargs": dict(model_kwargs or {})}, \
             {"kind": "registry", "model": str(source), "random_init": True, "seed": seed}
-    check_source(source)
-    raise AssertionError("unreachable: check_source raises")  # pragma: no cover
+    raise _unknown_source(source)
 
 
 def _save_float_reference(model: nn.Module, meta: dict, out: Path) -> str | None:
