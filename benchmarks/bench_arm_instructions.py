@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
+import json
 import re
 import subprocess
 import sys
@@ -129,8 +129,6 @@ def translated_blocks(log: Path) -> dict[int, collections.Counter]:
 def per_invoke(model: Path, cpu: str, invokes: int) -> dict:
     """Instructions per invoke (total and by kind) of `model` on qemu CPU model `cpu`."""
     env = find_arm_env()
-    run_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
-    run_env |= {"PYTHONPATH": str(env.site), "PYTHONNOUSERSITE": "1"}
     with tempfile.TemporaryDirectory(prefix="toolchain-armcount-") as tmp:
         probe = Path(tmp) / "probe.py"
         probe.write_text(PROBE)
@@ -138,7 +136,7 @@ def per_invoke(model: Path, cpu: str, invokes: int) -> dict:
         def run(n: int, qemu_args: list[str]) -> str:
             cmd = [str(env.qemu), "-cpu", cpu, *qemu_args, "-L", str(env.sysroot), str(env.python),
                    str(probe), str(model.resolve()), str(n)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=7200)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env.process_env(), timeout=7200)
             if done.returncode != 0:
                 tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise SystemExit(f"error: {model.name} on {cpu}: the emulated run failed: {tail}")
@@ -195,8 +193,6 @@ def main() -> None:
                       f"{i8['dot'] + i8['mmla']:,.0f}", f"{f32['fmla']:,.0f}")
     console.print(table)
     if args.json:
-        import json
-
         args.json.write_text(json.dumps(rows, indent=1))
 
 

@@ -46,6 +46,12 @@ class ArmEnv:
         kernels of a recent phone; `cortex-a53` has neither, like an older one."""
         return [str(self.qemu), *(["-cpu", cpu] if cpu else []), "-L", str(self.sysroot), str(self.python), *args]
 
+    def process_env(self) -> dict[str, str]:
+        """The environment of the emulated interpreter: this one's, with its own site folder and
+        none of the host Python's paths."""
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
+        return env | {"PYTHONPATH": str(self.site), "PYTHONNOUSERSITE": "1"}
+
 
 def find_arm_env(root: str | Path | None = None) -> ArmEnv:
     """The environment at `root`, $TOOLCHAIN_ARM_ENV, ./.arm-env or the checkout's .arm-env."""
@@ -91,9 +97,8 @@ class Arm64LiteRTRunner(LiteRTRunner):
             cmd = self.env.command(str(PROBE), str(Path(self.path).resolve()), str(Path(tmp) / "in.npy"), str(out),
                                    cpu=self.cpu)
             try:
-                env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s,
-                                      env={**env, "PYTHONPATH": str(self.env.site), "PYTHONNOUSERSITE": "1"})
+                                      env=self.env.process_env())
             except subprocess.TimeoutExpired as exc:
                 raise ToolchainError(f"{self.name}: the emulated run took over {self.timeout_s:.0f} s") from exc
             if done.returncode != 0 or not out.is_file():
