@@ -12,7 +12,13 @@ because LiteRT requires it. Tensors written by the modules of `export.int8.full_
 take their observed minimum and maximum instead (as PT2E's MinMax observers do for the `.pte`).
 
 With `minmax` the ranges are the converter's own, and the file equals a one-step conversion's
-(the same flips, logit for logit, on the demo verifier).
+(the same flips, logit for logit, on the demo verifier), but for the two-op PReLUs below.
+
+Each PReLU of the int8 file is x + relu(-(1 - a)*x) (toolchain.export.int8_prelu): a depthwise 1x1
+convolution and an add. Calibrated independently, the add rescales both of its inputs onto its
+own output grid, so every value of x, positive ones included, is rounded once more. Where it errs
+less, its output and the branch instead take the input's grid step (`exact_prelu_adds`): the add
+then sums integers exactly, and the branch's own rounding is the PReLU's only one.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8
             full_range = set(full_range_ops(calibrated))
         calibrated = set_ranges(calibrated, inputs, options, full_range)
     calibrated, _ = narrow_sigmoid_inputs(calibrated)
+    calibrated, _ = exact_prelu_adds(calibrated, inputs)
     float_ops = float_plan.float_ops(calibrated) if float_plan is not None else []
     quantized = quantize_keeping_float(calibrated, float_ops)
     if options.bias_correction:  # measured on the converter's own int8 graph (toolchain.export.tflite_bias_correction)
@@ -117,6 +124,117 @@ def narrow_sigmoid_inputs(calibrated: bytes) -> tuple[bytes, list[dict]]:
     from toolchain.export.tflite_flatbuffer import pack_flatbuffer
 
     return pack_flatbuffer(model, len(calibrated)), rows
+
+
+def exact_prelu_adds(calibrated: bytes, inputs: np.ndarray) -> tuple[bytes, list[dict]]:
+    """The calibrated flatbuffer with each two-op PReLU's add made exact where that errs less
+    (module docstring). `inputs`: calibration images as the file takes them (NHWC float).
+
+    The pattern: ADD(x, t) where t = DEPTHWISE_CONV_2D(x) with a 1x1 filter (its fused ReLU gives
+    t >= 0). x's range width W sets the grid: t takes [0, W] and the add's output a window of
+    width W that holds its calibrated range and zero, so all three share x's scale and the add's
+    integer sum needs no rounding. That spares the positive values their second rounding but
+    puts the branch on x's coarser step, so each PReLU takes it only where it gives the smaller
+    squared error against the float PReLU on the calibration images' activations (on a
+    zero-centred x the calibrated grids can win). A PReLU whose branch or output does not fit in
+    W keeps its calibrated ranges. Ops that copy values (reshape, pad) after a changed output
+    take its new range, as LiteRT requires. Returns (bytes, one row per PReLU changed)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name, pack_flatbuffer
+
+    schema, model = load_flatbuffer(calibrated)
+    graph = model.subgraphs[0]
+    producer = {int(o): op for op in graph.operators for o in op.outputs if o >= 0}
+
+    def span(i: int) -> tuple[float, float] | None:
+        q = graph.tensors[i].quantization
+        if q is None or q.min is None or len(q.min) != 1:
+            return None
+        return float(q.min[0]), float(q.max[0])
+
+    def set_span(i: int, lo: float, hi: float) -> None:
+        q = graph.tensors[i].quantization
+        q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
+
+    def branch_of(x: int, t: int) -> bool:
+        op = producer.get(t)
+        if op is None or op_name(schema, model, op) != "DEPTHWISE_CONV_2D" or int(op.inputs[0]) != x:
+            return False
+        shape = graph.tensors[int(op.inputs[1])].shape
+        return shape is not None and len(shape) == 4 and int(shape[1]) == int(shape[2]) == 1
+
+    candidates = []  # (x, t, out, output window)
+    for op in graph.operators:
+        if op_name(schema, model, op) != "ADD" or len(op.inputs) != 2:
+            continue
+        a, b, out = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
+        x, t = (a, b) if branch_of(a, b) else (b, a) if branch_of(b, a) else (None, None)
+        if x is None or out in graph.outputs or None in (span(x), span(t), span(out)):
+            continue
+        (x_lo, x_hi), (_, t_hi), (o_lo, o_hi) = span(x), span(t), span(out)
+        width = x_hi - x_lo
+        lo = min(o_lo, 0.0)
+        if lo + width < o_hi:  # the window's top must hold the output's largest value
+            lo = o_hi - width
+        if width > 0 and t_hi <= width and lo <= min(o_lo, 0.0):
+            candidates.append((x, t, out, (lo, lo + width)))
+    if not candidates:
+        return calibrated, []
+    interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    feed = interpreter.get_input_details()[0]["index"]
+    seen: dict[int, list[np.ndarray]] = {i: [] for x, t, _, _ in candidates for i in (x, t)}
+    for k in range(min(len(inputs), _PRELU_IMAGES)):
+        interpreter.set_tensor(feed, inputs[k:k + 1].astype(np.float32))
+        interpreter.invoke()
+        for i in seen:
+            seen[i].append(interpreter.get_tensor(i).ravel().astype(np.float64))
+    rows, changed = [], set()
+    for x, t, out, window in candidates:
+        err_calibrated, err_exact = prelu_add_errors(np.concatenate(seen[x]), np.concatenate(seen[t]), span(x),
+                                                     span(t), span(out), window[1] - window[0])
+        if err_exact >= err_calibrated:
+            continue
+        set_span(t, 0.0, window[1] - window[0])
+        set_span(out, *window)
+        changed.add(out)
+        name = graph.tensors[out].name
+        rows.append({"tensor": name.decode() if isinstance(name, bytes) else str(name), "input": list(span(x)),
+                     "window": list(window), "mse": [float(err_calibrated), float(err_exact)]})
+    if not rows:
+        return calibrated, rows
+    for op in graph.operators:  # in graph order, so chains of plumbing follow their source
+        if op_name(schema, model, op) in _SAME_RANGE and len(op.inputs) and int(op.inputs[0]) in changed:
+            src = graph.tensors[int(op.inputs[0])].quantization
+            for i in op.outputs:
+                if i >= 0 and span(int(i)) is not None:
+                    set_span(int(i), float(src.min[0]), float(src.max[0]))
+                    changed.add(int(i))
+    return pack_flatbuffer(model, len(calibrated)), rows
+
+
+# Calibration images whose activations decide each PReLU's grids (a few hundred thousand values
+# a tensor on the backbones).
+_PRELU_IMAGES = 16
+
+
+def prelu_add_errors(x: np.ndarray, t: np.ndarray, x_span, t_span, out_span, width: float) -> tuple[float, float]:
+    """Mean squared error of a two-op PReLU's int8 output against the float x + t, with the
+    calibrated ranges and with the exact add (branch and output on x's step, `width` = x's range
+    width). x and t: float activations; the spans: (min, max) as calibrated."""
+    xq, want = _fake_quant(x, *x_span), x + t
+    calibrated = np.mean((_fake_quant(xq + _fake_quant(t, *t_span), *out_span) - want) ** 2)
+    exact = np.mean((xq + _fake_quant(t, 0.0, width) - want) ** 2)
+    return float(calibrated), float(exact)
+
+
+def _fake_quant(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """`values` rounded to the int8 grid the converter makes of the range [lo, hi] (zero kept)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero = np.round(-128 - lo / scale)
+    return (np.clip(np.round(values / scale) + zero, -128, 127) - zero) * scale
 
 
 def _observer(options: Int8Options):
