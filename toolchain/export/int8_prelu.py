@@ -11,8 +11,8 @@ own input: conv+relu and add, which both quantizers annotate and both delegates 
 Where some 1 - a < 0, a second depthwise 1x1 (weights s = +-1) follows the ReLU. Exact in float
 (up to rounding). In the `.tflite` the add and the branch share the input's grid step, so the
 add sums integers exactly and the ReLU branch's rounding is the only new one
-(toolchain.export.tflite_calibration.exact_prelu_adds). This form costs two int8 passes over the tensor; the earlier a*x + (1 - a)*relu(x)
-cost three (README, `benchmarks/bench_prelu_forms.py`). A PReLU on a 2-D tensor runs on an
+(toolchain.export.tflite_calibration.exact_prelu_adds). This form costs two int8 passes over the
+tensor; the earlier a*x + (1 - a)*relu(x) cost three (README, `benchmarks/bench_prelu_forms.py`). A PReLU on a 2-D tensor runs on an
 (N, C, 1, 1) view. A PReLU with one shared slope is left as it is (the backbones here have
 per-channel slopes). The int8 `.pte` does not need this form: XNNPACK's own int8 PReLU, one op,
 runs there (toolchain.quantize.pt2e annotates it, toolchain.export.executorch's partitioner takes
