@@ -20,14 +20,14 @@ class TwoPReLUs(nn.Module):
     `shift` moves the PReLU inputs off zero, as trained BatchNorms do: the exact add then errs
     less; on zero-centred inputs the calibrated grids can."""
 
-    def __init__(self, shift: float) -> None:
+    def __init__(self, shift: float, slopes=(0.05, 0.4)) -> None:
         super().__init__()
         self.conv1, self.act1 = nn.Conv2d(3, 16, 3, padding=1), nn.PReLU(16)
         self.conv2, self.act2 = nn.Conv2d(16, 16, 1), nn.PReLU(16)
         self.conv3 = nn.Conv2d(16, 8, 1)
         with torch.no_grad():
             for act in (self.act1, self.act2):
-                act.weight.uniform_(0.05, 0.4)  # trained backbones' slopes are in this range
+                act.weight.uniform_(*slopes)  # trained backbones' slopes are mostly in 0.05-0.4
             for conv in (self.conv1, self.conv2):
                 conv.bias.add_(shift)
 
@@ -36,7 +36,7 @@ class TwoPReLUs(nn.Module):
         return self.conv3(y).mean((2, 3))
 
 
-def _export(shift: float):
+def _export(shift: float, slopes=(0.05, 0.4)):
     """{"tied": int8 bytes, "calibrated": int8 bytes without the tie, "rows": what it changed,
     "model", "images"}."""
     from unittest.mock import patch
@@ -45,7 +45,7 @@ def _export(shift: float):
     from toolchain.export.tflite import export_tflite_onnx2tf
 
     torch.manual_seed(0)
-    model = TwoPReLUs(shift).eval()
+    model = TwoPReLUs(shift, slopes).eval()
     rewritten = with_int8_prelu(model)
     rng = np.random.default_rng(0)
     calib = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
@@ -97,6 +97,8 @@ def _prelu_adds(buf: bytes, images=None):
             continue
         for x, t in (tuple(op["inputs"]), tuple(op["inputs"])[::-1]):
             branch = producer.get(t)
+            if branch is not None and branch["op_name"] == "DEPTHWISE_CONV_2D" and branch["inputs"][0] != x:
+                branch = producer.get(branch["inputs"][0])  # slopes above 1: the sign convolution
             if branch is not None and branch["op_name"] == "DEPTHWISE_CONV_2D" and branch["inputs"][0] == x:
                 trio = [dict(details[i]) for i in (x, t, op["outputs"][0])]
                 if images is not None:
@@ -120,8 +122,18 @@ def test_each_prelu_add_shares_its_input_scale(files):
     assert all(abs(t["quantization"][0] / x["quantization"][0] - 1) > 0.01 for x, t, _ in untied)
 
 
+def test_slopes_above_one_add_exactly_too():
+    # Their branch has a second depthwise 1x1 (the sign) and takes negative values too.
+    files = _export(shift=1.0, slopes=(0.5, 1.6))
+    assert len(files["rows"]) >= 1 and all(r["sign"] for r in files["rows"])
+    test_the_add_sums_integers_exactly(files)
+
+
 def test_the_add_sums_integers_exactly(files):
-    for x, t, out in _prelu_adds(files["tied"], files["images"]):
+    adds = _prelu_adds(files["tied"], files["images"])
+    tied = [(x, t, out) for x, t, out in adds if out["quantization"][0] == pytest.approx(x["quantization"][0], rel=1e-6)]
+    assert len(adds) == 2 and len(tied) == len(files["rows"])
+    for x, t, out in tied:
         zx, zt, zo = (d["quantization"][1] for d in (x, t, out))
         expected = (x["value"] - zx) + (t["value"] - zt) + zo
         assert np.array_equal(out["value"], np.clip(expected, -128, 127))
@@ -137,5 +149,5 @@ def test_the_exact_add_is_taken_where_it_errs_less(centre, exact_wins):
     x = np.random.default_rng(0).normal(centre, 1.0 if centre == 0 else 0.5, 200_000)
     t = 0.8 * np.maximum(-x, 0)  # slope 0.2
     x_span, t_span, out_span = (x.min(), x.max()), (0.0, t.max()), ((x + t).min(), (x + t).max())
-    calibrated, exact = prelu_add_errors(x, t, x_span, t_span, out_span, x_span[1] - x_span[0])
+    calibrated, exact = prelu_add_errors(x, t, x_span, t_span, out_span, (0.0, x_span[1] - x_span[0]))
     assert (exact < calibrated) == exact_wins, (calibrated, exact)

@@ -130,17 +130,18 @@ def exact_prelu_adds(calibrated: bytes, inputs: np.ndarray) -> tuple[bytes, list
     """The calibrated flatbuffer with each two-op PReLU's add made exact where that errs less
     (module docstring). `inputs`: calibration images as the file takes them (NHWC float).
 
-    The pattern: ADD(x, t) where t = DEPTHWISE_CONV_2D(x) with a 1x1 filter (its fused ReLU gives
-    t >= 0). x's range width W sets the grid: t takes [0, W] and the add's output a window of
-    width W that holds its calibrated range and zero, so all three share x's scale and the add's
-    integer sum needs no rounding. That spares the positive values their second rounding but
-    puts the branch on x's coarser step, so each PReLU takes it only where it gives the smaller
-    squared error against the float PReLU on the calibration images' activations (on a
-    zero-centred x the calibrated grids can win). A PReLU whose branch or output does not fit in
-    W keeps its calibrated ranges, and so does one whose branch has a second depthwise 1x1 (the
-    sign, where slopes exceed 1): taking those too left MobileFaceNet's file no better
-    (docs/int8-backbones.md). Ops that copy values (reshape, pad) after a changed output
-    take its new range, as LiteRT requires. Returns (bytes, one row per PReLU changed)."""
+    The pattern: ADD(x, t) where t = DEPTHWISE_CONV_2D(x) with a 1x1 filter and a fused ReLU, or
+    where slopes exceed 1, t = sign(r) with r that ReLU branch and the sign a second depthwise 1x1
+    (weights +-1). x's range width W sets the grid: r (or t) takes [0, W], and the sign's output
+    and the add's output each a window of width W that holds their range and zero, so all share
+    x's scale: the sign and the add then move integers without rounding. That spares the positive
+    values their second rounding but puts the branch on x's coarser step, so each PReLU takes it
+    only where it gives the smaller squared error against the float PReLU on the calibration
+    images' activations (on a zero-centred x the calibrated grids can win). A PReLU whose branch
+    or output does not fit in W keeps its calibrated ranges. The branch's ranges are the ones
+    observed on `inputs`: the calibrated file records a negative minimum for the ReLU's output,
+    which never takes one. Ops that copy values (reshape, pad) after a changed output take its new
+    range, as LiteRT requires. Returns (bytes, one row per PReLU changed)."""
     from ai_edge_litert.interpreter import Interpreter
 
     from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name, pack_flatbuffer
@@ -159,51 +160,68 @@ def exact_prelu_adds(calibrated: bytes, inputs: np.ndarray) -> tuple[bytes, list
         q = graph.tensors[i].quantization
         q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
 
-    def branch_of(x: int, t: int) -> bool:
+    def pointwise_source(t: int) -> int | None:
+        # The input of the depthwise 1x1 that writes t, if one does.
         op = producer.get(t)
-        if op is None or op_name(schema, model, op) != "DEPTHWISE_CONV_2D" or int(op.inputs[0]) != x:
-            return False
+        if op is None or op_name(schema, model, op) != "DEPTHWISE_CONV_2D":
+            return None
         shape = graph.tensors[int(op.inputs[1])].shape
-        return shape is not None and len(shape) == 4 and int(shape[1]) == int(shape[2]) == 1
+        ok = shape is not None and len(shape) == 4 and int(shape[1]) == int(shape[2]) == 1
+        return int(op.inputs[0]) if ok else None
 
-    candidates = []  # (x, t, out, output window)
+    def branch_of(x: int, t: int) -> tuple[int] | tuple[int, int] | None:
+        # (t,) for t = relu(dw(x)); (r, t) for t = sign(r), r = relu(dw(x)); None otherwise.
+        source = pointwise_source(t)
+        if source == x:
+            return (t,)
+        return (source, t) if source is not None and pointwise_source(source) == x else None
+
+    candidates = []  # (x, branch tensors, out)
     for op in graph.operators:
         if op_name(schema, model, op) != "ADD" or len(op.inputs) != 2:
             continue
         a, b, out = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
-        x, t = (a, b) if branch_of(a, b) else (b, a) if branch_of(b, a) else (None, None)
-        if x is None or out in graph.outputs or None in (span(x), span(t), span(out)):
+        x, branch = (a, branch_of(a, b)) if branch_of(a, b) else (b, branch_of(b, a))
+        if branch is None or out in graph.outputs or None in (span(x), span(out), *map(span, branch)):
             continue
-        (x_lo, x_hi), (_, t_hi), (o_lo, o_hi) = span(x), span(t), span(out)
-        width = x_hi - x_lo
-        lo = min(o_lo, 0.0)
-        if lo + width < o_hi:  # the window's top must hold the output's largest value
-            lo = o_hi - width
-        if width > 0 and t_hi <= width and lo <= min(o_lo, 0.0):
-            candidates.append((x, t, out, (lo, lo + width)))
+        candidates.append((x, branch, out))
     if not candidates:
         return calibrated, []
     interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     feed = interpreter.get_input_details()[0]["index"]
-    seen: dict[int, list[np.ndarray]] = {i: [] for x, t, _, _ in candidates for i in (x, t)}
-    for k in range(min(len(inputs), _PRELU_IMAGES)):
+    seen: dict[int, list[np.ndarray]] = {i: [] for x, branch, _ in candidates for i in (x, branch[-1])}
+    observed: dict[int, tuple[float, float]] = {i: (0.0, 0.0) for _, branch, _ in candidates for i in branch}
+    for k in range(len(inputs)):
         interpreter.set_tensor(feed, inputs[k:k + 1].astype(np.float32))
         interpreter.invoke()
-        for i in seen:
-            seen[i].append(interpreter.get_tensor(i).ravel().astype(np.float64))
+        for i, (lo, hi) in observed.items():
+            value = interpreter.get_tensor(i)
+            observed[i] = (min(lo, float(value.min())), max(hi, float(value.max())))
+        if k < _PRELU_IMAGES:
+            for i in seen:
+                seen[i].append(interpreter.get_tensor(i).ravel().astype(np.float64))
     rows, changed = [], set()
-    for x, t, out, window in candidates:
+    for x, branch, out in candidates:
+        t = branch[-1]
+        width = span(x)[1] - span(x)[0]
+        windows = {i: (0.0, width) if observed[i][1] <= width else None for i in branch[:1]}  # the ReLU
+        if len(branch) == 2:
+            windows[t] = _window(*observed[t], width)
+        windows[out] = _window(*span(out), width)
+        if width <= 0 or None in windows.values():
+            continue
         err_calibrated, err_exact = prelu_add_errors(np.concatenate(seen[x]), np.concatenate(seen[t]), span(x),
-                                                     span(t), span(out), window[1] - window[0])
+                                                     span(t), span(out), windows[t])
         if err_exact >= err_calibrated:
             continue
-        set_span(t, 0.0, window[1] - window[0])
-        set_span(out, *window)
+        for i, window in windows.items():
+            set_span(i, *window)
         changed.add(out)
         name = graph.tensors[out].name
         rows.append({"tensor": name.decode() if isinstance(name, bytes) else str(name), "input": list(span(x)),
-                     "window": list(window), "mse": [float(err_calibrated), float(err_exact)]})
+                     "window": list(windows[out]), "sign": len(branch) == 2,
+                     "mse": [float(err_calibrated), float(err_exact)]})
     if not rows:
         return calibrated, rows
     for op in graph.operators:  # in graph order, so chains of plumbing follow their source
@@ -221,14 +239,22 @@ def exact_prelu_adds(calibrated: bytes, inputs: np.ndarray) -> tuple[bytes, list
 _PRELU_IMAGES = 16
 
 
-def prelu_add_errors(x: np.ndarray, t: np.ndarray, x_span, t_span, out_span, width: float) -> tuple[float, float]:
+def prelu_add_errors(x: np.ndarray, t: np.ndarray, x_span, t_span, out_span, t_window) -> tuple[float, float]:
     """Mean squared error of a two-op PReLU's int8 output against the float x + t, with the
-    calibrated ranges and with the exact add (branch and output on x's step, `width` = x's range
-    width). x and t: float activations; the spans: (min, max) as calibrated."""
+    calibrated ranges and with the exact add (the branch on `t_window`, as wide as x's range, and
+    the output on x's step). x and t: float activations; the spans: (min, max) as calibrated."""
     xq, want = _fake_quant(x, *x_span), x + t
     calibrated = np.mean((_fake_quant(xq + _fake_quant(t, *t_span), *out_span) - want) ** 2)
-    exact = np.mean((xq + _fake_quant(t, 0.0, width) - want) ** 2)
+    exact = np.mean((xq + _fake_quant(t, *t_window) - want) ** 2)
     return float(calibrated), float(exact)
+
+
+def _window(lo: float, hi: float, width: float) -> tuple[float, float] | None:
+    """A range of `width` that holds [lo, hi] and zero, from the bottom; None if none does."""
+    bottom = min(lo, 0.0)
+    if bottom + width < hi:  # the window's top must hold the largest value
+        bottom = hi - width
+    return (bottom, bottom + width) if bottom <= min(lo, 0.0) else None
 
 
 def _fake_quant(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
