@@ -224,13 +224,7 @@ def exact_prelu_adds(calibrated: bytes, inputs: np.ndarray) -> tuple[bytes, list
                      "mse": [float(err_calibrated), float(err_exact)]})
     if not rows:
         return calibrated, rows
-    for op in graph.operators:  # in graph order, so chains of plumbing follow their source
-        if op_name(schema, model, op) in _SAME_RANGE and len(op.inputs) and int(op.inputs[0]) in changed:
-            src = graph.tensors[int(op.inputs[0])].quantization
-            for i in op.outputs:
-                if i >= 0 and span(int(i)) is not None:
-                    set_span(int(i), float(src.min[0]), float(src.max[0]))
-                    changed.add(int(i))
+    _copy_ranges_down(schema, model, graph, changed)
     return pack_flatbuffer(model, len(calibrated)), rows
 
 
@@ -279,31 +273,17 @@ def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options, full
     """The calibrated flatbuffer with every computed activation's min/max chosen by `options`;
     tensors named in `full_range` take their observed min/max."""
     import torch
-    from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.interpreter import Interpreter
 
-    from toolchain.export.tflite_flatbuffer import pack_flatbuffer
+    from toolchain.export.tflite_flatbuffer import load_flatbuffer, op_name, pack_flatbuffer
 
-    model = schema.ModelT.InitFromPackedBuf(calibrated, 0)
+    schema, model = load_flatbuffer(calibrated)
     graph = model.subgraphs[0]
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-
-    def op_name(op) -> str:
-        code = model.operatorCodes[op.opcodeIndex]
-        return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "?")
-
-    def has_range(i: int) -> bool:
-        q = graph.tensors[i].quantization
-        return q is not None and q.min is not None and len(q.min) == 1
-
-    copy_from: dict[int, int] = {}  # output tensor -> the input whose range it keeps
-    measured: list[int] = []
+    measured: list[int] = []  # outputs of ops that compute (copies keep their input's range)
     for op in graph.operators:
-        outs = [i for i in op.outputs if i >= 0 and has_range(i)]
-        if op_name(op) in _SAME_RANGE and len(op.inputs) and op.inputs[0] >= 0:
-            copy_from.update({i: int(op.inputs[0]) for i in outs})
-        else:
-            measured += [i for i in outs if i not in graph.inputs]
+        if op_name(schema, model, op) in _SAME_RANGE and len(op.inputs) and op.inputs[0] >= 0:
+            continue
+        measured += [i for i in op.outputs if i >= 0 and _has_range(graph, i) and i not in graph.inputs]
     if not measured:
         return calibrated
     interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
@@ -323,9 +303,31 @@ def set_ranges(calibrated: bytes, inputs: np.ndarray, options: Int8Options, full
         q = graph.tensors[i].quantization
         # The converter's ranges always hold zero (an int8 zero-point must exist).
         q.min, q.max = np.array([min(lo, 0.0)], np.float32), np.array([max(hi, 0.0)], np.float32)
-    for op in graph.operators:  # in graph order, so chains of plumbing follow their source
-        for i in op.outputs:
-            if i in copy_from and has_range(copy_from[i]):
-                src = graph.tensors[copy_from[i]].quantization
-                graph.tensors[i].quantization.min, graph.tensors[i].quantization.max = src.min.copy(), src.max.copy()
+    _copy_ranges_down(schema, model, graph)
     return pack_flatbuffer(model, len(calibrated))
+
+
+def _has_range(graph, i: int) -> bool:
+    q = graph.tensors[i].quantization
+    return q is not None and q.min is not None and len(q.min) == 1
+
+
+def _copy_ranges_down(schema, model, graph, sources: set[int] | None = None) -> None:
+    """Give the outputs of ops that move values without changing them (`_SAME_RANGE`) their
+    input's range, as LiteRT requires, in graph order so chains of them follow their source.
+    With `sources`, only below those tensors (the set takes each output it sets)."""
+    from toolchain.export.tflite_flatbuffer import op_name
+
+    for op in graph.operators:
+        if op_name(schema, model, op) not in _SAME_RANGE or not len(op.inputs) or op.inputs[0] < 0:
+            continue
+        source = int(op.inputs[0])
+        if (sources is not None and source not in sources) or not _has_range(graph, source):
+            continue
+        src = graph.tensors[source].quantization
+        for i in op.outputs:
+            if i >= 0 and _has_range(graph, int(i)):
+                graph.tensors[int(i)].quantization.min, graph.tensors[int(i)].quantization.max = \
+                    src.min.copy(), src.max.copy()
+                if sources is not None:
+                    sources.add(int(i))
