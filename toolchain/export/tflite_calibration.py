@@ -238,11 +238,8 @@ def prelu_add_errors(x: np.ndarray, t: np.ndarray, x_span, t_span, out_span, t_w
     calibrated ranges and with the exact add (the branch on `t_window`, as wide as x's range, and
     the output on x's step). x and t: float activations; the spans: (min, max) as calibrated."""
     xq, want = _fake_quant(x, *x_span), x + t
-    # The int8 branch reads the rounded x: t's own slope (t / x, per value) applied to it.
-    slope = np.divide(t, x, out=np.zeros_like(t), where=x < 0)
-    tq = np.where(xq < 0, slope * xq, 0.0)
-    calibrated = np.mean((_fake_quant(xq + _fake_quant(tq, *t_span), *out_span) - want) ** 2)
-    exact = np.mean((xq + _fake_quant(tq, *t_window) - want) ** 2)
+    calibrated = np.mean((_fake_quant(xq + _fake_quant(t, *t_span), *out_span) - want) ** 2)
+    exact = np.mean((xq + _fake_quant(t, *t_window) - want) ** 2)
     return float(calibrated), float(exact)
 
 
