@@ -181,7 +181,8 @@ def exact_prelu_adds(calibrated: bytes, inputs: np.ndarray) -> tuple[bytes, list
         if op_name(schema, model, op) != "ADD" or len(op.inputs) != 2:
             continue
         a, b, out = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
-        x, branch = (a, branch_of(a, b)) if branch_of(a, b) else (b, branch_of(b, a))
+        branch = branch_of(a, b)
+        x, branch = (a, branch) if branch else (b, branch_of(b, a))
         if branch is None or out in graph.outputs or None in (span(x), span(out), *map(span, branch)):
             continue
         candidates.append((x, branch, out))
