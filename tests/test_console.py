@@ -59,8 +59,11 @@ def test_a_real_command_keeps_the_console_clean(tmp_path):
     res = subprocess.run([sys.executable, "-m", "toolchain", "doctor", "--artifacts", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     console = res.stdout + res.stderr
-    assert res.returncode == 0, console
-    assert "toolchain doctor" in console and "doctor: this environment runs the recipes" in console
+    # A nearly full disk is the machine's state, not the console's: it may be the one failed check.
+    disk_only = "doctor: 1 check(s) failed: free disk at" in console
+    assert res.returncode == 0 or (res.returncode == 1 and disk_only), console
+    assert "toolchain doctor" in console
+    assert "doctor: this environment runs the recipes" in console or disk_only
     for noise in ("cpuinfo_utils", "Created TensorFlow Lite XNNPACK delegate", "oneDNN", "absl::InitializeLog",
                   "_pytree.py"):
         assert noise not in console, noise

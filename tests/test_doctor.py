@@ -34,7 +34,14 @@ def test_unimportable_runtimes_fail_the_doctor(tmp_path, monkeypatch, capsys):
     assert "make install" in table
 
 
-def test_disk_and_verdict(tmp_path):
+def test_disk_and_verdict(tmp_path, monkeypatch):
+    import toolchain.doctor as doctor
+
+    # The machine's own free space varies (CI once had 0.9 GB left), so both sides are set here.
+    monkeypatch.setattr(doctor, "disk_free_gb", lambda path: 50.0)
     assert check_disk(tmp_path / "not" / "yet").status == "ok"
+    monkeypatch.setattr(doctor, "disk_free_gb", lambda path: 0.9)
+    low = check_disk(tmp_path)
+    assert low.status == "fail" and low.found == "0.9 GB" and "--out" in low.fix
     assert passed([Check("a", "ok", ""), Check("b", "warn", "")])
     assert not passed([Check("a", "ok", ""), Check("b", "fail", "")])
