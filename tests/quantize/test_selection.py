@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from toolchain.quantize.selection import (CONFIDENCE_Z, RANKING_IMAGES, SET_ASIDE, cosine_key, cosine_summary,
-                                          forward_selection, noise_key, ranking_indices, ranking_key, ranks_on_all,
-                                          targets_met)
+                                          drop_unneeded, forward_selection, noise_key, ranking_indices, ranking_key,
+                                          ranks_on_all, targets_met)
 
 
 def test_the_lower_bound_is_the_mean_less_z_standard_errors():
@@ -68,11 +68,16 @@ def test_forward_selection_ranks_cheaply_and_stops_on_the_judged_bound():
         judged.append(list(names))
         return cosine_summary(0.99885 + sum(gain[n] for n in names) + sigma * noise)
 
-    got = forward_selection(list(gain), rank, judge, lambda c: targets_met(c, 0.999, None), 4, [], "test")
+    all_int8 = {"layers": 0, **cosine_summary(0.99885 + sigma * noise)}
+    got = forward_selection(list(gain), rank, judge, lambda c: targets_met(c, 0.999, None), 4, [all_int8], "test")
     # The judged mean crosses 0.999 with a and b (0.99904); its lower bound only with c as well.
     assert got["met"] and got["float_units"] == ["a", "b", "c"]
-    assert got["trail"][1]["cosine_mean"] > 0.999 > got["trail"][1]["cosine_mean_low"]
-    assert judged == [["a"], ["a", "b"], ["a", "b", "c"]] and len(ranked) == 4 + 3 + 2
+    assert got["trail"][2]["cosine_mean"] > 0.999 > got["trail"][2]["cosine_mean_low"]
+    # The backward pass then tries the choice without c (its step gained least), b and a; the
+    # choice without c is the second forward step, already judged, so only two sets are new.
+    assert judged == [["a"], ["a", "b"], ["a", "b", "c"], ["a", "c"], ["b", "c"]] and len(ranked) == 4 + 3 + 2
+    backward = got["trail"][4:]
+    assert [t["removed"] for t in backward] == ["b", "a"] and not any(t["met"] for t in backward)
     # A candidate rank() refuses (over a size budget) is never chosen.
     got = forward_selection(list(gain), lambda names, key: None if "a" in names else rank(names, key), judge,
                             lambda c: targets_met(c, 0.999, None), 4, [], "test")
@@ -134,3 +139,29 @@ def test_a_step_ranks_by_the_bound_the_choice_so_far_misses():
     plain = forward_selection(["a", "b"], rank, judge,
                               lambda c: targets_met(c, 0.999, None, 0.0060), 1, [{"layers": 0, **judge([])}], "test")
     assert plain["tried"] == ["a"] and not plain["met"]
+
+
+def test_the_backward_pass_puts_back_in_int8_what_later_units_made_unneeded():
+    # "a" ranks first on the ranking images but does nothing once "b" and "c" are float; "d"
+    # lowers the judged mean.
+    def judged_mean(names):
+        s = set(names)
+        return 0.9985 + 0.0003 * ("b" in s) + 0.0003 * ("c" in s) + (0.0002 if s == {"a"} else 0) - 0.00001 * ("d" in s)
+
+    def rank(names, key):
+        order = {"a": 3, "d": 2, "b": 1, "c": 0}  # a misleading ranking subset
+        return {"cosine_mean": 0.9985 + 0.0001 * sum(order[n] + 1 for n in names), "cosine_min": 0.995}
+
+    def judge(names):
+        m = judged_mean(names)
+        return {"cosine_mean": m, "cosine_mean_low": m, "cosine_min": 0.995}
+
+    met = lambda c: targets_met(c, 0.9990, None)  # noqa: E731
+    trail = [{"layers": 0, **judge([])}]
+    got = forward_selection(["a", "b", "c", "d"], rank, judge, met, 4, trail, "test")
+    assert got["met"] and got["tried"] == ["a", "d", "b", "c"]
+    assert got["float_units"] == ["b", "c"] and met(judge(got["float_units"]))
+    backward = [t for t in trail if "removed" in t]
+    # d (it lowered the mean) goes first, then a; b and c are each still needed.
+    assert [(t["removed"], t["met"]) for t in backward] == [("d", True), ("a", True), ("b", False), ("c", False)]
+    assert drop_unneeded(["b", "c"], judge, met, [trail[0]]) == ["b", "c"]

@@ -147,6 +147,11 @@ def test_report_shows_the_tflite_fallback_its_trail_bytes_and_latency(tmp_path):
             "(target cosine mean >= 0.999, within 1,983,616 bytes): 1 block(s) kept in float: `features.1`.") in md
     assert "| 1 | `features.1` | 0.9991 | 0.99905 | 0.996 | - | 1,712,000 |" in md
     assert "4.2 ms with those blocks in float against 3.5 ms all int8 (1.20 x)" in md
+    # The backward pass's tries (toolchain.quantize.selection.drop_unneeded) say what each found.
+    tried = {"cosine_mean": 0.9987, "cosine_mean_low": 0.9986, "cosine_min": 0.995, "set_aside": [], "bytes": 1_697_000}
+    write_report(_recovery_only({"tflite_fallback": {**recovery["tflite_fallback"], "trail": trail + [
+        {"layers": 0, "removed": "features.1", "met": False, **tried}]}}), tmp_path)
+    assert "| 0 | without `features.1`: still needed | 0.9987 |" in (tmp_path / "report.md").read_text()
     # The .pte's choice, judged after the greedy steps missed, is one row naming its units.
     trail.append({"layers": 2, "units": ["features.0", "features.1"], "source": "the .pte's choice",
                   "cosine_mean": 0.9992, "cosine_mean_low": 0.99915, "cosine_min": 0.996, "set_aside": [],

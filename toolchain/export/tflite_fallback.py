@@ -20,7 +20,8 @@ The choice is a forward selection measured on the file LiteRT runs (its XNNPACK 
 thread): each step keeps in float the unit that does most for the bound the choice so far misses,
 the cosine to the float model's embeddings (image plus mirror, as parity embeds pair images) or
 the score noise at the agreement target's threshold, until the targets hold
-(toolchain.quantize.selection). A unit whose file would pass `max_bytes` is not tried. One step
+(toolchain.quantize.selection), then a backward pass puts back in int8 each unit the others meet
+them without. A unit whose file would pass `max_bytes` is not tried. One step
 costs a conversion (0.1 s for MobileFaceNet) and a pass over the ranking images per remaining
 unit (over all the measuring images when the step ranks by the noise), and one over all the
 measuring images. When no selection meets the targets, nothing is kept:

@@ -38,8 +38,8 @@ from torch.fx.node import map_arg
 from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
-from toolchain.quantize.selection import (cosine_key, embedding_summary, forward_selection, ranking_indices,
-                                          ranking_key, ranks_on_all, targets_met)
+from toolchain.quantize.selection import (cosine_key, drop_unneeded, embedding_summary, forward_selection,
+                                          ranking_indices, ranking_key, ranks_on_all, targets_met)
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -418,7 +418,8 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
         c = judge(chosen)
         trail.append({"layers": len(chosen), **c})
         if met(c):
-            return {"float_layers": list(chosen), "met": True, "tried": list(chosen), "trail": trail}
+            return {"float_layers": drop_unneeded(chosen, judge, met, trail), "met": True, "tried": list(chosen),
+                    "trail": trail}
     return {"float_layers": [], "met": False, "tried": chosen, "trail": trail}
 
 

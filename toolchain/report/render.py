@@ -229,6 +229,8 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
     def added(t: Mapping) -> str:
         if t.get("units"):  # a whole set judged at once (the .pte's choice, tflite_fallback)
             return f"{t.get('source', 'given')}: " + ", ".join(f"`{u}`" for u in t["units"])
+        if t.get("removed"):  # the backward pass (toolchain.quantize.selection.drop_unneeded)
+            return f"without `{t['removed']}`: " + ("back in int8" if t.get("met") else "still needed")
         return f"`{t['added']}`" if t.get("added") else ""
 
     noisy = "score_noise" in trail[0]
@@ -236,7 +238,7 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
              _num(t.get("cosine_mean_low"), 5), _num(t["cosine_min"], 5),
              ", ".join(_num(x, 4) for x in t.get("set_aside") or []) or "-"]
             + ([_num(t.get("score_noise"), 5)] if noisy else []) + ([f"{t['bytes']:,}"] if sized else []) for t in trail]
-    head = [f"{unit}s in float", "added", "cosine mean", "mean, 95% lower bound", "cosine min", "set aside"]
+    head = [f"{unit}s in float", "step", "cosine mean", "mean, 95% lower bound", "cosine min", "set aside"]
     head += (["score noise at the threshold"] if noisy else []) + (["file bytes"] if sized else [])
     return note + [_table(head, rows), ""]
 
