@@ -226,7 +226,7 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
                 f"after setting aside the lowest {len(aside)} cosines (rare images int8 gets badly wrong; parity "
                 "still judges every pair); the mean target holds on the mean's one-sided 95% lower bound, since "
                 f"parity judges the file on other images{ranked} (toolchain.quantize.selection).", ""]
-    def added(t: Mapping) -> str:
+    def step(t: Mapping) -> str:
         if t.get("units"):  # a whole set judged at once (the .pte's choice, tflite_fallback)
             return f"{t.get('source', 'given')}: " + ", ".join(f"`{u}`" for u in t["units"])
         if t.get("removed"):  # the backward pass (toolchain.quantize.selection.drop_unneeded)
@@ -234,7 +234,7 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
         return f"`{t['added']}`" if t.get("added") else ""
 
     noisy = "score_noise" in trail[0]
-    rows = [[t["layers"], added(t), _num(t["cosine_mean"], 5),
+    rows = [[t["layers"], step(t), _num(t["cosine_mean"], 5),
              _num(t.get("cosine_mean_low"), 5), _num(t["cosine_min"], 5),
              ", ".join(_num(x, 4) for x in t.get("set_aside") or []) or "-"]
             + ([_num(t.get("score_noise"), 5)] if noisy else []) + ([f"{t['bytes']:,}"] if sized else []) for t in trail]
