@@ -210,7 +210,9 @@ def test_the_pte_choice_is_kept_when_it_meets_with_fewer_units_than_the_greedy_s
     assert same["float_units"] == ["a", "b"] and len(same["trail"]) == len(greedy["trail"])
     missing = choose(["b"])
     assert missing["float_units"] == ["a", "b"] and "from" not in missing
-    assert missing["trail"][-1]["units"] == ["b"]
+    # The backward pass already judged `b` alone (without `a`, and it missed): not judged again.
+    assert missing["trail"] == greedy["trail"] and greedy["trail"][-1]["removed"] == "a"
+    assert not any("units" in row for row in missing["trail"])
 
 
 def test_the_tflite_plan_takes_the_pte_units_to_try_only_when_they_are_the_same_kind():

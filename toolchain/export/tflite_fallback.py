@@ -287,7 +287,10 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     def file_keeping(names: list[str]) -> bytes:
         return quantize_keeping_float(calibrated, [op for n in names for op in units[n]])
 
+    judged_sets: set[frozenset[str]] = set()
+
     def judge(names: list[str]) -> dict:
+        judged_sets.add(frozenset(names))
         candidate = file_keeping(names)
         return {**_cosines(candidate, views, reference, agreement), "bytes": len(candidate)}
 
@@ -309,8 +312,10 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     other = list(also_try)
     fewer = choice["met"] and len(other) < len(choice["float_units"])
     worth_judging = (fewer or not choice["met"]) and set(other) <= set(units)
-    if not other or not worth_judging or set(other) == set(choice["tried"][:len(other)]):
-        return choice  # nothing to try, or a set the greedy steps already judged
+    if not other or not worth_judging or frozenset(other) in judged_sets:
+        # Nothing to try, or a set already judged: by a forward step, or by the backward pass,
+        # which would have kept it had it met the targets.
+        return choice
     judged = judge(other)
     if max_bytes is not None and judged["bytes"] > max_bytes:
         return choice
