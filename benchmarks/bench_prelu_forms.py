@@ -1,7 +1,8 @@
 """What a backbone's PReLUs cost in int8: in-runtime latency of one backbone exported with each
 form of PReLU, int8 and fp32, in ExecuTorch (XNNPACK) and LiteRT (onnx2tf).
 
-    python benchmarks/bench_prelu_forms.py [--model mobilefacenet] [--repeats N] [--runtimes executorch,litert]
+    python benchmarks/bench_prelu_forms.py [--model mobilefacenet | --checkpoint PT] [--repeats N]
+        [--runtimes executorch,litert] [--images N]
 
 Rows (all int8 but the first):
 - fp32: the plain PReLU, one float op (what the fp32 artifacts hold);
@@ -20,13 +21,20 @@ Rows (all int8 but the first):
 - ReLU instead of PReLU: not the same function; the speed of the network with its PReLUs free.
 
 Latency is inside the runtime, one thread, median: ExecuTorch's `Method::execute` (ETDump),
-LiteRT's `invoke()` less a one-op model's. Random weights: latency does not depend on them. The
-CPU and its int8 features are printed with the table; every ratio comes from this one run.
+LiteRT's `invoke()` less a one-op model's. Random weights by default, with random per-channel
+PReLU slopes (`random_slopes`). With `--checkpoint` (a trained backbone, e.g. recipes/checkpoints/mobilefacenet.pt) the
+table also gives each file's embedding cosine to the float model, mean and min over `--images`
+synthetic faces, so a form that is faster but not exact in int8 shows what it costs. Every file is
+calibrated the same plain way (the quantizers' own ranges on 32 synthetic faces; no MSE ranges,
+bias correction, QAT or fallback, as the recipes have), so the cosines compare forms with each
+other, not with a recipe's files. The CPU and its int8 features are printed with the table; every
+ratio comes from this one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,16 +44,20 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from toolchain.data import SyntheticFaces
 from toolchain.environment import describe_cpu
+from toolchain.errors import ToolchainError
 from toolchain.export.executorch import xnnpack_partitioner
 from toolchain.export.int8_prelu import with_int8_prelu
 from toolchain.export.module_swap import replace_modules
 from toolchain.export.tflite import export_tflite_onnx2tf
 from toolchain.models import build_model
+from toolchain.models.io import load_model
 from toolchain.quantize.int8_options import Int8Options
 from toolchain.quantize.pt2e import quantize_xnnpack_int8
 from toolchain.runtime.executorch_runner import ExecuTorchRunner
 from toolchain.runtime.litert_runner import LiteRTRunner
+from toolchain.runtime.preprocess import model_input
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -104,7 +116,8 @@ ONLY = {"int8, PReLU left in float (.pte)": "executorch", "int8, XNNPACK's int8 
         "int8, LiteRT's int8 PRELU, not delegated": "litert"}
 
 
-def _latency(module, precision, int8, runtime, calib, example, repeats, tmp: Path) -> float:
+def _runner(module, precision, int8, runtime, calib, example, tmp: Path):
+    """The form exported to `runtime` in `precision`, loaded in that runtime."""
     meta = {"input": {"mean": list(MEAN), "std": list(STD)}, "output": "embedding"}
     if runtime == "executorch":
         from executorch.exir import to_edge_transform_and_lower
@@ -114,49 +127,95 @@ def _latency(module, precision, int8, runtime, calib, example, repeats, tmp: Pat
         program = torch.export.export(module, (example,), strict=False)
         path = tmp / f"m_{precision}.pte"
         path.write_bytes(to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()]).to_executorch().buffer)
-        return ExecuTorchRunner(path, metadata=meta).runtime_latency(repeats, warmup=20)["runtime_ms"]
+        return ExecuTorchRunner(path, metadata=meta)
     data = export_tflite_onnx2tf(module, example, [precision], calib, MEAN, STD)[precision]
     path = tmp / f"m_{precision}.tflite"
     path.write_bytes(data)
-    return LiteRTRunner(path, metadata=meta).runtime_latency(repeats, warmup=20)["runtime_ms"]
+    return LiteRTRunner(path, metadata=meta)
+
+
+def random_slopes(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Per-channel PReLU slopes drawn from [0.05, 0.45). At init every slope is 0.25, and with
+    the same constant in every channel LiteRT ran the multiply form's MUL far faster than with
+    trained or random per-channel slopes (MobileFaceNet on the AMD EPYC with AVX-VNNI: 0.49 x
+    fp32 against 0.76-0.79 x, docs/int8-backbones.md), so init slopes would flatter it."""
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if _is_prelu(m):
+                m.weight.copy_(0.05 + 0.4 * torch.rand(m.weight.shape, generator=rng))
+    return model
+
+
+def cosine_to_float(embeddings: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(mean, min) over the rows of the cosine between a file's embeddings and the float model's."""
+    a = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cos = (a * b).sum(axis=1)
+    return float(cos.mean()), float(cos.min())
+
+
+def faces(n: int, first_identity: int) -> np.ndarray:
+    """n synthetic faces (uint8 NHWC, 112x112), one view each of n identities."""
+    return SyntheticFaces(seed=0).render_batch(np.arange(n) + first_identity, np.arange(n) % 5)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mobilefacenet")
+    ap.add_argument("--checkpoint", type=Path, help="a trained backbone (.pt): adds the cosine to float")
+    ap.add_argument("--images", type=int, default=128, help="synthetic faces the cosine is measured on")
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--runtimes", default="executorch,litert")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(args.model).eval()
-    calib = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), dtype=np.uint8)
+    try:
+        model = load_model(args.checkpoint)[0] if args.checkpoint else random_slopes(build_model(args.model).eval())
+    except (ToolchainError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    label = args.checkpoint.name if args.checkpoint else f"{args.model} (random weights)"
+    calib = faces(32, 5000)
+    images = faces(args.images, 9000) if args.checkpoint else None
+    if images is not None:
+        with torch.no_grad():
+            reference = model(torch.from_numpy(model_input(images, MEAN, STD))).numpy()
     example = torch.zeros(1, 3, 112, 112)
     runtimes = args.runtimes.split(",")
-    console = Console(width=120)
+    console = Console(width=140)
     times: dict[tuple[str, str], float] = {}
+    cosines: dict[tuple[str, str], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-prelu-") as tmp:
         for name, (module, precision, int8) in forms(model).items():
             for runtime in runtimes:
                 if ONLY.get(name, runtime) != runtime:
                     continue
-                times[name, runtime] = _latency(module, precision, int8, runtime, calib, example, args.repeats,
-                                                Path(tmp))
-                console.print(f"{name} / {runtime}: {times[name, runtime]:.3f} ms")
-    t = Table(title=f"{args.model}: in-runtime ms (one thread, median of {args.repeats}) and ratio to fp32 "
-                    f"in the same runtime; {describe_cpu()}")
+                runner = _runner(module, precision, int8, runtime, calib, example, Path(tmp))
+                times[name, runtime] = runner.runtime_latency(args.repeats, warmup=20)["runtime_ms"]
+                line = f"{name} / {runtime}: {times[name, runtime]:.3f} ms"
+                if images is not None:
+                    cosines[name, runtime] = cosine_to_float(runner.run(images), reference)
+                    line += " cosine to float {:.5f} mean / {:.4f} min".format(*cosines[name, runtime])
+                console.print(line)
+    t = Table(title=f"{label}: in-runtime ms (one thread, median of {args.repeats}) and ratio to fp32 "
+                    f"in the same runtime" + (f", cosine to float on {args.images} synthetic faces" if cosines else "")
+                    + f"; {describe_cpu()}")
     t.add_column("PReLU form")
     for runtime in runtimes:
         t.add_column(f"{runtime} ms", justify="right")
         t.add_column("/ fp32", justify="right")
+        if cosines:
+            t.add_column(f"{runtime} cosine mean / min", justify="right")
     fp32 = "fp32 (plain PReLU)"
     for name in dict.fromkeys(n for n, _ in times):
         cells = []
         for runtime in runtimes:
             if (name, runtime) not in times:
-                cells += ["-", "-"]
+                cells += ["-", "-"] + (["-"] if cosines else [])
                 continue
             cells += [f"{times[name, runtime]:.3f}", f"{times[name, runtime] / times[fp32, runtime]:.2f}"]
+            if cosines:
+                cells.append("{:.5f} / {:.4f}".format(*cosines[name, runtime]))
         t.add_row(name, *cells)
     console.print(t)
 
