@@ -22,9 +22,10 @@ Rows (all int8 but the first):
 
 Latency is inside the runtime, one thread, median: ExecuTorch's `Method::execute` (ETDump),
 LiteRT's `invoke()` less a one-op model's. Random weights by default, with random per-channel
-PReLU slopes (`random_slopes`). With `--checkpoint` (a trained backbone, e.g. recipes/checkpoints/mobilefacenet.pt) the
-table also gives each file's embedding cosine to the float model, mean and min over `--images`
-synthetic faces, so a form that is faster but not exact in int8 shows what it costs. Every file is
+PReLU slopes (`random_slopes`). With `--checkpoint` (a trained backbone, such as
+recipes/checkpoints/mobilefacenet.pt) the table also gives each file's embedding cosine to the
+float model, mean and min over `--images` synthetic faces, so a form that is faster but not
+exact in int8 shows what it costs. Every file is
 calibrated the same plain way (the quantizers' own ranges on 32 synthetic faces; no MSE ranges,
 bias correction, QAT or fallback, as the recipes have), so the cosines compare forms with each
 other, not with a recipe's files. The CPU and its int8 features are printed with the table; every
