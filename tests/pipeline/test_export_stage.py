@@ -31,6 +31,12 @@ def test_the_agreement_target_is_read_from_the_float_scores_of_the_parity_pairs(
     got = stages._agreement_target(SimpleNamespace(recipe=recipe))
     expected = agreement_target(scores, issame, 99.5)
     assert got == expected and got["allowed_flips"] == 6 and got["max_score_noise"] > 0
+    # export.int8.agreement_risk: a lower risk aims at fewer expected flips, so a quieter file.
+    strict = validate_recipe({"name": "m", "kind": "embedding", "export": {"model": "mobilefacenet", "int8": {
+        "agreement_risk": 0.01}}, "parity": {"min_decision_agreement": 99.5}})
+    tight = stages._agreement_target(SimpleNamespace(recipe=strict))
+    assert tight == agreement_target(scores, issame, 99.5, risk=0.01) and tight["risk"] == 0.01
+    assert tight["expected_flips"] < got["expected_flips"] and tight["max_score_noise"] < got["max_score_noise"]
 
 
 def test_the_export_stage_hands_the_target_to_the_fallback_and_records_it(monkeypatch, tmp_path):

@@ -158,9 +158,14 @@ def test_bad_options_are_refused():
                                                                          "bias_correction": False}
     assert Int8Options().is_default and not Int8Options(bias_correction=True).is_default
     for bad in ({"qat_steps": -1}, {"qat_lr": 0.0}, {"qat_batch": 1}, {"max_float_layers": 0},
-                {"fallback_unit": "stage"}, {"outlier_factor": 1.0}):
+                {"fallback_unit": "stage"}, {"outlier_factor": 1.0}, {"agreement_risk": 0.0},
+                {"agreement_risk": 1.0}):
         with pytest.raises(ToolchainError):
             Int8Options(**bad)
+    # The fallback's risk is recorded with the method only where it is on and not the default.
+    assert "agreement_risk" not in Int8Options(fallback=True).to_dict()
+    assert "agreement_risk" not in Int8Options(agreement_risk=0.01).to_dict()
+    assert Int8Options(fallback=True, agreement_risk=0.01).to_dict()["agreement_risk"] == 0.01
     tuned = Int8Options(qat_steps=5, float_layers=["a.b"])
     assert tuned.to_dict()["qat_steps"] == 5 and tuned.to_dict()["float_layers"] == ["a.b"]
     # onnx2tf's .tflite records no float layers: the converter quantises every layer.
@@ -194,6 +199,8 @@ def test_a_format_overrides_the_keys_it_sets_and_inherits_the_rest():
                                           ("export.int8.fallback=sometimes", "export.int8.fallback"),
                                           ("export.int8.fallback_unit=stage", "export.int8.fallback_unit"),
                                           ("export.int8.outlier_factor=1", "export.int8.outlier_factor"),
+                                          ("export.int8.agreement_risk=0", "export.int8.agreement_risk"),
+                                          ("export.int8.agreement_risk=1.5", "export.int8.agreement_risk"),
                                           ("export.int8.tflite.qat_steps=-1", "export.int8.tflite.qat_steps"),
                                           ("export.int8.executorch.calibration=kl",
                                            "export.int8.executorch.calibration"),

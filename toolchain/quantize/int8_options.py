@@ -24,6 +24,11 @@
   recipe). Given with the fallback off, they stay float in both files. `fallback_unit`:
   what the fallback ranks and keeps, one conv or linear `layer` at a time (default) or one
   `block` (a child of the model's top-level containers: `features.3`, with every op inside).
+- `agreement_risk` (default 0.05): how often a file the fallback passes may still flip more
+  decisions than the agreement bound allows; the fallback's score-noise target is set so that
+  the expected flips stay within the allowance all but this share of the time
+  (toolchain.evaluate.flips.agreement_target). Lower asks for a quieter file, which may keep
+  more in float.
 - `full_range_layers`: modules (blocks or layers) whose activations take the calibration
   images' full range, their minimum and maximum, whatever `calibration` says: nothing they write
   is clipped, for a coarser step. Costs no bytes and no latency. For a block where rare images
@@ -42,6 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from toolchain.evaluate.flips import AGREEMENT_RISK
 
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
 FALLBACK_UNITS = ("layer", "block")
@@ -65,6 +72,7 @@ class Int8Options:
     max_float_layers: int = 8
     fallback_unit: str = "layer"
     full_range_layers: tuple[str, ...] = ()
+    agreement_risk: float = AGREEMENT_RISK
 
     def __post_init__(self):
         from toolchain.errors import ToolchainError
@@ -80,6 +88,8 @@ class Int8Options:
             raise ToolchainError(f"int8 fallback: max_float_layers {self.max_float_layers} must be >= 1")
         if self.fallback_unit not in FALLBACK_UNITS:
             raise ToolchainError(f"unknown int8 fallback_unit {self.fallback_unit!r} ({', '.join(FALLBACK_UNITS)})")
+        if not 0.0 < float(self.agreement_risk) < 1.0:
+            raise ToolchainError(f"int8 fallback: agreement_risk {self.agreement_risk} must be in (0, 1)")
         if int(self.qat_steps) < 0 or not float(self.qat_lr) > 0 or int(self.qat_batch) < 2:
             raise ToolchainError(f"int8 QAT: steps {self.qat_steps} (>= 0), lr {self.qat_lr} (> 0) and batch "
                                  f"{self.qat_batch} (>= 2) are out of range")
@@ -116,6 +126,8 @@ class Int8Options:
             out |= {"fallback": True, "max_float_layers": int(self.max_float_layers)}
             if self.fallback_unit != "layer":
                 out["fallback_unit"] = self.fallback_unit
+            if self.agreement_risk != AGREEMENT_RISK:
+                out["agreement_risk"] = float(self.agreement_risk)
         if self.float_layers:
             out["float_layers"] = list(self.float_layers)
         if self.full_range_layers:
