@@ -302,7 +302,7 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
     if aim:
         out += [f"Agreement target (toolchain.evaluate.flips.agreement_target): the float model's scores of the "
                 f"{aim['pairs']:,} pairs set the threshold {aim['score_threshold']:.3f}. Parity allows "
-                f"{aim['allowed_flips']} flips; {aim['expected_flips']:.1f} expected exceed that {aim['risk']:.0%} of "
+                f"{aim['allowed_flips']} flips; {aim['expected_flips']:.1f} expected exceed that {aim['risk'] * 100:g}% of "
                 f"the time, so the fallbacks aim at int8 score noise at most {aim['max_score_noise']:.5f} at the "
                 "threshold, measured on their identity images.", ""]
     fb = rec.get("fallback")
