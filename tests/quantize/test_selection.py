@@ -135,10 +135,44 @@ def test_a_step_ranks_by_the_bound_the_choice_so_far_misses():
     # While the cosine target is the one missed, the cosine ranks: "a" first, then "b".
     got = select(0.0060, 0.99999)
     assert not got["met"] and got["tried"] == ["a", "b"]
+    assert got["float_units"] == [] and "closest" not in got  # a cosine target missed: all int8
     # Without key_for, forward_selection ranks by the cosine as it always did.
     plain = forward_selection(["a", "b"], rank, judge,
                               lambda c: targets_met(c, 0.999, None, 0.0060), 1, [{"layers": 0, **judge([])}], "test")
     assert plain["tried"] == ["a"] and not plain["met"]
+
+
+def test_short_of_the_agreement_target_alone_the_quietest_choice_is_kept():
+    # As VarGFaceNet's .tflite at agreement_risk 0.01: the first step quietens the scores, the
+    # second makes them noisier again, and the budget allows no third.
+    cosine_ok = {"cosine_mean": 0.9995, "cosine_mean_low": 0.9994, "cosine_min": 0.995}
+    noise = {(): 0.0063, ("b",): 0.0055, ("b", "a"): 0.0056}
+
+    def rank(names, key):  # "b" ranks first, then "a"
+        return {**cosine_ok, "score_noise": {"b": 0.0055, "a": 0.0058}[names[-1]]}
+
+    def judge(names):
+        return {**cosine_ok, "score_noise": noise.get(tuple(names), 0.0060)}
+
+    def select(max_noise, cosine_target=0.999, table=None):
+        if table:
+            noise.update(table)
+        met = lambda c: targets_met(c, cosine_target, None, max_noise)  # noqa: E731
+        return forward_selection(["a", "b"], rank, judge, met, 2, [{"layers": 0, **judge([])}], "test",
+                                 key_for=lambda judged: ranking_key(judged, cosine_target, None))
+
+    got = select(0.0050)
+    assert not got["met"] and got["tried"] == ["b", "a"]
+    assert got["float_units"] == ["b"] and got["closest"]
+    # Steps that only made the scores noisier than all int8 keep nothing.
+    got = select(0.0050, table={("b",): 0.0064, ("b", "a"): 0.0065})
+    assert got["float_units"] == [] and "closest" not in got
+    # A step whose noise could not be read (NaN) is not a choice.
+    got = select(0.0050, table={("b",): float("nan"), ("b", "a"): 0.0060})
+    assert got["float_units"] == ["b", "a"] and got["closest"]
+    # Missing a cosine target as well: all int8, as before.
+    got = select(0.0050, cosine_target=0.9999, table={("b",): 0.0055, ("b", "a"): 0.0056})
+    assert got["float_units"] == [] and not got["met"]
 
 
 def test_the_backward_pass_puts_back_in_int8_what_later_units_made_unneeded():

@@ -129,6 +129,12 @@ def test_report_block_fallback_names_blocks_and_what_each_step_added(tmp_path):
     assert "ranked on 32 of them" in md
     assert "no block kept in float (1 tried did not reach it); the target was NOT met within the allowed blocks." in md
     assert "| 1 | `features.2` | 0.9985 | 0.9983 | 0.996 | 0.4801, 0.9712, 0.9899 |" in md
+    # Short of the agreement target alone, the quietest choice stays (selection.quietest_short).
+    recovery["fallback"].update(float_layers=["features.2"], closest=True)
+    write_report(_recovery_only(recovery), tmp_path)
+    assert ("1 block(s) kept in float: `features.2`; the target was NOT met within the allowed blocks; they are the "
+            "quietest choice it judged, the cosine targets met and the score noise above the agreement target.") \
+        in (tmp_path / "report.md").read_text()
 
 
 def test_report_shows_the_tflite_fallback_its_trail_bytes_and_latency(tmp_path):
@@ -166,6 +172,11 @@ def test_report_shows_the_tflite_fallback_its_trail_bytes_and_latency(tmp_path):
     recovery["tflite_fallback"]["why"] = "fewer units"
     write_report(_recovery_only(recovery), tmp_path)
     assert ("(the `.pte`'s choice: it keeps fewer than its own steps' choice, which also met it)."
+            in (tmp_path / "report.md").read_text())
+    recovery["tflite_fallback"].update(float_units=["features.1"], met=False, closest=True)
+    del recovery["tflite_fallback"]["from"]
+    write_report(_recovery_only(recovery), tmp_path)
+    assert ("1 block(s) kept in float: `features.1`; the target was NOT met; they are the quietest choice it judged"
             in (tmp_path / "report.md").read_text())
     recovery["tflite_fallback"] = {"float_units": [], "met": None, "unit": "layer", "error": "cannot tell which ops"}
     write_report(_recovery_only(recovery), tmp_path)

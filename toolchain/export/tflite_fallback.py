@@ -24,9 +24,10 @@ the score noise at the agreement target's threshold, until the targets hold
 them without. A unit whose file would pass `max_bytes` is not tried. One step
 costs a conversion (0.1 s for MobileFaceNet) and a pass over the ranking images per remaining
 unit (over all the measuring images when the step ranks by the noise), and one over all the
-measuring images. When no selection meets the targets, nothing is kept:
-float ops cost latency, and a file that misses its bounds anyway is better all int8 (the trail
-shows what each step measured), as in the `.pte`'s fallback.
+measuring images. When no selection meets the targets, nothing is kept (float ops cost latency,
+and a file that misses its bounds anyway is better all int8; the trail shows what each step
+measured) unless only the agreement target was missed: then the quietest choice is kept
+(toolchain.quantize.selection.quietest_short), as in the `.pte`'s fallback.
 """
 
 from __future__ import annotations

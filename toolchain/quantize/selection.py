@@ -126,9 +126,8 @@ def forward_selection(units: list[str], rank: Callable[[list[str], Callable], di
     reach the trail), which `met` is asked about. `trail` holds the all-int8 row and gets one
     row a step. key_for(the last judged row) -> the key each step ranks by (`ranking_key`; None:
     always `cosine_key`). Returns {"float_units", "met", "tried", "trail"}: `tried`, the forward
-    steps' units; `float_units`, those `drop_unneeded` keeps once the targets hold, and empty when
-    they were not met: float units cost latency, and a file that misses its bounds anyway is
-    better all int8."""
+    steps' units; `float_units`, those `drop_unneeded` keeps once the targets hold. When they
+    were not met, `quietest_short` decides (the result has "closest" when it keeps any)."""
     from toolchain.console import progress_bar
 
     chosen: list[str] = []
@@ -150,7 +149,32 @@ def forward_selection(units: list[str], rank: Callable[[list[str], Callable], di
             if met(judged):
                 return {"float_units": drop_unneeded(chosen, judge, met, trail), "met": True,
                         "tried": list(chosen), "trail": trail}
-    return {"float_units": [], "met": False, "tried": chosen, "trail": trail}
+    return quietest_short(chosen, trail, key_for)
+
+
+def quietest_short(chosen: list[str], trail: list[dict],
+                   key_for: Callable[[dict], Callable[[dict], tuple]] | None) -> dict:
+    """The result of forward steps that never met the targets: `chosen`, each step's prefix
+    judged in `trail` after its all-int8 row (a row's `layers` is its prefix's length). Where a
+    step ranked by the noise (`key_for` gave `noise_key`: the cosine targets held and only the
+    agreement target was missed), the prefix with the lowest score noise is kept when it is
+    quieter than all int8. The agreement target asks for less noise than parity's bound needs
+    (its risk, toolchain.evaluate.flips.agreement_target), so a file short of it still passes
+    parity more often the quieter it is: with `export.int8.agreement_risk` 0.01, VarGFaceNet's
+    `.tflite` steps stopped at the size budget and the file went all int8, noisier than after
+    its first step (docs/int8-backbones.md). Otherwise nothing is kept: float units cost latency,
+    and a file that misses its cosine bounds anyway is better all int8."""
+    miss = {"float_units": [], "met": False, "tried": list(chosen), "trail": trail}
+    if key_for is None:
+        return miss
+    steps = [r for r in trail if r.get("layers", 0) <= len(chosen) and "removed" not in r and "units" not in r
+             and key_for(r) is noise_key and math.isfinite(r["score_noise"])]
+    if not steps:
+        return miss
+    best = min(steps, key=lambda r: (r["score_noise"], r["layers"]))
+    if best["layers"] == 0:
+        return miss
+    return {**miss, "float_units": list(chosen[:best["layers"]]), "closest": True}
 
 
 def drop_unneeded(chosen: list[str], judge: Callable[[list[str]], dict], met: Callable[[dict], bool],

@@ -39,7 +39,7 @@ from toolchain.errors import ToolchainError
 from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
 from toolchain.quantize.selection import (cosine_key, drop_unneeded, embedding_summary, forward_selection,
-                                          ranking_indices, ranking_key, ranks_on_all, targets_met)
+                                          quietest_short, ranking_indices, ranking_key, ranks_on_all, targets_met)
 from toolchain.runtime.preprocess import model_input
 
 _LAYER_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -369,9 +369,11 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     ranking subset, `images[ranking_indices(len(images))]`. Returns {"float_layers": [...],
     "met": bool, "tried": [...], "trail": [{layers, cosine_mean, cosine_mean_low, cosine_min,
     set_aside}, ...]}. `allowed(units) -> bool` (None: any): a choice it refuses is not tried
-    (the .pte's size budget, toolchain.quantize.recovery). When no choice meets the targets, `float_layers` is empty: float layers
-    cost latency, and a file that misses its bounds anyway is better all int8 (the trail shows
-    what each step measured). `agreement` ({"score_threshold", "max_score_noise"}, from
+    (the .pte's size budget, toolchain.quantize.recovery). When no choice meets the targets,
+    `float_layers` is empty (float layers cost latency, and a file that misses its bounds anyway
+    is better all int8; the trail shows what each step measured), unless only the agreement
+    target was missed: then the quietest choice the steps judged is kept
+    (toolchain.quantize.selection.quietest_short). `agreement` ({"score_threshold", "max_score_noise"}, from
     toolchain.evaluate.flips.agreement_target): the score noise at the threshold is a target
     too, judged on the pairs among `images` (each trail row has it as `score_noise`). The layers
     are taken in the order of what the all-int8 graph misses (toolchain.quantize.selection.
@@ -420,7 +422,8 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
         if met(c):
             return {"float_layers": drop_unneeded(chosen, judge, met, trail), "met": True, "tried": list(chosen),
                     "trail": trail}
-    return {"float_layers": [], "met": False, "tried": chosen, "trail": trail}
+    short = quietest_short(chosen, trail, lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min))
+    return {"float_layers": short.pop("float_units"), **short}
 
 
 def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met, max_layers: int, trail: list,

@@ -317,7 +317,7 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
         else:  # keeping units in float did not reach the target, so none is kept
             what = f"no {unit} kept in float ({len(fb.get('tried') or []) or 'no'} tried did not reach it)"
         out += [f"Fallback (target {targets}): {what}"
-                + ("." if fb.get("met") else f"; the target was NOT met within the allowed {unit}s."), ""]
+                + ("." if fb.get("met") else f"; the target was NOT met within the allowed {unit}s{_closest(fb)}."), ""]
         out += _fallback_trail(unit, fb)
         lat = fb.get("latency")
         if lat:
@@ -333,6 +333,12 @@ def _int8_recovery_section(core: Mapping, plot: Optional[str], top: int = 15) ->
                 + (f"; its QAT: {qat['steps']} steps, fake-quantised cosine {_num(qat['fake_quant_cosine_before'], 5)}"
                    f" -> {_num(qat['fake_quant_cosine_after'], 5)}." if qat else "; no QAT."), ""]
     return out
+
+
+def _closest(fb: Mapping) -> str:
+    """Why a fallback that missed its target still keeps units (toolchain.quantize.selection.quietest_short)."""
+    return ("; they are the quietest choice it judged, the cosine targets met and the score noise above "
+            "the agreement target" if fb.get("closest") else "")
 
 
 def _tflite_fallback_lines(fb: Optional[Mapping]) -> list[str]:
@@ -359,7 +365,7 @@ def _tflite_fallback_lines(fb: Optional[Mapping]) -> list[str]:
         what = f"no {unit} kept in float ({len(fb.get('tried') or []) or 'no'} tried did not reach it)"
     out = [f"`.tflite` fallback, measured in LiteRT (XNNPACK, one thread) on {fb.get('images', '?')} identity images "
            f"with their mirrors (target {targets}{budget}): {what}"
-           + ("." if fb.get("met") else "; the target was NOT met."), ""]
+           + ("." if fb.get("met") else f"; the target was NOT met{_closest(fb)}."), ""]
     out += _fallback_trail(unit, fb)
     lat = fb.get("latency")
     if lat:
