@@ -173,9 +173,9 @@ class Int8Section(_Strict):
     full_range_layers: list[str] = Field(default_factory=list, description="modules (blocks or layers) whose "
                                          "activations take the calibration images' full min-max range, whatever "
                                          "`calibration` says (both int8 files)")
-    agreement_risk: float = Field(AGREEMENT_RISK, gt=0, lt=1, description="fallback: how often a file it passes may still "
-                                  "flip more decisions than parity.min_decision_agreement allows (lower: a "
-                                  "quieter file, maybe more in float)")
+    agreement_risk: float = Field(AGREEMENT_RISK, gt=0, lt=1, description="fallback: how often a file it "
+                                  "passes may still flip more decisions than parity.min_decision_agreement "
+                                  "allows (lower: a quieter file, maybe more in float)")
     executorch: Optional[Int8FormatSection] = None
     tflite: Optional[Int8FormatSection] = None
 

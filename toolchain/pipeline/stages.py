@@ -423,7 +423,8 @@ def _agreement_target(ctx: RunContext) -> dict:
     p = ctx.recipe.parity
     pairs = _pairs(ctx, p.max_pairs)
     scores, _, _ = pair_scores(load_runner(_embedding_source(ctx)), pairs)  # as parity scores the float model
-    return agreement_target(scores, pairs.issame, p.min_decision_agreement, risk=ctx.recipe.export.int8.agreement_risk)
+    return agreement_target(scores, pairs.issame, p.min_decision_agreement,
+                            risk=ctx.recipe.export.int8.agreement_risk)
 
 
 def _int8_options(cfg) -> list:

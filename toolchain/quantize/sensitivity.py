@@ -373,13 +373,13 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     `float_layers` is empty (float layers cost latency, and a file that misses its bounds anyway
     is better all int8; the trail shows what each step measured), unless only the agreement
     target was missed: then the quietest choice the steps judged is kept
-    (toolchain.quantize.selection.quietest_short). `agreement` ({"score_threshold", "max_score_noise"}, from
-    toolchain.evaluate.flips.agreement_target): the score noise at the threshold is a target
-    too, judged on the pairs among `images` (each trail row has it as `score_noise`). The layers
-    are taken in the order of what the all-int8 graph misses (toolchain.quantize.selection.
-    ranking_key): by the noise when only the agreement target is missed, each measured layer
-    alone in float judged on all of `images` (selection.ranks_on_all), else by the sensitivity
-    table's cosine."""
+    (toolchain.quantize.selection.quietest_short). `agreement` ({"score_threshold",
+    "max_score_noise"}, from toolchain.evaluate.flips.agreement_target): the score noise at the
+    threshold is a target too, judged on the pairs among `images` (each trail row has it as
+    `score_noise`). The layers are taken in the order of what the all-int8 graph misses
+    (toolchain.quantize.selection.ranking_key): by the noise when only the agreement target is
+    missed, each measured layer alone in float judged on all of `images`
+    (selection.ranks_on_all), else by the sensitivity table's cosine."""
     graph = sensitivity["graph"]
     ref = mirrored_embeddings(model.eval(), images, batch, mean, std)
     unit = sensitivity.get("unit", "layer")
