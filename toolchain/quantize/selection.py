@@ -167,8 +167,8 @@ def quietest_short(chosen: list[str], trail: list[dict],
     miss = {"float_units": [], "met": False, "tried": list(chosen), "trail": trail}
     if key_for is None:
         return miss
-    steps = [r for r in trail if r.get("layers", 0) <= len(chosen) and "removed" not in r and "units" not in r
-             and key_for(r) is noise_key and math.isfinite(r["score_noise"])]
+    # Unmet, the trail holds only the all-int8 row and the forward steps (no backward tries).
+    steps = [r for r in trail if key_for(r) is noise_key and math.isfinite(r["score_noise"])]
     if not steps:
         return miss
     best = min(steps, key=lambda r: (r["score_noise"], r["layers"]))

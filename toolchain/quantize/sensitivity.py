@@ -400,10 +400,13 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     chosen: list[str] = []
     if met(trail[0]):
         return {"float_layers": [], "met": True, "tried": [], "trail": trail}
+    def key_for(judged: dict):  # what the next step ranks by, given the choice so far
+        return ranking_key(judged, min_cosine_mean, min_cosine_min)
+
     if unit == "block":
         return _choose_blocks(sensitivity, images, ref, batch, mean, std, judge, met, max_layers, trail, progress,
-                              allowed, lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min))
-    key = ranking_key(trail[0], min_cosine_mean, min_cosine_min)
+                              allowed, key_for)
+    key = key_for(trail[0])
     measured = [r for r in sensitivity["layers"] if r["gain_mean"] is not None]
     if key is cosine_key:
         gains = [r for r in measured if r["gain_mean"] > 0 or r["gain_min"] > 0]
@@ -422,7 +425,7 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
         if met(c):
             return {"float_layers": drop_unneeded(chosen, judge, met, trail), "met": True, "tried": list(chosen),
                     "trail": trail}
-    short = quietest_short(chosen, trail, lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min))
+    short = quietest_short(chosen, trail, key_for)
     return {"float_layers": short.pop("float_units"), **short}
 
 
