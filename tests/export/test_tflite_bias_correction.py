@@ -55,7 +55,7 @@ def _biases(buf: bytes) -> dict[str, np.ndarray]:
             for k, op in enumerate(sub.operators) if len(op.inputs) > 2 and op.inputs[2] >= 0}
 
 
-def test_bias_correction_removes_the_mean_output_error_and_spares_fused_activations(saved_model):
+def test_bias_correction_removes_the_mean_output_error_of_every_biased_layer(saved_model):
     from toolchain.export.tflite_calibration import quantize_saved_model
 
     path, x, reference = saved_model
@@ -66,8 +66,8 @@ def test_bias_correction_removes_the_mean_output_error_and_spares_fused_activati
     assert mean_error["corrected"] < 0.5 * mean_error["plain"]
     before, after = _biases(plain), _biases(corrected)
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
-    # The first conv and the dense layer; the second conv's fused relu hides its mean.
-    assert len(before) == 3 and len(changed) == 2
+    # All three: the second conv's fused relu hides its mean only where it clamps.
+    assert len(before) == 3 and len(changed) == 3
 
 
 def test_the_correction_reports_what_it_did_and_needs_matching_tensors(saved_model):
@@ -85,10 +85,49 @@ def test_the_correction_reports_what_it_did_and_needs_matching_tensors(saved_mod
     quantized = convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
                                       output_data_type=tf.int8)
     buf, report = correct_tflite_biases(quantized, calibrated, x)
-    assert report["layers"] == 2 and report["mean_abs_shift"] > 0
+    assert report["layers"] == 3 and report["clamped_layers"] == 1 and report["mean_abs_shift"] > 0
     # A float graph with other tensor names matches nothing: the file is returned as it was.
     unrelated = tf.lite.TFLiteConverter.from_concrete_functions(
         [tf.function(lambda v: v * 2.0, input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
          .get_concrete_function()]).convert()
     same, report = correct_tflite_biases(quantized, unrelated, x)
     assert same == quantized and report["layers"] == 0
+
+
+@pytest.fixture(scope="module")
+def relu_output_model(tmp_path_factory):
+    """conv + bias -> relu (fused) as the output: the layer's error is seen only where it does not clamp."""
+    rng = np.random.default_rng(1)
+    k, b = rng.normal(size=(3, 3, 3, 24)).astype(np.float32) / 3, rng.normal(size=24).astype(np.float32)
+
+    class Net(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+        def __call__(self, x):
+            return tf.nn.relu(tf.nn.conv2d(x, tf.constant(k), 1, "SAME") + tf.constant(b))
+
+    net = Net()
+    path = tmp_path_factory.mktemp("relu_net") / "saved_model"
+    tf.saved_model.save(net, str(path))
+    x = (rng.normal(size=(64, 8, 8, 3)) + 0.7).astype(np.float32)  # a mean for the weights' rounding to shift
+    reference = np.stack([net(tf.constant(x[i:i + 1])).numpy()[0] for i in range(len(x))])
+    return str(path), x, reference
+
+
+def test_a_fused_relu_layer_is_corrected_where_its_float_output_is_clear_of_the_clamp(relu_output_model):
+    from toolchain.export.tflite_bias_correction import CLAMP_MARGIN_STEPS
+    from toolchain.export.tflite_calibration import quantize_saved_model
+
+    path, x, reference = relu_output_model
+    plain = quantize_saved_model(path, x, Int8Options())
+    corrected = quantize_saved_model(path, x, Int8Options(bias_correction=True))
+    assert not np.array_equal(_biases(plain)["op0"], _biases(corrected)["op0"])
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=plain)
+    interpreter.allocate_tensors()
+    step = interpreter.get_output_details()[0]["quantization"][0]
+    clear = reference > CLAMP_MARGIN_STEPS * step
+    error = {name: np.abs([(_outputs(buf, x) - reference)[..., c][clear[..., c]].mean()
+                           for c in range(reference.shape[-1])]).mean()
+             for name, buf in (("plain", plain), ("corrected", corrected))}
+    assert error["corrected"] < 0.5 * error["plain"]
