@@ -131,3 +131,26 @@ def test_a_fused_relu_layer_is_corrected_where_its_float_output_is_clear_of_the_
                            for c in range(reference.shape[-1])]).mean()
              for name, buf in (("plain", plain), ("corrected", corrected))}
     assert error["corrected"] < 0.5 * error["plain"]
+
+
+def test_a_verifiers_per_user_layers_keep_their_biases(tmp_path):
+    """As in the .pte's correction (tests/quantize/test_int8_options.py): the trunk's biases move,
+    the per-user ones (film's last conv, the head) keep the converter's values."""
+    import torch
+
+    from toolchain.export import export_model
+    from toolchain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("verifier", width=4, film=True).eval()
+    images = np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+    biases = {}
+    for corrected in (False, True):
+        out = tmp_path / str(corrected)
+        export_model(model, out, "tflite", "int8", images, threshold=0.0, progress=False,
+                     int8={"bias_correction": corrected})
+        biases[corrected] = _biases(next(out.glob("*_int8.tflite")).read_bytes())
+    changed = [k for k in biases[False] if not np.array_equal(biases[False][k], biases[True][k])]
+    # Biased ops in graph order: the stem and five trunk convs, then features.12, head.0 and head.2.
+    assert len(biases[False]) == 9
+    assert changed and set(changed) <= set(list(biases[False])[:6])

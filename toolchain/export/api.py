@@ -296,7 +296,8 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
                                           staging, tflite_backend, compute_head, user,
                                           {p: template("tflite", p, tflite_backend) for p in precisions}, g.options,
                                           float_plan=plan,
-                                          full_range_ops=_full_range_ops(tflite_int8_model, example, g.options))
+                                          full_range_ops=_full_range_ops(tflite_int8_model, example, g.options),
+                                          per_user_ops=_per_user_ops(tflite_int8_model, example, g.options))
                 if plan is not None and plan.report:
                     recovery["tflite_fallback"] = plan.report
                 advance("tflite " + ",".join(precisions))
@@ -411,6 +412,19 @@ def _full_range_ops(tflite_model, example, opts: Int8Options):
     from toolchain.export.tflite_fallback import unit_tensors
 
     return lambda calibrated: unit_tensors(calibrated, tflite_model, example, opts.full_range_layers)
+
+
+def _per_user_ops(tflite_model, example, opts: Int8Options):
+    """For onnx2tf's .tflite with bias correction: the ops of a verifier's per-user layers in a
+    calibrated file, whose biases keep their values (the .pte's correction skips them too)."""
+    if not opts.bias_correction or not hasattr(tflite_model, "per_user_tensors"):
+        return None
+    layers = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in tflite_model.per_user_tensors() if n.endswith(".bias")))
+    if not layers:
+        return None
+    from toolchain.export.tflite_fallback import unit_tensors
+
+    return lambda calibrated: unit_tensors(calibrated, tflite_model, example, layers)
 
 
 def _tflite_float_plan(model, spec, g: _Int8Graph, tflite_model, example, targets: dict | None, progress: bool,
@@ -559,7 +573,7 @@ def _lower_pte(model, spec, model_name, example, precision, calib, threshold, so
 def _export_tflite(model, int8_model, spec, model_name, example, precisions, calib, threshold, source_rec, versions,
                    require_full, staging, backend, compute_head=None, user=None,
                    templates: dict | None = None, int8=None, float_plan=None,
-                   full_range_ops=None) -> list[ArtifactRecord]:
+                   full_range_ops=None, per_user_ops=None) -> list[ArtifactRecord]:
     """The .tflite files; an int8 one with units kept in float (`float_plan`,
     toolchain.export.tflite_fallback) is named `*_int8_mixed.tflite`."""
     from toolchain.export.metadata import embed_tflite_metadata
@@ -574,11 +588,11 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
         if int8_model is model or "int8" not in precisions:
             blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
                                           exact_input=_exact_input(spec), int8=int8, float_plan=float_plan,
-                                          full_range_ops=full_range_ops)
+                                          full_range_ops=full_range_ops, per_user_ops=per_user_ops)
         else:  # two forms of the model: one conversion each
             blobs = export_tflite_onnx2tf(int8_model, example, ["int8"], calib, spec.mean, spec.std,
                                           exact_input=_exact_input(spec), int8=int8, float_plan=float_plan,
-                                          full_range_ops=full_range_ops)
+                                          full_range_ops=full_range_ops, per_user_ops=per_user_ops)
             if "fp32" in precisions:
                 blobs.update(export_tflite_onnx2tf(model, example, ["fp32"], None, spec.mean, spec.std))
         if "int8" in blobs and compute_head is not None:

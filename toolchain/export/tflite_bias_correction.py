@@ -108,10 +108,13 @@ def _unclamped_shift(int8_run: tuple[bytes, int], float_run: tuple[bytes, int], 
     return np.where(counts >= MIN_CLEAR_VALUES, sums / np.maximum(counts, 1), 0.0)
 
 
-def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarray) -> tuple[bytes, dict]:
-    """(`quantized` with its biases corrected, {"layers", "mean_abs_shift"}).
+def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarray,
+                          skip: frozenset[str] = frozenset()) -> tuple[bytes, dict]:
+    """(`quantized` with its biases corrected, {"layers", "clamped_layers", "mean_abs_shift"}).
     `calibrated`: the converter's float graph the int8 one was made from (same tensor names);
-    `inputs`: the normalised float32 NHWC calibration images."""
+    `inputs`: the normalised float32 NHWC calibration images; `skip`: output-tensor names of ops
+    whose bias keeps its value (a verifier's per-user layers, as in
+    toolchain.quantize.bias_correction)."""
     schema, model = load_flatbuffer(quantized)
     sub = model.subgraphs[0]
     _, float_model = load_flatbuffer(calibrated)
@@ -123,7 +126,7 @@ def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarra
         clamp = _CLAMPS.get(int(getattr(op.builtinOptions, "fusedActivationFunction", 0) or 0))
         bias, out = sub.tensors[int(op.inputs[2])], sub.tensors[int(op.outputs[0])]
         if clamp is None or bias.type != schema.TensorType.INT32 or out.type != schema.TensorType.INT8 \
-                or _name(out) not in float_index or bias.quantization is None:
+                or _name(out) not in float_index or bias.quantization is None or _name(out) in skip:
             continue
         targets.append((int(op.outputs[0]), bias, float_index[_name(out)], clamp))
     if not targets:
