@@ -154,3 +154,47 @@ def test_a_verifiers_per_user_layers_keep_their_biases(tmp_path):
     # Biased ops in graph order: the stem and five trunk convs, then features.12, head.0 and head.2.
     assert len(biases[False]) == 9
     assert changed and set(changed) <= set(list(biases[False])[:6])
+
+
+def test_a_bias_buffer_that_several_ops_read_is_left_alone(tmp_path):
+    """The converter gives bias-free layers of a width one shared zero bias (VarGFaceNet's PReLU
+    branches): correcting it for one op would move the others, as it once broke that file."""
+    from collections import Counter
+
+    from toolchain.export.tflite_bias_correction import correct_tflite_biases
+    from toolchain.export.tflite_flatbuffer import load_flatbuffer
+
+    rng = np.random.default_rng(2)
+    kernels = [tf.constant(rng.normal(size=(1, 1, 8, 8)).astype(np.float32) / 3) for _ in range(3)]
+
+    class Net(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 8], tf.float32)])
+        def __call__(self, x):
+            for k in kernels:  # bias-free 1x1 convs, each with a fused relu
+                x = tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME")) - 0.1
+            return x
+
+    path = str(tmp_path / "saved_model")
+    tf.saved_model.save(Net(), path)
+    x = (rng.normal(size=(32, 8, 8, 8)) + 0.5).astype(np.float32)
+    converter = tf.lite.TFLiteConverter.from_saved_model(path)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([tf.constant(x[i:i + 1])] for i in range(len(x)))
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    from tensorflow.lite.python import convert
+
+    quantized = convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
+                                      output_data_type=tf.int8)
+    _, model = load_flatbuffer(quantized)
+    sub = model.subgraphs[0]
+    bias_buffer = {f"op{k}": sub.tensors[op.inputs[2]].buffer
+                   for k, op in enumerate(sub.operators) if len(op.inputs) > 2 and op.inputs[2] >= 0}
+    readers = Counter(bias_buffer.values())
+    shared = [k for k, b in bias_buffer.items() if readers[b] > 1]
+    assert len(bias_buffer) == 3 and shared  # the converter shares them
+    buf, report = correct_tflite_biases(quantized, calibrated, x)
+    assert report["layers"] == 3 - len(shared)
+    before, after = _biases(quantized), _biases(buf)
+    assert all(np.array_equal(before[k], after[k]) for k in shared)

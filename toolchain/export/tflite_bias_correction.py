@@ -12,20 +12,20 @@ A fused ReLU or ReLU6 clamps the output, which hides the pre-activation's mean w
 So for those ops the mean is taken only where the float output is clear of the clamp by
 `CLAMP_MARGIN_STEPS` of the int8 output's step: there the int8 output is the pre-activation's,
 its error the one the bias carries (the mask depends on the float output alone, not on the
-error). A channel with fewer than `MIN_CLEAR_VALUES` such values keeps its bias. Without this,
-VarGFaceNet's 82 ReLU-fused ops of 185 were left uncorrected, and its `.tflite`'s score noise fell
-by a fifth where the `.pte`'s, whose PT2E graph shows every pre-activation, halved
-(docs/int8-backbones.md).
+error). A channel with fewer than `MIN_CLEAR_VALUES` such values keeps its bias. Before, every
+ReLU-fused op was left alone, which in the verifier is every layer of the trunk.
 
 LiteRT runs a file only whole, and XNNPACK hides a graph's inner tensors unless they are outputs.
 So each layer is corrected in graph order, measured after the ones before it were corrected (a
 correction never double-counts a shift an earlier layer already removed): the file is run on the
 images with that layer's output added to the graph's outputs, in the runtime it ships to (LiteRT
-with XNNPACK): one run over the images per layer (VarGFaceNet's file has 185), and for a clamped
+with XNNPACK): one run over the images per layer (106 of the 185 in VarGFaceNet's file), and for a clamped
 layer one of the float graph beside it, whose outputs give the mask.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 
@@ -36,7 +36,7 @@ _BIASED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 # another fused activation (tanh, ...) are left alone.
 _CLAMPS = {0: (-np.inf, np.inf), 1: (0.0, np.inf), 3: (0.0, 6.0)}
 # How far (in int8 output steps) a float value must be from a clamp for the int8 value beside it
-# to be unclamped: the int8 pre-activation errs by a step or two of its output.
+# to be unclamped, for an int8 pre-activation that errs by less than that.
 CLAMP_MARGIN_STEPS = 4
 MIN_CLEAR_VALUES = 16  # fewer unclamped values in a channel than this: its bias is left as it is
 
@@ -119,6 +119,10 @@ def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarra
     sub = model.subgraphs[0]
     _, float_model = load_flatbuffer(calibrated)
     float_index = {_name(t): i for i, t in enumerate(float_model.subgraphs[0].tensors)}
+    # A bias buffer several ops read is left as it is: correcting one op would move the others.
+    # The converter shares one zero buffer among bias-free layers of a width (VarGFaceNet's 79
+    # PReLU branches, toolchain.export.int8_prelu, whose int8 error is their output's rounding).
+    readers = Counter(t.buffer for t in sub.tensors)
     targets = []  # (output tensor index, bias tensor, float tensor index, clamp), in graph order
     for op in sub.operators:
         if op_name(schema, model, op) not in _BIASED_OPS or len(op.inputs) < 3 or op.inputs[2] < 0:
@@ -126,7 +130,8 @@ def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarra
         clamp = _CLAMPS.get(int(getattr(op.builtinOptions, "fusedActivationFunction", 0) or 0))
         bias, out = sub.tensors[int(op.inputs[2])], sub.tensors[int(op.outputs[0])]
         if clamp is None or bias.type != schema.TensorType.INT32 or out.type != schema.TensorType.INT8 \
-                or _name(out) not in float_index or bias.quantization is None or _name(out) in skip:
+                or _name(out) not in float_index or bias.quantization is None or _name(out) in skip \
+                or readers[bias.buffer] > 1:
             continue
         targets.append((int(op.outputs[0]), bias, float_index[_name(out)], clamp))
     if not targets:
