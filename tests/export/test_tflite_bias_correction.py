@@ -70,20 +70,25 @@ def test_bias_correction_removes_the_mean_output_error_of_every_biased_layer(sav
     assert len(before) == 3 and len(changed) == 3
 
 
-def test_the_correction_reports_what_it_did_and_needs_matching_tensors(saved_model):
+def _calibrated_and_quantized(path: str, x: np.ndarray) -> tuple[bytes, bytes]:
+    """The converter's calibrated float graph of a saved_model and its full-integer file."""
     from tensorflow.lite.python import convert
 
-    from toolchain.export.tflite_bias_correction import correct_tflite_biases
-
-    path, x, _ = saved_model
     converter = tf.lite.TFLiteConverter.from_saved_model(path)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([tf.constant(x[i:i + 1])] for i in range(len(x)))
     converter.inference_input_type = converter.inference_output_type = tf.int8
     converter._experimental_calibrate_only = True
     calibrated = converter.convert()
-    quantized = convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
-                                      output_data_type=tf.int8)
+    return calibrated, convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
+                                             output_data_type=tf.int8)
+
+
+def test_the_correction_reports_what_it_did_and_needs_matching_tensors(saved_model):
+    from toolchain.export.tflite_bias_correction import correct_tflite_biases
+
+    path, x, _ = saved_model
+    calibrated, quantized = _calibrated_and_quantized(path, x)
     buf, report = correct_tflite_biases(quantized, calibrated, x)
     assert report["layers"] == 3 and report["clamped_layers"] == 1 and report["mean_abs_shift"] > 0
     # A float graph with other tensor names matches nothing: the file is returned as it was.
@@ -177,16 +182,7 @@ def test_a_bias_buffer_that_several_ops_read_is_left_alone(tmp_path):
     path = str(tmp_path / "saved_model")
     tf.saved_model.save(Net(), path)
     x = (rng.normal(size=(32, 8, 8, 8)) + 0.5).astype(np.float32)
-    converter = tf.lite.TFLiteConverter.from_saved_model(path)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([tf.constant(x[i:i + 1])] for i in range(len(x)))
-    converter.inference_input_type = converter.inference_output_type = tf.int8
-    converter._experimental_calibrate_only = True
-    calibrated = converter.convert()
-    from tensorflow.lite.python import convert
-
-    quantized = convert.mlir_quantize(calibrated, fully_quantize=True, input_data_type=tf.int8,
-                                      output_data_type=tf.int8)
+    calibrated, quantized = _calibrated_and_quantized(path, x)
     _, model = load_flatbuffer(quantized)
     sub = model.subgraphs[0]
     bias_buffer = {f"op{k}": sub.tensors[op.inputs[2]].buffer
