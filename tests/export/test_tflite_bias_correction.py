@@ -194,3 +194,28 @@ def test_a_bias_buffer_that_several_ops_read_is_left_alone(tmp_path):
     assert report["layers"] == 3 - len(shared)
     before, after = _biases(quantized), _biases(buf)
     assert all(np.array_equal(before[k], after[k]) for k in shared)
+
+
+def test_an_op_with_one_weight_per_channel_is_left_alone(tmp_path):
+    """A 1x1 depthwise conv (the .tflite's PReLU branch, toolchain.export.int8_prelu) is exact in
+    int8 on its per-channel scale: only the conv before it is corrected."""
+    from toolchain.export.tflite_bias_correction import correct_tflite_biases
+
+    rng = np.random.default_rng(3)
+    k, b = tf.constant(rng.normal(size=(3, 3, 3, 8)).astype(np.float32) / 3), tf.constant(rng.normal(size=8).astype(np.float32))
+    scale, shift = (tf.constant(v.astype(np.float32)) for v in (rng.uniform(0.2, 1.5, (1, 1, 8, 1)), rng.normal(size=8)))
+
+    class Net(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+        def __call__(self, x):
+            y = tf.nn.conv2d(x, k, 1, "SAME") + b
+            return tf.nn.relu(tf.nn.depthwise_conv2d(y, scale, [1, 1, 1, 1], "SAME") + shift)
+
+    path = str(tmp_path / "saved_model")
+    tf.saved_model.save(Net(), path)
+    x = (rng.normal(size=(32, 8, 8, 3)) + 0.5).astype(np.float32)
+    calibrated, quantized = _calibrated_and_quantized(path, x)
+    buf, report = correct_tflite_biases(quantized, calibrated, x)
+    before, after = _biases(quantized), _biases(buf)
+    assert len(before) == 2 and report["layers"] == 1
+    assert not np.array_equal(before["op0"], after["op0"]) and np.array_equal(before["op1"], after["op1"])

@@ -19,7 +19,7 @@ LiteRT runs a file only whole, and XNNPACK hides a graph's inner tensors unless 
 So each layer is corrected in graph order, measured after the ones before it were corrected (a
 correction never double-counts a shift an earlier layer already removed): the file is run on the
 images with that layer's output added to the graph's outputs, in the runtime it ships to (LiteRT
-with XNNPACK): one run over the images per layer (106 of the 185 in VarGFaceNet's file), and for a clamped
+with XNNPACK): one run over the images per layer (103 of the 185 in VarGFaceNet's file), and for a clamped
 layer one of the float graph beside it, whose outputs give the mask.
 """
 
@@ -108,6 +108,15 @@ def _unclamped_shift(int8_run: tuple[bytes, int], float_run: tuple[bytes, int], 
     return np.where(counts >= MIN_CLEAR_VALUES, sums / np.maximum(counts, 1), 0.0)
 
 
+def _exact_product(weight, bias) -> bool:
+    """Whether the op has one weight per output channel (a 1x1 depthwise conv, or onnx2tf's
+    grouped CONV_2D form of one): on a per-channel scale that weight is exact in int8, so the
+    op's own error is its output's rounding, which has no mean to correct. The PReLU branches of
+    toolchain.export.int8_prelu are such ops (VarGFaceNet's file has 82, each with a fused ReLU):
+    correcting them would only correct their input's error again."""
+    return int(np.prod(weight.shape)) == int(bias.shape[0])
+
+
 def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarray,
                           skip: frozenset[str] = frozenset()) -> tuple[bytes, dict]:
     """(`quantized` with its biases corrected, {"layers", "clamped_layers", "mean_abs_shift"}).
@@ -120,8 +129,7 @@ def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarra
     _, float_model = load_flatbuffer(calibrated)
     float_index = {_name(t): i for i, t in enumerate(float_model.subgraphs[0].tensors)}
     # A bias buffer several ops read is left as it is: correcting one op would move the others.
-    # The converter shares one zero buffer among bias-free layers of a width (VarGFaceNet's 79
-    # PReLU branches, toolchain.export.int8_prelu, whose int8 error is their output's rounding).
+    # The converter shares one zero buffer among bias-free layers of a width.
     readers = Counter(t.buffer for t in sub.tensors)
     targets = []  # (output tensor index, bias tensor, float tensor index, clamp), in graph order
     for op in sub.operators:
@@ -131,7 +139,7 @@ def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarra
         bias, out = sub.tensors[int(op.inputs[2])], sub.tensors[int(op.outputs[0])]
         if clamp is None or bias.type != schema.TensorType.INT32 or out.type != schema.TensorType.INT8 \
                 or _name(out) not in float_index or bias.quantization is None or _name(out) in skip \
-                or readers[bias.buffer] > 1:
+                or readers[bias.buffer] > 1 or _exact_product(sub.tensors[int(op.inputs[1])], bias):
             continue
         targets.append((int(op.outputs[0]), bias, float_index[_name(out)], clamp))
     if not targets:
