@@ -202,8 +202,8 @@ def test_an_op_with_one_weight_per_channel_is_left_alone(tmp_path):
     from toolchain.export.tflite_bias_correction import correct_tflite_biases
 
     rng = np.random.default_rng(3)
-    k, b = tf.constant(rng.normal(size=(3, 3, 3, 8)).astype(np.float32) / 3), tf.constant(rng.normal(size=8).astype(np.float32))
-    scale, shift = (tf.constant(v.astype(np.float32)) for v in (rng.uniform(0.2, 1.5, (1, 1, 8, 1)), rng.normal(size=8)))
+    k, b, scale, shift = (tf.constant(v.astype(np.float32)) for v in (
+        rng.normal(size=(3, 3, 3, 8)) / 3, rng.normal(size=8), rng.uniform(0.2, 1.5, (1, 1, 8, 1)), rng.normal(size=8)))
 
     class Net(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])

@@ -19,8 +19,8 @@ LiteRT runs a file only whole, and XNNPACK hides a graph's inner tensors unless 
 So each layer is corrected in graph order, measured after the ones before it were corrected (a
 correction never double-counts a shift an earlier layer already removed): the file is run on the
 images with that layer's output added to the graph's outputs, in the runtime it ships to (LiteRT
-with XNNPACK): one run over the images per layer (103 of the 185 in VarGFaceNet's file), and for a clamped
-layer one of the float graph beside it, whose outputs give the mask.
+with XNNPACK): one run over the images per layer (103 of the 185 in VarGFaceNet's file), and for
+a clamped layer one of the float graph beside it, whose outputs give the mask.
 """
 
 from __future__ import annotations
