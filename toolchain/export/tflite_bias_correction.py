@@ -154,8 +154,8 @@ def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarra
             shift = _channel_means(buf, [position], inputs)[0] - float_means[float_tensor]
         else:
             margin = CLAMP_MARGIN_STEPS * float(sub.tensors[out].quantization.scale[0])
-            float_run = _with_outputs(float_model, [float_tensor], len(calibrated))
-            shift = _unclamped_shift((buf, position), (float_run[0], float_run[1][0]), inputs,
+            layer_float, (float_position,) = _with_outputs(float_model, [float_tensor], len(calibrated))
+            shift = _unclamped_shift((buf, position), (layer_float, float_position), inputs,
                                      low + margin, high - margin)
         data = np.frombuffer(bytes(model.buffers[bias.buffer].data), "<i4").astype(np.int64)
         steps = np.round(shift / np.asarray(bias.quantization.scale, np.float64)).astype(np.int64)
