@@ -1,5 +1,7 @@
 """Bias correction of the TFLite converter's int8 graph (toolchain.export.tflite_bias_correction)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -156,6 +158,12 @@ def test_a_verifiers_per_user_layers_keep_their_biases(tmp_path):
         export_model(model, out, "tflite", "int8", images, threshold=0.0, progress=False,
                      int8={"bias_correction": corrected})
         biases[corrected] = _biases(next(out.glob("*_int8.tflite")).read_bytes())
+        manifest = json.loads((out / "export_manifest.json").read_text())
+        checks = next(a["checks"]["tflite"] for a in manifest["artifacts"] if a["precision"] == "int8")
+        # The export's record says what the correction did, as the .pte's does.
+        assert ("bias_correction" in checks) == corrected
+        if corrected:
+            assert checks["bias_correction"]["layers"] == 6 and checks["bias_correction"]["clamped_layers"] == 6
     changed = [k for k in biases[False] if not np.array_equal(biases[False][k], biases[True][k])]
     # Biased ops in graph order: the stem and five trunk convs, then features.12, head.0 and head.2.
     assert len(biases[False]) == 9

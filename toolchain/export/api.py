@@ -584,15 +584,18 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
 
     t0 = time.perf_counter()
     head_feature_scale = None
+    conversion: dict = {}  # what the int8 conversion's own steps did (bias correction)
     if backend == "onnx2tf":
         if int8_model is model or "int8" not in precisions:
             blobs = export_tflite_onnx2tf(model, example, precisions, calib, spec.mean, spec.std,
                                           exact_input=_exact_input(spec), int8=int8, float_plan=float_plan,
-                                          full_range_ops=full_range_ops, per_user_ops=per_user_ops)
+                                          full_range_ops=full_range_ops, per_user_ops=per_user_ops,
+                                          report=conversion)
         else:  # two forms of the model: one conversion each
             blobs = export_tflite_onnx2tf(int8_model, example, ["int8"], calib, spec.mean, spec.std,
                                           exact_input=_exact_input(spec), int8=int8, float_plan=float_plan,
-                                          full_range_ops=full_range_ops, per_user_ops=per_user_ops)
+                                          full_range_ops=full_range_ops, per_user_ops=per_user_ops,
+                                          report=conversion)
             if "fp32" in precisions:
                 blobs.update(export_tflite_onnx2tf(model, example, ["fp32"], None, spec.mean, spec.std))
         if "int8" in blobs and compute_head is not None:
@@ -639,6 +642,7 @@ def _export_tflite(model, int8_model, spec, model_name, example, precisions, cal
                 method["float_layers"] = kept_float
         records.append(_record(staging, f"{model_name}_{precision}{'_mixed' if mixed else ''}.tflite", data, meta,
                                "tflite", precision,
-                               backend, _checks({"tflite": report.to_dict()},
+                               backend, _checks({"tflite": {**report.to_dict(),
+                                                            **(conversion if precision == "int8" else {})}},
                                                 head_feature_scale if precision == "int8" else None, method), seconds))
     return records

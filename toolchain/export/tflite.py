@@ -78,14 +78,14 @@ def anchor_input_range(calibration: np.ndarray) -> np.ndarray:
 def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: list[str],
                           calibration: np.ndarray | None, mean, std, verbose: bool = False,
                           exact_input: bool = False, int8=None, float_plan=None,
-                          full_range_ops=None, per_user_ops=None) -> dict[str, bytes]:
+                          full_range_ops=None, per_user_ops=None, report: dict | None = None) -> dict[str, bytes]:
     """Return {"fp32": bytes, "int8": bytes} for the precisions asked (int8 = full integer, int8 I/O).
     onnx2tf writes the float file and its saved_model; the int8 file comes from that saved_model
     through the TFLite converter with ranges set by `int8.calibration`
     (toolchain.export.tflite_calibration). `exact_input`: anchor the calibration's input range
     to the full pixel range. `float_plan` (toolchain.export.tflite_fallback.FloatPlan): what the
-    int8 file keeps in float (its `report` says what it kept). `full_range_ops`, `per_user_ops`:
-    see toolchain.export.tflite_calibration.quantize_saved_model."""
+    int8 file keeps in float (its `report` says what it kept). `full_range_ops`, `per_user_ops`,
+    `report`: see toolchain.export.tflite_calibration.quantize_saved_model."""
     import onnx2tf
 
     from toolchain.export.tflite_calibration import quantize_saved_model
@@ -124,7 +124,8 @@ def export_tflite_onnx2tf(model: nn.Module, example: torch.Tensor, precisions: l
             try:
                 with contextlib.redirect_stdout(sys.stdout if verbose else sink):
                     result["int8"] = canonical_tensor_names(quantize_saved_model(str(out), inputs, int8, float_plan,
-                                                                                 full_range_ops, per_user_ops))
+                                                                                 full_range_ops, per_user_ops,
+                                                                                 report))
             except ToolchainError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the converter's errors are long C++ traces

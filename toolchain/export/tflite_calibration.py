@@ -34,14 +34,15 @@ _SAME_RANGE = ("RESHAPE", "PAD", "PADV2", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE",
 
 
 def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8Options | None = None,
-                         float_plan=None, full_range_ops=None, per_user_ops=None) -> bytes:
+                         float_plan=None, full_range_ops=None, per_user_ops=None, report: dict | None = None) -> bytes:
     """Full-integer .tflite (int8 input and output, per-channel weights) of a saved_model.
     `inputs`: normalised float32 NHWC calibration batch, one image per converter step.
     `float_plan` (toolchain.export.tflite_fallback.FloatPlan): the ops the file keeps in float.
     `full_range_ops`: given the calibrated flatbuffer, the output-tensor names of the ops of
     `options.full_range_layers` (toolchain.export.tflite_fallback.unit_tensors); needed when
     those are set. `per_user_ops`: likewise, the ops of a verifier's per-user layers, whose biases
-    bias correction leaves alone."""
+    bias correction leaves alone. `report`, when given, gains what bias correction did
+    ("bias_correction")."""
     import tensorflow as tf
 
     from toolchain.export.tflite_fallback import quantize_keeping_float
@@ -76,7 +77,9 @@ def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8
         from toolchain.export.tflite_bias_correction import correct_tflite_biases
 
         skip = frozenset(per_user_ops(calibrated)) if per_user_ops is not None else frozenset()
-        quantized, _ = correct_tflite_biases(quantized, calibrated, inputs, skip)
+        quantized, corrected = correct_tflite_biases(quantized, calibrated, inputs, skip)
+        if report is not None:
+            report["bias_correction"] = corrected
     return quantized
 
 

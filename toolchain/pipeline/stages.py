@@ -705,6 +705,7 @@ def default_stages(recipe: Recipe) -> list[Stage]:
         # version 5: bias correction and QAT fold a Linear -> BatchNorm1d head as PT2E does.
         # version 6: bias correction reaches onnx2tf's .tflite (toolchain.export.tflite_bias_correction).
         # version 7: and its ops with a fused ReLU or ReLU6, where the float output is clear of the clamp.
+        # version 8: and where it is clear of the int8 output's range; the record says what it did.
         Stage("export", _stage_export, title="quantize + export", after=("data", *trained), version=8,
               external=_external_data, workdir="export",
               config=lambda ctx: {"export": ctx.recipe.export.model_dump(mode="json"), "seed": ctx.recipe.seed,
