@@ -25,7 +25,8 @@ So each layer is corrected in graph order, measured after the ones before it wer
 correction never double-counts a shift an earlier layer already removed): the file is run on the
 images with that layer's output added to the graph's outputs, in the runtime it ships to (LiteRT
 with XNNPACK): one run over the images per layer (103 of the 185 in VarGFaceNet's file), and one
-of the float graph beside it, whose outputs give the mask.
+of the float graph beside it, whose outputs give the mask (VarGFaceNet, 64 images: 83 s, where
+one float run for all layers took 28 s before the masks).
 """
 
 from __future__ import annotations
