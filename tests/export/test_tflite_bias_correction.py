@@ -137,7 +137,6 @@ def test_a_fused_relu_layer_is_corrected_where_its_float_output_is_clear_of_the_
     error = {name: np.abs([(_outputs(buf, x) - reference)[..., c][clear[..., c]].mean()
                            for c in range(reference.shape[-1])]).mean()
              for name, buf in (("plain", plain), ("corrected", corrected))}
-    # Measured: 0.0024 plain, 0.0002 corrected; with the clipped tails in the mean, 0.0054.
     assert error["corrected"] < 0.5 * error["plain"]
 
 

@@ -182,5 +182,5 @@ def correct_tflite_biases(quantized: bytes, calibrated: bytes, inputs: np.ndarra
         "layers": len(targets),
         "clamped_layers": sum(_activation(op) != 0 for op, *_ in targets),
         "mean_abs_shift": float(np.mean(np.concatenate(shifts))),
-        # Of the values measured, the share left out as clamped (activation, int8 range or margin).
+        # Each layer's share of values left out as clamped (activation, int8 range or margin), averaged.
         "mean_clamped_share": float(np.mean(clamped_shares))}
