@@ -78,6 +78,27 @@ def test_bias_correction_removes_the_mean_output_error_of_every_biased_layer(sav
     assert len(before) == 3 and len(changed) == 3
 
 
+def test_the_fallback_judges_corrected_files_and_the_chosen_one_is_corrected_once(saved_model, monkeypatch):
+    import toolchain.export.tflite_bias_correction as bc
+    from toolchain.export.tflite_calibration import quantize_saved_model
+    from toolchain.export.tflite_fallback import quantize_keeping_float
+
+    path, x, _ = saved_model
+    calls = []
+    real = bc.correct_tflite_biases
+    monkeypatch.setattr(bc, "correct_tflite_biases", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    class Plan:  # stands in for FloatPlan: judges the all-int8 file, keeps it
+        def float_ops(self, calibrated, finish=None):
+            self.judged = finish(quantize_keeping_float(calibrated, []))
+            self.plain = quantize_keeping_float(calibrated, [])
+            return []
+
+    plan, report = Plan(), {}
+    written = quantize_saved_model(path, x, Int8Options(bias_correction=True), float_plan=plan, report=report)
+    assert plan.judged == written != plan.plain and len(calls) == 1 and report["bias_correction"]["layers"] == 3
+
+
 def _calibrated_and_quantized(path: str, x: np.ndarray) -> tuple[bytes, bytes]:
     """The converter's calibrated float graph of a saved_model and its full-integer file."""
     from tensorflow.lite.python import convert

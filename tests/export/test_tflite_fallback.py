@@ -215,6 +215,47 @@ def test_the_pte_choice_is_kept_when_it_meets_with_fewer_units_than_the_greedy_s
     assert not any("units" in row for row in missing["trail"])
 
 
+def test_choices_are_judged_on_the_finished_file_and_ranked_on_the_plain_one(monkeypatch):
+    # Scores stand in for LiteRT; `finish` (the export's bias correction) marks the file. All int8,
+    # the plain file misses the target and the corrected one meets it: nothing is kept in float.
+    import toolchain.export.tflite_fallback as tf
+
+    plain = {(): 0.9980, ("a",): 0.9992, ("b",): 0.9985, ("a", "b"): 0.9994}
+    finished = {(): 0.9991, ("a",): 0.9993, ("b",): 0.9996, ("a", "b"): 0.9997}
+    seen = []
+
+    def cosines(buf, views, reference, agreement=None):
+        ops, done = json.loads(buf)
+        seen.append((tuple(ops), done, len(views[0])))
+        mean = (finished if done else plain)[tuple(ops)]
+        return {"cosine_mean": mean, "cosine_mean_low": mean, "cosine_min": mean, "set_aside": []}
+
+    monkeypatch.setattr(tf, "quantize_keeping_float", lambda calibrated, ops: json.dumps([sorted(ops), False]).encode())
+    monkeypatch.setattr(tf, "_cosines", cosines)
+
+    def finish(buf):
+        return json.dumps([json.loads(buf)[0], True]).encode()
+
+    units, views, ref = {"a": ["a"], "b": ["b"]}, (np.zeros((64, 1)), np.zeros((64, 1))), np.zeros(64)
+
+    def choose(target, finish=None):
+        seen.clear()
+        return tf.choose_float_units(b"", units, views, ref, min_cosine_mean=target, min_cosine_min=None,
+                                     max_units=2, finish=finish)
+
+    assert choose(0.999)["float_units"] == ["a"]  # judged plain, all int8 misses
+    got = choose(0.999, finish)
+    assert got["met"] and got["float_units"] == [] and got["trail"][0]["cosine_mean"] == 0.9991
+    # Past the all-int8 file, candidates are ranked on plain files and each choice judged finished:
+    # ranked plain, `a` leads; judged finished, `a` misses 0.9995, the pair meets it, and the
+    # backward pass finds that `b` alone meets it too.
+    got = choose(0.9995, finish)
+    assert got["tried"] == ["a", "b"] and [r["cosine_mean"] for r in got["trail"][:3]] == [0.9991, 0.9993, 0.9997]
+    assert got["float_units"] == ["b"]
+    assert {(ops, done) for ops, done, n in seen if n < 64} == {(("a",), False), (("b",), False), (("a", "b"), False)}
+    assert all(done for ops, done, n in seen if n == 64)
+
+
 def test_the_tflite_plan_takes_the_pte_units_to_try_only_when_they_are_the_same_kind():
     from toolchain.export.api import _Int8Graph, _tflite_float_plan
     from toolchain.quantize.int8_options import Int8Options

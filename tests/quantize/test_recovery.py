@@ -226,6 +226,20 @@ def test_fast_reference_computes_what_the_converted_graph_computes(model):
     assert spec.output == "embedding"
 
 
+def test_the_fallbacks_reference_graph_is_bias_corrected_as_the_export_is(model):
+    from toolchain.quantize.sensitivity import reference_int8_graph
+
+    calib, probe, norm = _images(16, 5), _x(_images(8, 6)), ((0.5,) * 3, (0.5,) * 3)
+    exported = quantize_xnnpack_int8(model, probe[:1], calib, *norm, int8=Int8Options(bias_correction=True))
+    with torch.no_grad():
+        written = torch.cat([exported(probe[i:i + 1]) for i in range(len(probe))])
+        corrected = reference_int8_graph(model, calib, Int8Options(bias_correction=True), 8, *norm)(probe)
+        plain = reference_int8_graph(model, calib, Int8Options(), 8, *norm)(probe)
+    # The fallback judges the numbers the export writes, not the uncorrected graph's.
+    torch.testing.assert_close(corrected, written, rtol=0, atol=1e-4)
+    assert (plain - written).abs().max() > 1e-3
+
+
 def test_qat_fake_quantises_prelu_as_the_pte_runs_it():
     """The .pte runs XNNPACK's int8 PReLU (toolchain.quantize.pt2e.annotate_prelu): QAT trains
     against the same rounding, slopes included, and freezes only the activation ranges."""

@@ -23,6 +23,8 @@ then sums integers exactly, and the branch's own rounding is the PReLU's only on
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from toolchain.errors import ToolchainError
@@ -71,16 +73,34 @@ def quantize_saved_model(saved_model_dir: str, inputs: np.ndarray, options: Int8
         calibrated = set_ranges(calibrated, inputs, options, full_range)
     calibrated, _ = narrow_sigmoid_inputs(calibrated)
     calibrated, _ = exact_prelu_adds(calibrated, inputs)
-    float_ops = float_plan.float_ops(calibrated) if float_plan is not None else []
+    correct = _bias_correction(calibrated, inputs, per_user_ops) if options.bias_correction else None
+    # The fallback judges its choices on corrected files, as they will be written.
+    float_ops = float_plan.float_ops(calibrated, None if correct is None else lambda q: correct(q)[0]) \
+        if float_plan is not None else []
     quantized = quantize_keeping_float(calibrated, float_ops)
-    if options.bias_correction:  # measured on the converter's own int8 graph (toolchain.export.tflite_bias_correction)
-        from toolchain.export.tflite_bias_correction import correct_tflite_biases
-
-        skip = frozenset(per_user_ops(calibrated)) if per_user_ops is not None else frozenset()
-        quantized, corrected = correct_tflite_biases(quantized, calibrated, inputs, skip)
+    if correct is not None:
+        quantized, corrected = correct(quantized)
         if report is not None:
             report["bias_correction"] = corrected
     return quantized
+
+
+def _bias_correction(calibrated: bytes, inputs: np.ndarray, per_user_ops):
+    """correct(int8 file) -> (corrected file, its report), measured on the converter's own int8
+    graph (toolchain.export.tflite_bias_correction). Remembered by the file's bytes: the file
+    the fallback chose was corrected when it was judged, and takes a minute on a backbone."""
+    from toolchain.export.tflite_bias_correction import correct_tflite_biases
+
+    skip = frozenset(per_user_ops(calibrated)) if per_user_ops is not None else frozenset()
+    done: dict[bytes, tuple[bytes, dict]] = {}
+
+    def correct(quantized: bytes) -> tuple[bytes, dict]:
+        key = hashlib.sha256(quantized).digest()
+        if key not in done:
+            done[key] = correct_tflite_biases(quantized, calibrated, inputs, skip)
+        return done[key]
+
+    return correct
 
 
 def narrow_sigmoid_inputs(calibrated: bytes) -> tuple[bytes, list[dict]]:

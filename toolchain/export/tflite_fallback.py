@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -261,7 +261,8 @@ def _cosines(buf: bytes, views: tuple[np.ndarray, np.ndarray], reference: np.nda
 def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tuple[np.ndarray, np.ndarray],
                        reference: np.ndarray, *, min_cosine_mean: float | None, min_cosine_min: float | None,
                        max_units: int, max_bytes: int | None = None, progress: bool = False,
-                       also_try: Sequence[str] = (), agreement: dict | None = None) -> dict:
+                       also_try: Sequence[str] = (), agreement: dict | None = None,
+                       finish: Callable[[bytes], bytes] | None = None) -> dict:
     """Forward selection (module docstring): candidates ranked on the ranking subset of the
     measuring images, each step judged on all (toolchain.quantize.selection). views: the
     measuring images and their mirrors, normalised NHWC float32; reference: the float model's
@@ -278,7 +279,10 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     `.pte` kept four. Its trail row has `units` and `source` in place of `added`; the result's
     "from" is ".pte" and "why" says which case it was. `agreement`: as in
     toolchain.quantize.sensitivity.choose_float_layers, a score-noise target judged on all the
-    measuring images."""
+    measuring images. `finish(file) -> file`: what the export does to the chosen file after
+    this choice (its bias correction); every judged file gets it, so the targets are judged on
+    the file as written. Ranking stays on unfinished files: a correction per candidate would
+    cost VarGFaceNet's steps 83 s a unit."""
     pick = ranking_indices(len(reference))
     ranking_views, ranking_reference = (views[0][pick], views[1][pick]), reference[pick]
 
@@ -293,6 +297,8 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     def judge(names: list[str]) -> dict:
         judged_sets.add(frozenset(names))
         candidate = file_keeping(names)
+        if finish is not None:
+            candidate = finish(candidate)
         return {**_cosines(candidate, views, reference, agreement), "bytes": len(candidate)}
 
     trail = [{"layers": 0, **judge([])}]
@@ -349,8 +355,9 @@ class FloatPlan:
     progress: bool = False
     report: dict = dataclasses.field(default_factory=dict)
 
-    def float_ops(self, calibrated: bytes) -> list[str]:
-        """The output-tensor names of the ops to leave in float in `calibrated`."""
+    def float_ops(self, calibrated: bytes, finish: Callable[[bytes], bytes] | None = None) -> list[str]:
+        """The output-tensor names of the ops to leave in float in `calibrated`. `finish`: see
+        choose_float_units."""
         blocks = block_names(self.model) if self.unit == "block" else None
         if not self.fallback:
             if not self.given:
@@ -371,8 +378,9 @@ class FloatPlan:
                                     min_cosine_mean=self.targets.get("min_cosine_mean"),
                                     min_cosine_min=self.targets.get("min_cosine_min"), max_units=self.max_units,
                                     max_bytes=self.max_bytes, progress=self.progress,
-                                    also_try=self.also_try, agreement=agreement_of(self.targets))
+                                    also_try=self.also_try, agreement=agreement_of(self.targets), finish=finish)
         self.report = {**choice, "unit": self.unit, "targets": dict(self.targets), "max_bytes": self.max_bytes,
+                       "judged_finished": finish is not None,
                        "images": int(len(self.reference)), "ranking_images": len(ranking_indices(len(self.reference)))}
         kept = [op for u in choice["float_units"] for op in units[u]]
         if kept:

@@ -36,6 +36,8 @@ from torch import nn
 from torch.fx.node import map_arg
 
 from toolchain.errors import ToolchainError
+from toolchain.quantize.batchnorm import fold_batchnorm
+from toolchain.quantize.bias_correction import correct_biases
 from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
 from toolchain.quantize.selection import (cosine_key, drop_unneeded, embedding_summary, forward_selection,
@@ -281,7 +283,10 @@ class _LocalError(torch.fx.Interpreter):
 def reference_int8_graph(model: nn.Module, calibration: np.ndarray, int8, batch: int, mean, std) -> nn.Module:
     """The all-int8 graph of `model` in torch's reference form (fast_reference), calibrated on
     `calibration` (uint8 NHWC) with the options `int8`, as the `.pte`'s fallback measures it; it
-    takes batches of `batch` images."""
+    takes batches of `batch` images. With `int8.bias_correction` its biases are corrected as the
+    export corrects the `.pte`'s graph (toolchain.quantize.pt2e), so the fallback judges the file
+    it will write: exactly all int8; with units in float, on the all-int8 corrections, where the
+    export measures them again with those units float."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     example = next(_batches(calibration, batch, mean, std))[0]
@@ -292,6 +297,12 @@ def reference_int8_graph(model: nn.Module, calibration: np.ndarray, int8, batch:
             prepared(x)
     converted = convert_pt2e(prepared, fold_quantize=False)
     narrow_sigmoid_ranges(converted)  # as the export's int8 graph (toolchain.quantize.pt2e)
+    if int8.bias_correction:
+        # Exported after the graph above, node names alike, BatchNorms folded as PT2E folds them.
+        float_graph = torch.export.export(fold_batchnorm(model)[0], (example,), strict=False).module()
+        per_user = model.per_user_tensors() if hasattr(model, "per_user_tensors") else []
+        correct_biases(converted, float_graph, [x for x, _ in _batches(calibration, batch, mean, std)],
+                       skip=[n for n in per_user if n.endswith(".bias")])
     return fast_reference(converted)
 
 
