@@ -299,6 +299,7 @@ def test_plan_reports_its_choice_and_latency_cost_or_why_it_kept_nothing(calibra
                      targets={"min_cosine_mean": reachable}, max_units=1)
     ops = plan.float_ops(buf)
     assert plan.report["met"] and plan.report["float_units"] == [probe.report["trail"][1]["added"]] and ops
+    assert plan.report["judged_bias_corrected"] is False
     lat = plan.report["latency"]
     assert lat["with_float_layers"] > 0 and lat["all_int8"] > 0 and lat["ratio"] > 0
     # Ops that cannot be matched to the model's layers: the file stays all int8, and the report says why.

@@ -380,7 +380,7 @@ class FloatPlan:
                                     max_bytes=self.max_bytes, progress=self.progress,
                                     also_try=self.also_try, agreement=agreement_of(self.targets), finish=finish)
         self.report = {**choice, "unit": self.unit, "targets": dict(self.targets), "max_bytes": self.max_bytes,
-                       "judged_finished": finish is not None,
+                       "judged_bias_corrected": finish is not None,  # finish is the export's bias correction
                        "images": int(len(self.reference)), "ranking_images": len(ranking_indices(len(self.reference)))}
         kept = [op for u in choice["float_units"] for op in units[u]]
         if kept:

@@ -299,6 +299,8 @@ def reference_int8_graph(model: nn.Module, calibration: np.ndarray, int8, batch:
     narrow_sigmoid_ranges(converted)  # as the export's int8 graph (toolchain.quantize.pt2e)
     if int8.bias_correction:
         # Exported after the graph above, node names alike, BatchNorms folded as PT2E folds them.
+        # The graph's batch is static, so a last short batch is filled with repeats, which then
+        # weigh twice in the means (none with the recipes' 64 images and batches of 16).
         float_graph = torch.export.export(fold_batchnorm(model)[0], (example,), strict=False).module()
         per_user = model.per_user_tensors() if hasattr(model, "per_user_tensors") else []
         correct_biases(converted, float_graph, [x for x, _ in _batches(calibration, batch, mean, std)],
