@@ -419,15 +419,6 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarr
 
     # Calibrate at the batch size of the export (1), so batch-dependent shapes stay static.
     graph = torch.export.export(model.eval(), (example,), strict=False).module()
-    # The float reference of bias correction: a second export, node names alike (prepare_pt2e
-    # rewrites the first one), of the model with its BatchNorms folded into the convolutions as
-    # PT2E folds them: an unfolded convolution has no bias to compare (found on MobileFaceNet,
-    # where bias correction then changed nothing).
-    float_graph = None
-    if bias_correction:
-        from toolchain.quantize.batchnorm import fold_batchnorm
-
-        float_graph = torch.export.export(fold_batchnorm(model)[0], (example,), strict=False).module()
     prepared = prepare_pt2e(graph, quantizer)
     if report is not None:
         report["float_ops"], report["float_prefix_ops"] = float_ops(prepared)
@@ -441,11 +432,10 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: np.ndarr
     if input_qparams is not None and pin_input_qparams(converted, *input_qparams) != 2:
         raise ToolchainError("int8 export: could not find the input quantise/dequantise pair to pin")
     if bias_correction:
-        from toolchain.quantize.bias_correction import correct_biases
+        from toolchain.quantize.bias_correction import correct_model_biases
 
-        per_user = model.per_user_tensors() if hasattr(model, "per_user_tensors") else []
-        corrected = correct_biases(converted, float_graph, list(calibration_batches(calibration, mean, std, batch=1)),
-                                   skip=[n for n in per_user if n.endswith(".bias")])
+        corrected = correct_model_biases(converted, model, example,
+                                         list(calibration_batches(calibration, mean, std, batch=1)))
         if report is not None:
             report["bias_correction"] = corrected
     if compute_head is not None:

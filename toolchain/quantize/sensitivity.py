@@ -36,8 +36,7 @@ from torch import nn
 from torch.fx.node import map_arg
 
 from toolchain.errors import ToolchainError
-from toolchain.quantize.batchnorm import fold_batchnorm
-from toolchain.quantize.bias_correction import correct_biases
+from toolchain.quantize.bias_correction import correct_model_biases
 from toolchain.quantize.pt2e import in_modules, module_of, xnnpack_quantizer
 from toolchain.quantize.saturation import narrow_sigmoid_ranges
 from toolchain.quantize.selection import (cosine_key, drop_unneeded, embedding_summary, forward_selection,
@@ -298,13 +297,9 @@ def reference_int8_graph(model: nn.Module, calibration: np.ndarray, int8, batch:
     converted = convert_pt2e(prepared, fold_quantize=False)
     narrow_sigmoid_ranges(converted)  # as the export's int8 graph (toolchain.quantize.pt2e)
     if int8.bias_correction:
-        # Exported after the graph above, node names alike, BatchNorms folded as PT2E folds them.
         # The graph's batch is static, so a last short batch is filled with repeats, which then
         # weigh twice in the means (none with the recipes' 64 images and batches of 16).
-        float_graph = torch.export.export(fold_batchnorm(model)[0], (example,), strict=False).module()
-        per_user = model.per_user_tensors() if hasattr(model, "per_user_tensors") else []
-        correct_biases(converted, float_graph, [x for x, _ in _batches(calibration, batch, mean, std)],
-                       skip=[n for n in per_user if n.endswith(".bias")])
+        correct_model_biases(converted, model, example, [x for x, _ in _batches(calibration, batch, mean, std)])
     return fast_reference(converted)
 
 
