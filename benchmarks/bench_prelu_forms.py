@@ -18,6 +18,8 @@ Rows (all int8 but the first):
 - multiply and add: x + relu(-|1 - a|*x) with an elementwise multiply by a per-channel constant
   in place of the depthwise 1x1 (the slopes benchmarked here are below 1; in int8 the constant
   gets one scale for all channels, so this form is not exact there);
+- max(x, a*x): a depthwise 1x1 (weights a) and an elementwise maximum; PReLU only where every
+  slope is at most 1, so slopes above 1 are clamped (not exact for MobileFaceNet's second PReLU);
 - ReLU instead of PReLU: not the same function; the speed of the network with its PReLUs free.
 
 Latency is inside the runtime, one thread, median: ExecuTorch's `Method::execute` (ETDump),
@@ -91,6 +93,22 @@ class MultiplyPReLU(nn.Module):
         return x + torch.relu(x * self.negative)
 
 
+class MaxPReLU(nn.Module):
+    """max(x, a*x), the per-channel multiply on a depthwise 1x1: PReLU where every slope is at most
+    1, so slopes above 1 are clamped to 1 (MobileFaceNet's second PReLU has some: not exact there)."""
+
+    def __init__(self, prelu: nn.PReLU) -> None:
+        super().__init__()
+        a = prelu.weight.detach().float().flatten().clamp(max=1.0)
+        c = len(a)
+        self.scaled = nn.Conv2d(c, c, 1, groups=c, bias=False)
+        with torch.no_grad():
+            self.scaled.weight.copy_(a.view(c, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(x, self.scaled(x))
+
+
 def _is_prelu(m: nn.Module) -> bool:
     return isinstance(m, nn.PReLU)
 
@@ -106,6 +124,8 @@ def forms(model: nn.Module) -> dict[str, tuple[nn.Module, str, Int8Options | Non
         "int8, three ops (earlier form)": (replace_modules(model, _is_prelu, ThreeOpPReLU), "int8", Int8Options()),
         "int8, two ops (int8_prelu.py, .tflite)": (with_int8_prelu(model), "int8", Int8Options()),
         "int8, multiply and add (not exact in int8)": (replace_modules(model, _is_prelu, MultiplyPReLU), "int8",
+                                                       Int8Options()),
+        "int8, max(x, a*x) (slopes above 1 clamped)": (replace_modules(model, _is_prelu, MaxPReLU), "int8",
                                                        Int8Options()),
         "int8, ReLU instead (not exact)": (replace_modules(model, _is_prelu, lambda p: nn.ReLU()), "int8",
                                            Int8Options()),

@@ -20,3 +20,19 @@ def test_console_script_runs_as_module():
     proc = subprocess.run([sys.executable, "-m", "toolchain", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "toolchain" in proc.stdout
+
+
+def test_an_out_folder_under_a_file_is_bad_input_not_an_internal_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    rc = main(["data", "synth", "--out", str(tmp_path / "afile" / "faces"), "--identities", "4", "--pairs", "20"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a file stands where a folder is needed" in err and "internal error" not in err
+
+
+def test_nan_and_inf_options_are_refused(tmp_path, capsys):
+    """nan compares false with every bound: `--max-accuracy-drop nan` made a check that never fails."""
+    probe = tmp_path / "probe.npz"
+    probe.write_bytes(b"")
+    for value in ("nan", "inf", "-inf"):
+        assert main(["parity", "x.pte", "--pairs", str(probe), "--max-accuracy-drop", value]) == 2
+        assert "is not a finite number" in capsys.readouterr().err

@@ -13,7 +13,7 @@ ROOT = Path(toolchain.__file__).parent
 BELOW = {
     "data": {"atomic", "errors"},
     "models": {"atomic", "errors"},
-    "runtime": {"atomic", "errors", "models"},
+    "runtime": {"atomic", "errors", "formats", "models"},
     "evaluate": {"atomic", "console", "data", "errors", "models", "runtime"},
     "train": {"atomic", "console", "data", "errors", "evaluate", "models"},
 }

@@ -129,6 +129,9 @@ def test_not_a_mapping(tmp_path):
         load_recipe(p)
     with pytest.raises(ToolchainError, match="no such recipe"):
         load_recipe(tmp_path / "missing.yaml")
+    p.write_bytes(bytes(range(128, 256)) * 8)  # random bytes were an internal UnicodeDecodeError
+    with pytest.raises(ToolchainError, match="not a text file"):
+        load_recipe(p)
 
 
 def test_cli_run_bad_recipe_exits_2(tmp_path, capsys):
@@ -142,6 +145,19 @@ def test_cli_run_bad_recipe_exits_2(tmp_path, capsys):
     assert rc == 2
     assert "budgets.max_params" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # failed fast, before any stage
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("train.backbone.init=nope.pt", "train.backbone.init: nope.pt does not exist"),
+    ("train.backbone.model=no-such-model", "unknown model 'no-such-model'"),
+    ("train.backbone.model=verifier", "not a backbone"),
+])
+def test_cli_run_checks_models_and_checkpoints_before_the_data_stage(tmp_path, capsys, override, culprit):
+    """These failed at the training stage, after the data stage had written 7 MB of faces."""
+    out = tmp_path / "out"
+    assert main(["run", str(RECIPES / "mobilefacenet.yaml"), "--out", str(out), override]) == 2
+    assert culprit in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_embedding_recipe_route():

@@ -372,7 +372,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ToolchainError(f"{path}: no such recipe file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ToolchainError(f"{path}: not a text file (not UTF-8), so not a YAML recipe") from exc
     except yaml.YAMLError as exc:
         raise ToolchainError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     if raw is None:

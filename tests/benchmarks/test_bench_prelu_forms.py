@@ -25,7 +25,7 @@ def test_the_rewritten_forms_equal_prelu_in_float_for_slopes_below_one(bench):
     with torch.no_grad():
         prelu.weight.copy_(torch.linspace(0.0, 0.9, 8))
     x = torch.randn(2, 8, 5, 5) * 3
-    for form in (bench.ThreeOpPReLU, bench.MultiplyPReLU):
+    for form in (bench.ThreeOpPReLU, bench.MultiplyPReLU, bench.MaxPReLU):
         torch.testing.assert_close(form(prelu)(x), prelu(x), atol=1e-5, rtol=0)
 
 
@@ -46,3 +46,12 @@ def test_random_weights_get_per_channel_slopes_not_the_init_constant(bench):
     model = bench.random_slopes(nn.Sequential(nn.Conv2d(3, 16, 1), nn.PReLU(16)))
     slopes = model[1].weight.detach()
     assert len(set(slopes.tolist())) == 16 and float(slopes.min()) >= 0.05 and float(slopes.max()) < 0.45
+
+
+def test_the_max_form_clamps_slopes_above_one(bench):
+    """max(x, a*x) is PReLU only for a <= 1: a slope of 2 acts as 1 there, and the row says so."""
+    prelu = nn.PReLU(2)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.tensor([0.5, 2.0]))
+    x = torch.full((1, 2, 1, 1), -1.0)
+    assert bench.MaxPReLU(prelu)(x).flatten().tolist() == [-0.5, -1.0]

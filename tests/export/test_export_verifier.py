@@ -191,3 +191,20 @@ def test_output_aligned_with_a_threshold_still_computes_the_same(exported):
     after = _run_tflite(aligned, exported["images"])
     old_scale = inspect_tflite(buf).output_quant["scale"]
     assert np.abs(after - before).max() <= max(q["scale"], old_scale) + 1e-6
+
+
+@pytest.mark.parametrize("threshold", ["high", None, float("nan")])
+def test_a_threshold_that_is_not_a_finite_number_is_refused(tmp_path, capsys, threshold):
+    """A string was an internal error; nan was written to the files' metadata and the manifest."""
+    from toolchain.models import build_model
+    from toolchain.models.io import save_enrollment
+
+    user = tmp_path / "user"
+    save_enrollment(user, build_model("verifier", width=4).eval(), {"width": 4}, threshold=0.25)
+    meta = json.loads((user / "enrollment.json").read_text())
+    meta["threshold"] = threshold
+    (user / "enrollment.json").write_text(json.dumps(meta))
+    rc = main(["export", str(user), "--out", str(tmp_path / "out"), "--formats", "executorch", "--precisions", "fp32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and ("not a finite number" in err or "needs a decision threshold" in err), err
+    assert not list(tmp_path.glob("out/*.pte"))  # nothing exported

@@ -36,3 +36,15 @@ def test_shards_are_stable_and_cover_everyone():
     for bad in ("4/4", "x/2", "1-2", "-1/2"):
         with pytest.raises(ToolchainError):
             parse_shard(bad)
+
+
+def test_an_empty_or_binary_users_list_is_refused(tmp_path):
+    """An empty list made a fleet of 0 users exit 0; random bytes were read as 104 skipped lines."""
+    (tmp_path / "empty.tsv").write_text("# no users yet\n")
+    (tmp_path / "folder").mkdir()
+    for src in (tmp_path / "empty.tsv", tmp_path / "folder"):
+        with pytest.raises(ToolchainError, match="lists no users"):
+            read_users(src)
+    (tmp_path / "random.tsv").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ToolchainError, match="not UTF-8"):
+        read_users(tmp_path / "random.tsv")

@@ -73,7 +73,7 @@ def test_check_missing_budgets_file_exit_2(tmp_path, capsys):
 
 
 def test_max_bytes_of_a_file_relative_to_the_budgets_file(tmp_path):
-    (tmp_path / "m.pte").write_bytes(b"x" * 100)
+    (tmp_path / "m.pte").write_bytes(b"\x00" * 4 + b"ET12" + b"x" * 92)  # an ExecuTorch file identifier
     ok = check_budgets(load_budgets(write(tmp_path, "m:\n  file: m.pte\n  max_bytes: 100\n")))
     bad = check_budgets(load_budgets(write(tmp_path, "m:\n  file: m.pte\n  max_bytes: 99\n")))
     assert [(r.name, r.value, r.passed) for r in ok] == [("m.max_bytes", 100, True)]

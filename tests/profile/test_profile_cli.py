@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ def test_profile_all(monkeypatch, capsys):
 
 def test_profile_file(tmp_path, capsys):
     f = tmp_path / "model.tflite"
-    data = b"\x00TFL3" * 100
+    data = b"\x1c\x00\x00\x00TFL3" * 50  # a TFLite file identifier at bytes 4-8
     f.write_bytes(data)
     info = profile_file(f)
     assert info["bytes"] == len(data) and info["sha256"] == hashlib.sha256(data).hexdigest()
@@ -127,3 +128,13 @@ def test_profile_bad_input_exits_two(capsys, args, culprit):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert culprit in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["random.pte", "random.tflite", "empty.pte"])
+def test_profile_of_a_file_that_is_not_its_format_exits_two(tmp_path, capsys, name):
+    """Its size and digest would read as an artifact's, and a budget on its bytes would pass."""
+    f = tmp_path / name
+    f.write_bytes(b"" if name.startswith("empty") else np.random.default_rng(0).bytes(4096))
+    assert main(["profile", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "file identifier is missing" in err and name in err

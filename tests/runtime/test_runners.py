@@ -7,6 +7,8 @@ from toolchain.errors import ToolchainError
 from toolchain.models import build_model
 from toolchain.models.io import save_checkpoint, save_enrollment
 from toolchain.runtime import load_runner, read_embedded_metadata
+from toolchain.runtime.executorch_runner import ExecuTorchRunner
+from toolchain.runtime.litert_runner import LiteRTRunner
 from toolchain.runtime.preprocess import dequantize, model_input, normalise, quantize
 
 
@@ -105,6 +107,19 @@ def test_read_embedded_metadata_errors(tmp_path):
     (tmp_path / "bad.tflite").write_bytes(b"not a flatbuffer at all")
     with pytest.raises(ToolchainError):
         read_embedded_metadata(tmp_path / "bad.tflite")
+
+
+@pytest.mark.parametrize("suffix", [".pte", ".tflite"])
+def test_random_bytes_are_refused_before_the_runtime_parses_them(tmp_path, suffix):
+    """ExecuTorch's loader aborted the whole process (SIGABRT, no message) on these 4 KB of
+    random bytes; the file identifier is checked first, with or without metadata given."""
+    f = tmp_path / f"random{suffix}"
+    f.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ToolchainError, match="file identifier is missing"):
+        load_runner(f)
+    runner_class = ExecuTorchRunner if suffix == ".pte" else LiteRTRunner
+    with pytest.raises(ToolchainError, match="file identifier is missing"):
+        runner_class(f, metadata={"output": "embedding"})
 
 
 def test_one_op_tflite_runs_and_times_the_call():

@@ -194,3 +194,23 @@ def test_refuses_to_start_without_a_token(registry_hypernet_ckpt, tmp_path):
     res = subprocess.run([sys.executable, "-m", "toolchain", "serve", "--hypernet", str(registry_hypernet_ckpt), "--store",
                           str(tmp_path / "s")], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and "no bearer token" in res.stderr
+
+
+def test_a_port_in_use_is_a_clear_error_before_any_work(registry_hypernet_ckpt, tmp_path, capsys):
+    """uvicorn exited 3 after the templates were built, its reason only in the store's log."""
+    import socket
+
+    from toolchain.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        rc = main(["serve", "--hypernet", str(registry_hypernet_ckpt), "--store", str(tmp_path / "s"),
+                   "--insecure-no-auth", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+    assert not (tmp_path / "s").exists()  # nothing built or written
+    rc = main(["serve", "--hypernet", str(registry_hypernet_ckpt), "--store", str(tmp_path / "s"),
+               "--insecure-no-auth", "--host", "no-such-host.invalid"])
+    assert rc == 2 and "--host no-such-host.invalid" in capsys.readouterr().err

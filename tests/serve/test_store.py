@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from toolchain.errors import ToolchainError
 from toolchain.serve.signing import Signer, verify
 from toolchain.serve.store import Store, is_user_id, new_user_id
 
@@ -35,3 +38,11 @@ def test_signatures_verify_and_the_key_persists(tmp_path):
     assert s2.public_pem == s1.public_pem and verify(s2.public_pem, b"model bytes", s2.sign(b"model bytes"))
     assert (tmp_path / "ed25519_private.pem").stat().st_mode & 0o077 == 0
     assert json.dumps(sig)  # base64 text
+
+
+def test_a_corrupt_private_key_is_a_clear_error(tmp_path):
+    """It was an internal error (cryptography's ValueError) when the service started."""
+    Signer(tmp_path)
+    (tmp_path / "ed25519_private.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    with pytest.raises(ToolchainError, match="not a readable private key"):
+        Signer(tmp_path)

@@ -50,3 +50,29 @@ def test_cli_bad_config(tmp_path):
     assert main(["train", "hypernet", "--backbone", str(tmp_path / "none.pt"), "--set", "kcs_fraction=2"]) == 2
     assert main(["train", "backbone", "--set", "nonsense=1", "--out", str(tmp_path / "x")]) == 2
     assert main(["train", "backbone", "--set", "novalue", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_bad_configs_are_one_line_errors(tmp_path):
+    """These were internal errors (exit 3): a --set that makes a value a section, a config file
+    of random bytes, and a model that takes no embedding size."""
+    from toolchain.cli.train import _config
+    from toolchain.errors import ToolchainError
+    from toolchain.models import build_model
+    from toolchain.train import BackboneConfig
+
+    with pytest.raises(ToolchainError, match="epochs is a value, not a section"):
+        _config(BackboneConfig, None, ("epochs=1", "epochs.x=1"))
+    (tmp_path / "random.yaml").write_bytes(bytes(range(128, 256)) * 8)
+    with pytest.raises(ToolchainError, match="cannot read config"):
+        _config(BackboneConfig, str(tmp_path / "random.yaml"), ())
+    with pytest.raises(ToolchainError, match="'verifier'"):
+        build_model("verifier", embedding_size=128)
+
+
+def test_enroll_refuses_an_empty_user_name(tmp_path, capsys):
+    (tmp_path / "h.pt").write_bytes(b"x")
+    (tmp_path / "a.png").write_bytes(b"x")
+    rc = main(["enroll", "--hypernet", str(tmp_path / "h.pt"), "--image", str(tmp_path / "a.png"), "--user", " ",
+               "--out", str(tmp_path / "u")])
+    assert rc == 2 and "--user: an empty name" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()

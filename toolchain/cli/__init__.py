@@ -68,6 +68,22 @@ def _log_hint(message: str) -> str:
     return f" (library output: {log})" if log is not None and str(log) not in message else ""
 
 
+def _os_error_line(exc: OSError) -> str:
+    """One line naming the path an OSError is about, and what is wrong with it."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        why = "a file stands where a folder is needed"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied"
+    else:
+        why = exc.strerror or type(exc).__name__
+    return f"{exc.filename}: {why}"
+
+
+def _internal_error(exc: Exception) -> int:
+    click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug){_log_hint(str(exc))}", err=True)
+    return 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -88,12 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as exc:
+        # A path the user gave (an --out under a file, a folder without write permission) is bad
+        # input; an OSError without a path is not, and falls through to the internal error.
+        if debug:
+            raise
+        if exc.filename is None:
+            return _internal_error(exc)
+        click.echo(f"error: {_os_error_line(exc)}{_log_hint(str(exc))}", err=True)
+        return 2
     except Exception as exc:  # noqa: BLE001 - the contract is one line, not a traceback
         if debug:
             raise
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug){_log_hint(str(exc))}",
-                   err=True)
-        return 3
+        return _internal_error(exc)
     return result if isinstance(result, int) else 0
 
 

@@ -35,3 +35,21 @@ def run_logged(ctx: click.Context, log: Path):
 
     root = ctx.find_root().obj or {}
     return third_party_log(log, verbose=bool(root.get("verbose")))
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: nan compares false with every bound, so a
+    plain range took `--max-accuracy-drop nan` and the check it set could never fail."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+FINITE_FLOAT = FiniteFloatRange()

@@ -8,7 +8,7 @@ import os
 from toolchain.console import own_stderr
 import click
 
-from toolchain.cli.common import logged
+from toolchain.cli.common import FiniteFloatRange, logged
 
 
 @click.group()
@@ -21,7 +21,7 @@ def data() -> None:
 @click.option("--identities", type=click.IntRange(min=1), default=400, show_default=True,
               help="Training identities (0..N-1).")
 @click.option("--images-per-identity", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["folder", "insightface"]), default="folder", show_default=True,
               help="folder: train/<id>/*.jpg + verify/ + pairs.tsv; insightface: train.rec/.idx/property + "
                    "synthetic.bin.")
@@ -35,7 +35,7 @@ def data() -> None:
                    "[default: 3 per held-out image, at most 3000].")
 @click.option("--family-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Identities per look-alike family.")
-@click.option("--hard-negatives", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--hard-negatives", type=FiniteFloatRange(0, 1), default=0.5, show_default=True,
               help="Fraction of mismatched pairs drawn from one family.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Rendering processes [default: CPU count, at most 4]. Output does not depend on it.")
@@ -56,7 +56,7 @@ def synth(out_dir, identities, images_per_identity, seed, fmt, val_identities, v
         workers = max(1, min(4, os.cpu_count() or 1))
     console = Console(file=own_stderr)
     with Progress(TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
+                  console=console, transient=True, disable=not console.is_terminal) as bar:  # no stray blank line in logs
         task = bar.add_task("render", total=total_images(bench))
         summary = write_benchmark(out_dir, bench, fmt, workers=workers, overwrite=overwrite,
                                   progress=lambda n: bar.advance(task, n))

@@ -10,7 +10,7 @@ import json
 
 import click
 
-from toolchain.cli.common import logged
+from toolchain.cli.common import FINITE_FLOAT, FiniteFloatRange, logged
 
 
 def _console():
@@ -34,27 +34,27 @@ def _console():
               show_default=True, help="TFLite converter.")
 @click.option("--calibration-method", type=click.Choice(["mse", "minmax", "percentile"]), default="mse",
               show_default=True, help="How int8 activation ranges are chosen (PT2E files: .pte, litert-torch .tflite).")
-@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
+@click.option("--percentile", type=FiniteFloatRange(50, 100, min_open=True), default=99.99, show_default=True,
               help="--calibration-method percentile: the share of values kept in range.")
-@click.option("--outlier-factor", type=click.FloatRange(min=1, min_open=True), default=None,
+@click.option("--outlier-factor", type=FiniteFloatRange(min=1, min_open=True), default=None,
               help="Leave out calibration images whose activations exceed this many times the set's median at "
                    "some layer (default: keep all).")
 @click.option("--bias-correction", is_flag=True, help="Biases absorb each int8 file's mean error against float (.pte and .tflite).")
 @click.option("--equalize", is_flag=True, help="Cross-layer range equalization before int8 (exact in float).")
 @click.option("--qat-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Embedding models: PT2E QAT steps towards the float embeddings, on the calibration images.")
-@click.option("--qat-lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+@click.option("--qat-lr", type=FiniteFloatRange(min=0, min_open=True), default=1e-5, show_default=True,
               help="QAT learning rate (Adam).")
-@click.option("--fallback-cosine-mean", type=click.FloatRange(-1, 1), default=None,
+@click.option("--fallback-cosine-mean", type=FiniteFloatRange(-1, 1), default=None,
               help="Embedding models: keep the most sensitive layers in float (.pte) until the mean embedding "
                    "cosine to float reaches this.")
-@click.option("--fallback-cosine-min", type=click.FloatRange(-1, 1), default=None,
+@click.option("--fallback-cosine-min", type=FiniteFloatRange(-1, 1), default=None,
               help="... and the lowest one reaches this.")
 @click.option("--max-float-layers", type=click.IntRange(min=1), default=8, show_default=True,
               help="The fallback keeps at most this many layers (or blocks) in float.")
 @click.option("--fallback-unit", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="What the fallback keeps in float: one conv or linear layer, or one block of the model, at a time.")
-@click.option("--threshold", type=float, help="Decision threshold of a verifier (default: enrollment.json's).")
+@click.option("--threshold", type=FINITE_FLOAT, help="Decision threshold of a verifier (default: enrollment.json's).")
 @click.option("--require-full-delegation/--allow-partial-delegation", default=None,
               help="Fail unless everything runs in XNNPACK (default: only for the verifier).")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact records as JSON.")
@@ -112,14 +112,14 @@ def export(source, out_dir, formats, precisions, calibration, calibration_size, 
               help="Verification pairs (backbones) or a probe set .npz (verifiers).")
 @click.option("--reference", type=click.Path(exists=True), help="Float model (checkpoint or user folder); "
               "default: the source recorded in export_manifest.json.")
-@click.option("--max-accuracy-drop", type=float, default=0.3, show_default=True, help="Points.")
-@click.option("--min-agreement", type=float, default=99.5, show_default=True,
+@click.option("--max-accuracy-drop", type=FINITE_FLOAT, default=0.3, show_default=True, help="Points.")
+@click.option("--min-agreement", type=FINITE_FLOAT, default=99.5, show_default=True,
               help="Percent of decisions equal to the float model's.")
-@click.option("--max-tar-drop", type=click.FloatRange(min=0), default=None,
+@click.option("--max-tar-drop", type=FiniteFloatRange(min=0), default=None,
               help="Points of TAR at FAR=1e-3 (default: not checked).")
-@click.option("--min-cosine-mean", type=click.FloatRange(-1, 1), default=None,
+@click.option("--min-cosine-mean", type=FiniteFloatRange(-1, 1), default=None,
               help="Embedding models: mean embedding cosine to float (default: not checked).")
-@click.option("--min-cosine-min", type=click.FloatRange(-1, 1), default=None,
+@click.option("--min-cosine-min", type=FiniteFloatRange(-1, 1), default=None,
               help="Embedding models: lowest embedding cosine to float (default: not checked).")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Latency repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (scores included).")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.errors import CheckFailed
+from toolchain.errors import CheckFailed, ToolchainError
 
 
 @click.group("fleet", invoke_without_command=True)
@@ -46,15 +46,35 @@ def fleet(ctx, hypernet, users_src, out_dir, calibration, calibration_size, form
     shard_spec = parse_shard(shard)
     if workers > 1 and shard_spec is not None:
         raise click.UsageError("--workers splits this machine's users; --shard picks one machine's: use one")
+    from toolchain.fleet.run import read_users
+
+    read_users(users_src)  # an unreadable or empty list fails here, before the templates are built
     log = Path(out_dir).parent / f"{Path(out_dir).name}.fleet.log"
-    with run_logged(ctx, log):
-        if workers > 1:
-            result = _run_workers(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions,
-                                  parity_users, workers)
-        else:
-            result = _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions,
-                          shard_spec, parity_users, manifest_name)
+    new_folder = not Path(out_dir).exists()
+    try:
+        with run_logged(ctx, log):
+            if workers > 1:
+                result = _run_workers(hypernet, users_src, out_dir, calibration, calibration_size, formats,
+                                      precisions, parity_users, workers)
+            else:
+                result = _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions,
+                              shard_spec, parity_users, manifest_name)
+    except ToolchainError:
+        if new_folder:
+            _remove_empty_folders(Path(out_dir))  # bad input (a hypernet that does not load) leaves nothing
+        raise
     _summary(result, out_dir)
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """`root` and the folders under it, deepest first, where they hold no file."""
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(root.iterdir()):
+        root.rmdir()
 
 
 def _run(hypernet, users_src, out_dir, calibration, calibration_size, formats, precisions, shard, parity_users,

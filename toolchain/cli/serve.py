@@ -44,6 +44,7 @@ def serve(ctx, hypernet, store_dir, host, port, workers, token_file, insecure_no
                              "for a local experiment)")
     from toolchain.serve.signing import Signer
 
+    _check_listenable(host, port)  # before minutes of template building, not after
     store = Store(store_dir)
     Signer(store.root / "keys")  # the key pair exists before any worker starts
     calib = calibration or str(_default_calibration(store.root))
@@ -60,8 +61,28 @@ def serve(ctx, hypernet, store_dir, host, port, workers, token_file, insecure_no
         click.echo(f"templates ready ({len(engine.templates)}); serving on http://{host}:{port} "
                    f"(docs: /docs; log: {log})")
         os.environ[SETTINGS_ENV] = settings.to_env()
-        uvicorn.run("toolchain.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning")
+        try:
+            uvicorn.run("toolchain.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                        log_level="warning")
+        except SystemExit as exc:  # uvicorn exits 3 when it cannot start (the port taken since the check)
+            if exc.code not in (None, 0):
+                raise ToolchainError(f"the server could not start on {host}:{port} (see {log})") from exc
+
+
+def _check_listenable(host: str, port: int) -> None:
+    """A one-line error now if `host` does not resolve or `port` cannot be bound there."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ToolchainError(f"--host {host}: {exc.strerror}") from exc
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ToolchainError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def _default_calibration(root: Path) -> Path:

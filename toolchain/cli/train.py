@@ -29,8 +29,8 @@ def _config(cls, config_file: str | None, sets: tuple[str, ...], **fixed):
     data: dict = {}
     if config_file:
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ToolchainError(f"{config_file}: cannot read config ({str(exc).splitlines()[0]})") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ToolchainError(f"{config_file}: a config file must hold a mapping")
@@ -43,7 +43,12 @@ def _config(cls, config_file: str | None, sets: tuple[str, ...], **fixed):
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
+            if not isinstance(target, dict):
+                raise ToolchainError(f"--set {item!r}: {p} is a value, not a section")
+        try:
+            target[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ToolchainError(f"--set {item!r}: value is not valid YAML ({str(exc).splitlines()[0]})") from exc
     data.update({k: v for k, v in fixed.items() if v is not None})
     try:
         return cls(**data)
@@ -168,6 +173,8 @@ def enroll(hypernet_ckpt, images, users_dir, user, out_dir) -> None:
 
     if bool(images) == bool(users_dir):
         raise ToolchainError("give either --image (one user) or --users (a folder of users)")
+    if user is not None and not user.strip():
+        raise ToolchainError("--user: an empty name (leave it out to use OUT's folder name)")
     if users_dir:
         written = enroll_folder(hypernet_ckpt, users_dir, out_dir)
         click.echo(f"enrolled {len(written)} users into {out_dir}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import shutil
 import tempfile
 import time
@@ -218,6 +219,10 @@ def export_model(source: Any, out_dir: str | Path, formats: Sequence[str] | str 
     model_name = name or spec.name
     if threshold is None:
         threshold = meta.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not math.isfinite(threshold)):
+        raise ToolchainError(f"{model_name}: decision threshold {threshold!r} is not a finite number "
+                             "(enrollment.json's `threshold` or --threshold)")
     if spec.output == "logit" and threshold is None:
         raise ToolchainError(f"{model_name}: a verifier needs a decision threshold (enrollment.json or --threshold)")
     if require_full_delegation is None:

@@ -28,8 +28,13 @@ def merge_manifests(shards, out: str | Path) -> dict:
             raise ToolchainError(f"{shard}: no {MANIFEST} (not a fleet output folder)")
         try:
             m = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ToolchainError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(m, dict) or not isinstance(m.get("users", []), list) \
+                or not all(isinstance(e, dict) and isinstance(e.get("user"), str) and isinstance(e.get("files"), list)
+                           for e in m.get("users", [])):
+            raise ToolchainError(f"{path}: malformed fleet manifest (an object whose `users` lists "
+                                 "{user, files, ...} entries)")
         if m.get("schema") != MANIFEST_SCHEMA:
             raise ToolchainError(f"{path}: unknown schema {m.get('schema')!r}")
         heads.append((d, m))

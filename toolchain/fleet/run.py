@@ -56,7 +56,11 @@ def read_users(src: str | Path) -> tuple[list[UserSource], list[str]]:
                 continue
             users.append(UserSource(d.name, images[0], str(d), images[1:]))
     elif src.is_file():
-        for i, line in enumerate(src.read_text(errors="replace").splitlines(), 1):
+        try:
+            text = src.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ToolchainError(f"{src}: not a text list of `user_id<TAB>image_path` lines (not UTF-8)") from exc
+        for i, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split("\t")
@@ -78,6 +82,9 @@ def read_users(src: str | Path) -> tuple[list[UserSource], list[str]]:
         else:
             seen.add(u.user)
             ok.append(u)
+    if not ok and not problems:
+        raise ToolchainError(f"{src}: lists no users (a folder needs one sub-folder per user with an image; "
+                             "a list file, `user_id<TAB>image_path` lines)")
     return ok, problems
 
 

@@ -60,7 +60,10 @@ def get_spec(name: str) -> ModelSpec:
 def build_model(name: str, **kw) -> nn.Module:
     spec = get_spec(name)
     _, builder = _REGISTRY[name]
-    model = builder(**kw)
+    try:
+        model = builder(**kw)
+    except TypeError as exc:  # an argument this model does not take, e.g. embedding_size for the verifier
+        raise ToolchainError(f"model {name!r}: {exc}") from exc
     # A builder argument such as embedding_size may change the output width: the spec follows.
     output_dim = getattr(model, "output_dim", None)
     if isinstance(output_dim, int) and output_dim != spec.output_dim:

@@ -670,8 +670,28 @@ def check_int8_module_names(recipe: Recipe) -> None:
                                  f"(blocks are named like {', '.join(blocks)})")
 
 
+def check_recipe_inputs(recipe: Recipe) -> None:
+    """The models and checkpoint a recipe names exist: checked before any stage, as the module
+    names are, so a typo exits 2 before the data stage writes its files rather than after it."""
+    from toolchain.models import get_spec, list_models
+
+    backbone = recipe.train.backbone
+    if backbone is not None:
+        spec = get_spec(backbone.model)  # an unknown name: the known ones, in one line
+        if spec.output != "embedding":
+            raise ToolchainError(f"train.backbone.model: {backbone.model} is not a backbone (its output is a "
+                                 f"{spec.output}, not an embedding)")
+        if backbone.init and not Path(backbone.init).is_file():
+            raise ToolchainError(f"train.backbone.init: {backbone.init} does not exist")
+    model = recipe.export.model
+    if model and model not in list_models() and not Path(model).is_file():
+        raise ToolchainError(f"export.model: {model} is neither a known model ({', '.join(list_models())}) "
+                             "nor a checkpoint file")
+
+
 def default_stages(recipe: Recipe) -> list[Stage]:
     """The stages of a recipe's route, in order."""
+    check_recipe_inputs(recipe)
     check_int8_module_names(recipe)
     data = Stage("data", _stage_data, title="data", workdir="data", external=_folder_inputs, version=2,
                  config=lambda ctx: ctx.recipe.data.model_dump(mode="json"))

@@ -64,6 +64,24 @@ def check_run_dir(path: str | Path, raise_on_fail: bool = True) -> list[CheckRow
     """
     run_dir = Path(path)
     manifest = _load_manifest(run_dir)
+    if not manifest["artifacts"] and not manifest["budgets"] and not manifest.get("parity"):
+        raise ToolchainError(f"{run_dir / MANIFEST}: lists no artifacts, budgets or parity rows: nothing to verify")
+    try:
+        rows = _rows(run_dir, manifest)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a value of the wrong type
+        raise ToolchainError(f"{run_dir / MANIFEST}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+    failed = [r.name for r in rows if not r.passed]
+    if failed and raise_on_fail:
+        exc = CheckFailed(f"{run_dir}: {len(failed)} check(s) failed: {', '.join(failed[:5])}"
+                          + (" ..." if len(failed) > 5 else ""))
+        exc.rows = rows  # type: ignore[attr-defined]
+        raise exc
+    return rows
+
+
+def _rows(run_dir: Path, manifest: dict) -> list[CheckRow]:
+    """One row per check of a loaded manifest: each artifact's bytes and sha256, each budget, and
+    the parity bounds the recipe set."""
     rows: list[CheckRow] = []
     sizes: dict[str, int] = {}
 
@@ -115,11 +133,4 @@ def check_run_dir(path: str | Path, raise_on_fail: bool = True) -> list[CheckRow
             if p.get(key) is not None and limit is not None:
                 rows.append(CheckRow(f"parity {p['artifact']} embedding cosine {name}", p[key], limit,
                                      p[key] >= limit - 1e-12, ">="))
-
-    failed = [r.name for r in rows if not r.passed]
-    if failed and raise_on_fail:
-        exc = CheckFailed(f"{run_dir}: {len(failed)} check(s) failed: {', '.join(failed[:5])}"
-                          + (" ..." if len(failed) > 5 else ""))
-        exc.rows = rows  # type: ignore[attr-defined]
-        raise exc
     return rows

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from toolchain.errors import ToolchainError
+from toolchain.formats import check_identifier
 
 # Suffixes the CLI treats as artifacts rather than model names.
 ARTIFACT_SUFFIXES = (".tflite", ".pte", ".onnx", ".pt", ".pth", ".bin")
@@ -20,6 +21,7 @@ def profile_file(path: str | os.PathLike) -> dict:
         raise ToolchainError(f"file not found: {p}")
     if not p.is_file():
         raise ToolchainError(f"not a regular file: {p}")
+    check_identifier(p)
     digest = hashlib.sha256()
     with p.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

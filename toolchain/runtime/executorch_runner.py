@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.errors import ToolchainError
+from toolchain.formats import check_identifier
 from toolchain.runtime.base import InputInfo, Runner, latency_record
 from toolchain.runtime.metadata import read_embedded_metadata
 from toolchain.runtime.preprocess import model_input, normalise
@@ -36,6 +37,7 @@ class ExecuTorchRunner(Runner):
         from executorch.runtime import Runtime
 
         path = Path(path)
+        check_identifier(path)  # the loader aborts the process on some corrupt files
         meta = metadata if metadata is not None else read_embedded_metadata(path)
         set_executorch_threads(threads)
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.errors import ToolchainError
+from toolchain.formats import check_identifier
 from toolchain.runtime.base import InputInfo, Runner, latency_record, median_ms
 from toolchain.runtime.metadata import read_embedded_metadata
 from toolchain.runtime.preprocess import check_images, dequantize, normalise, quantize, to_nchw
@@ -63,6 +64,7 @@ class LiteRTRunner(Runner):
         from ai_edge_litert.interpreter import Interpreter
 
         path = Path(path)
+        check_identifier(path)
         meta = metadata if metadata is not None else read_embedded_metadata(path)
         try:
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)

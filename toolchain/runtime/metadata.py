@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from toolchain.errors import ToolchainError
+from toolchain.formats import check_identifier
 
 SCHEMA = "toolchain.artifact/1"
 TFLITE_METADATA_NAME = "toolchain_metadata"
@@ -55,6 +56,7 @@ def read_tflite_metadata_entries(buf: bytes) -> dict[str, bytes]:
 def _read_pte_metadata(path: Path) -> dict:
     from executorch.runtime import Runtime
 
+    check_identifier(path)
     try:
         program = Runtime.get().load_program(str(path))
     except Exception as exc:  # noqa: BLE001
@@ -72,6 +74,7 @@ def read_embedded_metadata(path: str | Path) -> dict:
     if not path.is_file():
         raise ToolchainError(f"{path}: no such file")
     fmt = artifact_format(path)
+    check_identifier(path)
     if fmt == "executorch":
         return _read_pte_metadata(path)
     entries = read_tflite_metadata_entries(path.read_bytes())

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from toolchain.atomic import atomic_write_bytes
+from toolchain.errors import ToolchainError
 
 
 class Signer:
@@ -23,7 +24,14 @@ class Signer:
         private_path, public_path = key_dir / "ed25519_private.pem", key_dir / "ed25519_public.pem"
         if not private_path.is_file():
             _create_key(private_path)
-        self._key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
+        try:
+            self._key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:  # not a PEM key, or one behind a password
+            raise ToolchainError(f"{private_path}: not a readable private key ({exc}); restore it from a "
+                                 "backup (apps trust its public key), or remove the store's keys/ folder "
+                                 "to make a new pair") from exc
+        if not isinstance(self._key, Ed25519PrivateKey):
+            raise ToolchainError(f"{private_path}: not an Ed25519 private key")
         self.public_pem = self._key.public_key().public_bytes(serialization.Encoding.PEM,
                                                               serialization.PublicFormat.SubjectPublicKeyInfo)
         if not public_path.is_file() or public_path.read_bytes() != self.public_pem:

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from toolchain.errors import ToolchainError
-from toolchain.models import build_model
+from toolchain.models import build_model, get_spec
 from toolchain.models.io import load_model, load_state, save_checkpoint
 import toolchain.train.distributed as distributed
 from toolchain.train.common import autocast, grad_scaler, progress_bar, seed_everything, warmup_cosine
@@ -121,6 +121,9 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
                                      "use another output folder or resume=False")
         seed_everything(cfg.seed + 1000 * generation)
 
+        if get_spec(cfg.model).output != "embedding":
+            raise ToolchainError(f"model {cfg.model!r} is not a backbone (its output is a "
+                                 f"{get_spec(cfg.model).output}, not an embedding)")
         model_kwargs = {"embedding_size": cfg.embedding_size, **cfg.model_kwargs}
         backbone = build_model(cfg.model, **model_kwargs)
         if init_from is not None and state is None:  # cfg.init, or recursive distillation: student g-1 -> g
