@@ -36,3 +36,11 @@ def test_nan_and_inf_options_are_refused(tmp_path, capsys):
     for value in ("nan", "inf", "-inf"):
         assert main(["parity", "x.pte", "--pairs", str(probe), "--max-accuracy-drop", value]) == 2
         assert "is not a finite number" in capsys.readouterr().err
+
+
+def test_an_unwritable_json_path_fails_before_the_work(tmp_path, capsys):
+    """`bench --json` under a file failed only after the whole benchmark had run."""
+    (tmp_path / "afile").write_text("x")
+    rc = main(["bench", "verifier", "--out", str(tmp_path / "b"), "--json", str(tmp_path / "afile" / "x.json")])
+    assert rc == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

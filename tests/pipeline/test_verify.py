@@ -39,3 +39,9 @@ def test_values_of_the_wrong_type_are_a_malformed_manifest(tmp_path, manifest):
 def test_a_well_formed_budget_still_checks(tmp_path):
     rows = check_run_dir(_run(tmp_path, {"artifacts": [], "budgets": [BUDGET]}))
     assert [(r.name, r.passed) for r in rows] == [("budget m.max_params", True)]
+
+
+def test_a_missing_run_folder_is_named(tmp_path, capsys):
+    """It got the generic usage message, as if a model name had come without --budgets."""
+    assert main(["check", str(tmp_path / "no-run")]) == 2
+    assert "no-run: no such run folder" in capsys.readouterr().err

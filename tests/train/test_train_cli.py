@@ -76,3 +76,9 @@ def test_enroll_refuses_an_empty_user_name(tmp_path, capsys):
                "--out", str(tmp_path / "u")])
     assert rc == 2 and "--user: an empty name" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
+
+
+def test_generations_below_one_name_the_option(tmp_path, capsys):
+    """`--generations -2` was reported as `distill.teacher: Field required`."""
+    rc = main(["train", "backbone", "--data", str(tmp_path), "--generations", "-2", "--out", str(tmp_path / "b")])
+    assert rc == 2 and "--generations" in capsys.readouterr().err

@@ -53,3 +53,20 @@ class FiniteFloatRange(click.FloatRange):
 
 
 FINITE_FLOAT = FiniteFloatRange()
+
+
+def check_output_file(path: str | None) -> None:
+    """Fail now, not after minutes of work, when the file `path` names cannot be written: the
+    nearest folder that exists above it must be a folder we may write in."""
+    import os
+
+    from toolchain.errors import ToolchainError
+
+    if not path:
+        return
+    parent = Path(path).resolve().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ToolchainError(f"{path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ToolchainError(f"{path}: cannot write in {existing}")

@@ -10,7 +10,7 @@ import json
 
 import click
 
-from toolchain.cli.common import FINITE_FLOAT, FiniteFloatRange, logged
+from toolchain.cli.common import FINITE_FLOAT, FiniteFloatRange, check_output_file, logged
 
 
 def _console():
@@ -230,6 +230,7 @@ def bench(models, out_dir, formats, repeats, rounds, pairs, calibration_size, tf
     from toolchain.export.api import FORMATS, _parse_list, check_source
     from toolchain.export.bench import DEFAULT_MODELS, render_table, run_bench
 
+    check_output_file(json_path)
     if no_amx:  # before any library starts and asks for AMX (toolchain.runtime.amx)
         from toolchain.runtime.amx import deny_amx
 

@@ -186,6 +186,8 @@ def check(targets, budgets_path, as_json) -> None:
         _check_run_dir(targets[0], as_json)
         return
     if not budgets_path:
+        if len(targets) == 1 and ("/" in targets[0] or os.sep in targets[0]):
+            raise ToolchainError(f"{targets[0]}: no such run folder")  # a path, not a model name
         raise click.UsageError("give --budgets FILE.yaml (or a single run directory)")
 
     from toolchain.profile import check_budgets, load_budgets, raise_if_failed

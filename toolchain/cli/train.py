@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.cli.common import logged
+from toolchain.cli.common import check_output_file, logged
 
 from toolchain.errors import ToolchainError
 
@@ -113,7 +113,7 @@ def train() -> None:
 @click.option("--epochs", type=int, default=None)
 @click.option("--teacher", type=click.Path(dir_okay=False), default=None,
               help="Backbone checkpoint to distil from (angular distillation, weight 7).")
-@click.option("--generations", type=int, default=None, help="Recursive distillation generations.")
+@click.option("--generations", type=click.IntRange(min=1), default=None, help="Recursive distillation generations.")
 @click.option("--synthetic-identities", type=int, default=None,
               help="With --data synthetic: training identities (default: the benchmark's 400).")
 @click.option("--no-resume", is_flag=True, help="Start over even if OUT holds an interrupted run.")
@@ -211,6 +211,7 @@ def evaluate_pairs_cmd(hypernet_ckpt, pairs, synthetic_identities, json_out, sco
     from toolchain.evaluate.per_user import ROUTES, evaluate_pairs, to_jsonable
     from toolchain.atomic import atomic_write_bytes
 
+    check_output_file(json_out)
     result = evaluate_pairs(hypernet_ckpt, _pairs(pairs, identities=synthetic_identities))
     table = Table(title=f"{result['num_pairs']} pairs ({pairs})")
     for col in ("route", "accuracy %", "std", "AUC", "EER %", "TAR@FAR=1e-3"):

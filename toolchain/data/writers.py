@@ -75,7 +75,7 @@ def write_benchmark(out_dir, bench: SyntheticBenchmark, fmt: str = "folder", *, 
         raise ToolchainError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ToolchainError(f"{out}: exists and is not empty (pass overwrite to replace it)")
+        raise ToolchainError(f"{out}: exists and is not empty (--overwrite, or overwrite=True, replaces it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():

@@ -51,6 +51,9 @@ def bench_fleet(hypernet: str | Path, n_users: int, out: str | Path, *, formats=
     if (out / "fleet").exists():
         raise ToolchainError(f"{out / 'fleet'} exists: the benchmark builds its templates and writes every user "
                              "from scratch; choose another --out")
+    from toolchain.models.hypernet import load_hypernet
+
+    load_hypernet(hypernet)  # a file that is not a hypernet fails before the users are rendered
     t0 = time.perf_counter()
     users = write_synthetic_users(out / "data", n_users, calibration=calibration_size)
     render_seconds = time.perf_counter() - t0

@@ -118,7 +118,7 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
             state = load_state(last)
             if state.get("fingerprint") != fingerprint:
                 raise ToolchainError(f"{last}: holds a run with another config or data set; "
-                                     "use another output folder or resume=False")
+                                     "use another output folder or start over (--no-resume, resume=False)")
         seed_everything(cfg.seed + 1000 * generation)
 
         if get_spec(cfg.model).output != "embedding":

@@ -176,7 +176,7 @@ def train_hypernet(cfg: HypernetConfig, backbone_ckpt: str | Path, dataset, out_
             state = load_state(last)
             if state.get("fingerprint") != fingerprint:
                 raise ToolchainError(f"{last}: holds a run with another config, backbone or data set; "
-                                     "use another output folder or resume=False")
+                                     "use another output folder or start over (--no-resume, resume=False)")
             net.load_state_dict(state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
