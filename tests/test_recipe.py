@@ -147,15 +147,24 @@ def test_cli_run_bad_recipe_exits_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # failed fast, before any stage
 
 
-@pytest.mark.parametrize("override, culprit", [
+@pytest.mark.parametrize("overrides, culprit", [
     ("train.backbone.init=nope.pt", "train.backbone.init: nope.pt does not exist"),
     ("train.backbone.model=no-such-model", "unknown model 'no-such-model'"),
     ("train.backbone.model=verifier", "not a backbone"),
+    ("train.backbone.init={random}", "not a loadable weights file"),
+    ("train.backbone.init={seesaw}", "holds model 'seesawfacenet'"),
+    ("data.source=folder data.root={random}", "is not a folder"),
+    ("data.source=insightface data.root={empty}", "train.rec does not exist"),
 ])
-def test_cli_run_checks_models_and_checkpoints_before_the_data_stage(tmp_path, capsys, override, culprit):
-    """These failed at the training stage, after the data stage had written 7 MB of faces."""
+def test_cli_run_checks_models_checkpoints_and_data_before_the_data_stage(tmp_path, capsys, overrides, culprit):
+    """These failed at the data or training stage, after the data stage had written its files."""
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 16)
+    (tmp_path / "empty").mkdir()
+    paths = {"random": tmp_path / "random.pt", "empty": tmp_path / "empty",
+             "seesaw": RECIPES / "checkpoints" / "seesawfacenet.pt"}
     out = tmp_path / "out"
-    assert main(["run", str(RECIPES / "mobilefacenet.yaml"), "--out", str(out), override]) == 2
+    assert main(["run", str(RECIPES / "mobilefacenet.yaml"), "--out", str(out),
+                 *overrides.format(**paths).split()]) == 2
     assert culprit in capsys.readouterr().err
     assert not out.exists()
 

@@ -30,6 +30,9 @@ def test_a_manifest_that_lists_nothing_is_not_a_pass(tmp_path, capsys):
     {"artifacts": [{"path": 5, "bytes": 1, "sha256": "0"}], "budgets": []},
     {"artifacts": [], "budgets": [BUDGET], "recipe": []},
     {"artifacts": [], "budgets": [BUDGET], "parity": [1]},
+    {"artifacts": [], "budgets": [{**BUDGET, "value": "abc", "limit": "abd"}]},  # compared as text: passed
+    {"artifacts": [], "budgets": [{**BUDGET, "passed": "no"}]},  # a non-empty string: passed
+    {"artifacts": [{"path": "../elsewhere", "bytes": 1, "sha256": "0"}], "budgets": []},  # read outside the run
 ])
 def test_values_of_the_wrong_type_are_a_malformed_manifest(tmp_path, manifest):
     with pytest.raises(ToolchainError, match="malformed manifest"):

@@ -214,3 +214,24 @@ def test_a_port_in_use_is_a_clear_error_before_any_work(registry_hypernet_ckpt, 
     rc = main(["serve", "--hypernet", str(registry_hypernet_ckpt), "--store", str(tmp_path / "s"),
                "--insecure-no-auth", "--host", "no-such-host.invalid"])
     assert rc == 2 and "--host no-such-host.invalid" in capsys.readouterr().err
+
+
+def test_a_bad_token_file_or_hypernet_fails_before_the_store_is_made(tmp_path, capsys):
+    """A token file of random bytes was an internal error; a bad hypernet left a store behind."""
+    import socket
+
+    from toolchain.cli import main
+
+    (tmp_path / "token").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "hypernet.pt").write_bytes(bytes(range(256)) * 16)
+    store = tmp_path / "s"
+    rc = main(["serve", "--hypernet", str(tmp_path / "hypernet.pt"), "--store", str(store), "--token-file",
+               str(tmp_path / "token")])
+    assert rc == 2 and "not a text file" in capsys.readouterr().err
+    with socket.socket() as probe:  # a port that is free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rc = main(["serve", "--hypernet", str(tmp_path / "hypernet.pt"), "--store", str(store), "--insecure-no-auth",
+               "--port", str(port)])
+    assert rc == 2 and "not a loadable weights file" in capsys.readouterr().err
+    assert not store.exists()

@@ -58,7 +58,7 @@ FINITE_FLOAT = FiniteFloatRange()
 def check_output_file(path: str | None) -> None:
     """Fail now, not after minutes of work, when the file `path` names cannot be written: the
     nearest folder that exists above it must be a folder we may write in."""
-    import os
+    import tempfile
 
     from toolchain.errors import ToolchainError
 
@@ -68,5 +68,8 @@ def check_output_file(path: str | None) -> None:
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
         raise ToolchainError(f"{path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise ToolchainError(f"{path}: cannot write in {existing}")
+    try:  # a real write: as root, os.access says yes to read-only mounts such as /sys
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ToolchainError(f"{path}: cannot write in {existing} ({exc.strerror})") from exc

@@ -85,7 +85,7 @@ def inspect(path, as_json, max_images) -> None:
 
     err = Console(file=own_stderr)
     with Progress(TextColumn("checking images"), BarColumn(), TextColumn("{task.completed}"), console=err,
-                  transient=True) as bar:
+                  transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("check", total=None)
         info = inspect_path(path, max_images=max_images, progress=lambda n: bar.advance(task, n))
     if as_json:

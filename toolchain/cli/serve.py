@@ -38,13 +38,16 @@ def serve(ctx, hypernet, store_dir, host, port, workers, token_file, insecure_no
     from toolchain.serve.app import SETTINGS_ENV, Settings
     from toolchain.serve.store import Store
 
-    token = Path(token_file).read_text().strip() if token_file else os.environ.get("TOOLCHAIN_TOKEN", "").strip()
+    token = _read_token(token_file) if token_file else os.environ.get("TOOLCHAIN_TOKEN", "").strip()
     if not token and not insecure_no_auth:
         raise ToolchainError("no bearer token: set TOOLCHAIN_TOKEN or pass --token-file (or --insecure-no-auth "
                              "for a local experiment)")
     from toolchain.serve.signing import Signer
 
     _check_listenable(host, port)  # before minutes of template building, not after
+    from toolchain.models.hypernet import load_hypernet
+
+    load_hypernet(hypernet)  # a file that is not a hypernet fails before the store is made
     store = Store(store_dir)
     Signer(store.root / "keys")  # the key pair exists before any worker starts
     calib = calibration or str(_default_calibration(store.root))
@@ -67,6 +70,16 @@ def serve(ctx, hypernet, store_dir, host, port, workers, token_file, insecure_no
         except SystemExit as exc:  # uvicorn exits 3 when it cannot start (the port taken since the check)
             if exc.code not in (None, 0):
                 raise ToolchainError(f"the server could not start on {host}:{port} (see {log})") from exc
+
+
+def _read_token(path: str) -> str:
+    try:
+        token = Path(path).read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ToolchainError(f"--token-file {path}: not a text file (not UTF-8)") from exc
+    if not token:
+        raise ToolchainError(f"--token-file {path}: empty")
+    return token
 
 
 def _check_listenable(host: str, port: int) -> None:

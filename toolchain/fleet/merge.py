@@ -14,7 +14,22 @@ from pathlib import Path
 
 from toolchain.atomic import write_json_atomic
 from toolchain.errors import CheckFailed, ToolchainError
-from toolchain.fleet.run import MANIFEST, MANIFEST_SCHEMA
+from toolchain.fleet.run import MANIFEST, MANIFEST_SCHEMA, SAFE_ID
+
+
+def _check_entries(path: Path, entries: list) -> None:
+    """Each user id is one `toolchain fleet` accepts, and each file a relative path with its size
+    and digest: a manifest is input, and its paths are read."""
+    for e in entries:
+        if not SAFE_ID.fullmatch(e["user"]) or e["user"] in (".", ".."):
+            raise ToolchainError(f"{path}: malformed fleet manifest (user id {e['user']!r} is not a safe file name)")
+        for f in e["files"]:
+            rel = f.get("path") if isinstance(f, dict) else None
+            # Relative, not necessarily inside: a merged manifest lists its shards' files as ../shard/...
+            if not isinstance(rel, str) or Path(rel).is_absolute() \
+                    or not isinstance(f.get("bytes"), int) or not isinstance(f.get("sha256"), str):
+                raise ToolchainError(f"{path}: malformed fleet manifest (user {e['user']}: each file needs a "
+                                     "relative path, bytes and sha256)")
 
 
 def merge_manifests(shards, out: str | Path) -> dict:
@@ -35,6 +50,7 @@ def merge_manifests(shards, out: str | Path) -> dict:
                            for e in m.get("users", [])):
             raise ToolchainError(f"{path}: malformed fleet manifest (an object whose `users` lists "
                                  "{user, files, ...} entries)")
+        _check_entries(path, m["users"] if "users" in m else [])
         if m.get("schema") != MANIFEST_SCHEMA:
             raise ToolchainError(f"{path}: unknown schema {m.get('schema')!r}")
         heads.append((d, m))

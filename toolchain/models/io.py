@@ -37,7 +37,10 @@ def load_state(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt or unsafe file: one line
-        raise ToolchainError(f"{path}: not a loadable weights file ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        # torch's UnpicklingError advises weights_only=False, which would run the file's code:
+        # never the advice for a file this tool cannot trust, so only the error's kind is kept.
+        why = type(exc).__name__ if "weights_only" in str(exc) else f"{type(exc).__name__}: {exc}"
+        raise ToolchainError(f"{path}: not a loadable weights file ({why})".splitlines()[0]) from exc
 
 
 def save_enrollment(out_dir: str | Path, model: nn.Module, model_kwargs: dict, threshold: float,

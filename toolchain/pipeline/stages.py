@@ -681,12 +681,35 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         if spec.output != "embedding":
             raise ToolchainError(f"train.backbone.model: {backbone.model} is not a backbone (its output is a "
                                  f"{spec.output}, not an embedding)")
-        if backbone.init and not Path(backbone.init).is_file():
-            raise ToolchainError(f"train.backbone.init: {backbone.init} does not exist")
+        if backbone.init:
+            _check_init(backbone)
+    d = recipe.data
+    if d.source in ("insightface", "folder"):
+        root = Path(d.root).expanduser()
+        if not root.is_dir():
+            raise ToolchainError(f"data.root: {root} is not a folder")
+        if d.source == "insightface":
+            for name, key in zip(d.files(), ("data.train", "data.pairs")):
+                if not (root / name).exists():
+                    raise ToolchainError(f"{key}: {root / name} does not exist")
     model = recipe.export.model
     if model and model not in list_models() and not Path(model).is_file():
         raise ToolchainError(f"export.model: {model} is neither a known model ({', '.join(list_models())}) "
                              "nor a checkpoint file")
+
+
+def _check_init(backbone) -> None:
+    """The checkpoint the backbone starts from loads (weights only) and holds that model."""
+    from toolchain.models.io import load_state
+
+    if not Path(backbone.init).is_file():
+        raise ToolchainError(f"train.backbone.init: {backbone.init} does not exist")
+    payload = load_state(backbone.init)
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ToolchainError(f"train.backbone.init: {backbone.init} is not a toolchain backbone checkpoint")
+    if payload.get("model", backbone.model) != backbone.model:
+        raise ToolchainError(f"train.backbone.init: {backbone.init} holds model {payload['model']!r}, "
+                             f"train.backbone.model is {backbone.model!r}")
 
 
 def default_stages(recipe: Recipe) -> list[Stage]:

@@ -32,6 +32,10 @@ class CheckRow:
         return asdict(self)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _load_manifest(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise ToolchainError(f"{run_dir}: no such run folder")
@@ -50,9 +54,19 @@ def _load_manifest(run_dir: Path) -> dict:
     for i, a in enumerate(manifest["artifacts"]):
         if not isinstance(a, dict) or not all(k in a for k in ("path", "bytes", "sha256")):
             raise ToolchainError(f"{path}: malformed manifest (artifacts[{i}] lacks path/bytes/sha256)")
+    for i, a in enumerate(manifest["artifacts"]):
+        where = Path(str(a["path"]))
+        if not isinstance(a["path"], str) or where.is_absolute() or ".." in where.parts:
+            raise ToolchainError(f"{path}: malformed manifest (artifacts[{i}].path {a['path']!r} is not a path "
+                                 "inside the run folder)")
+        if not _is_number(a["bytes"]) or not isinstance(a["sha256"], str):
+            raise ToolchainError(f"{path}: malformed manifest (artifacts[{i}]: bytes a number, sha256 a string)")
     for i, b in enumerate(manifest["budgets"]):
         if not isinstance(b, dict) or not all(k in b for k in ("name", "value", "limit", "passed")):
             raise ToolchainError(f"{path}: malformed manifest (budgets[{i}] lacks name/value/limit/passed)")
+        if not all(b[k] is None or _is_number(b[k]) for k in ("value", "limit")) or not isinstance(b["passed"], bool):
+            raise ToolchainError(f"{path}: malformed manifest (budgets[{i}]: value and limit numbers, "
+                                 "passed true or false)")
     return manifest
 
 
