@@ -82,3 +82,11 @@ def test_generations_below_one_name_the_option(tmp_path, capsys):
     """`--generations -2` was reported as `distill.teacher: Field required`."""
     rc = main(["train", "backbone", "--data", str(tmp_path), "--generations", "-2", "--out", str(tmp_path / "b")])
     assert rc == 2 and "--generations" in capsys.readouterr().err
+
+
+def test_an_unknown_ablation_variant_fails_before_the_work(tmp_path, capsys):
+    """It failed after 13-16 s of loading data and training a backbone."""
+    rc = main(["evaluate", "ablation", "--data", str(tmp_path), "--variants", "bogus", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--variants: unknown bogus" in err
+    assert not (tmp_path / "a").exists()

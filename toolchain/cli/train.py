@@ -254,11 +254,15 @@ def evaluate_ablation_cmd(backbone_ckpt, data, pairs, out_dir, variants, steps, 
     from rich.table import Table
 
     from toolchain.train import BackboneConfig, HypernetConfig, run_ablation, train_backbone
-    from toolchain.train.ablation import DEFAULT_VARIANTS, REDESIGN_VARIANTS
+    from toolchain.train.ablation import DEFAULT_VARIANTS, REDESIGN_VARIANTS, VARIANTS
 
     cfg = _config(HypernetConfig, config_file, sets, steps=steps)
     named = {"default": DEFAULT_VARIANTS, "redesign": REDESIGN_VARIANTS}
     names = (named.get(variants) or tuple(v.strip() for v in variants.split(","))) if variants else DEFAULT_VARIANTS
+    unknown = [v for v in names if v not in VARIANTS]  # now, not after the data and backbone
+    if unknown:
+        raise ToolchainError(f"--variants: unknown {', '.join(unknown)}; known: default, redesign, "
+                             f"{', '.join(VARIANTS)}")
     dataset = _dataset(data, identities=synthetic_identities)
     if backbone_ckpt is None:
         backbone_ckpt = train_backbone(BackboneConfig(), dataset, Path(out_dir) / "backbone", resume=not no_resume)
