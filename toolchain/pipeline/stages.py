@@ -673,16 +673,16 @@ def check_int8_module_names(recipe: Recipe) -> None:
 def check_recipe_inputs(recipe: Recipe) -> None:
     """The models and checkpoint a recipe names exist: checked before any stage, as the module
     names are, so a typo exits 2 before the data stage writes its files rather than after it."""
-    from toolchain.models import get_spec, list_models
+    from toolchain.models import list_models
+    from toolchain.train.backbone import check_backbone_model, read_init
 
     backbone = recipe.train.backbone
     if backbone is not None:
-        spec = get_spec(backbone.model)  # an unknown name: the known ones, in one line
-        if spec.output != "embedding":
-            raise ToolchainError(f"train.backbone.model: {backbone.model} is not a backbone (its output is a "
-                                 f"{spec.output}, not an embedding)")
+        check_backbone_model(backbone.model)  # an unknown name: the known ones, in one line
         if backbone.init:
-            _check_init(backbone)
+            if not Path(backbone.init).is_file():
+                raise ToolchainError(f"train.backbone.init: {backbone.init} does not exist")
+            read_init(backbone.init, backbone.model)
     d = recipe.data
     if d.source in ("insightface", "folder"):
         root = Path(d.root).expanduser()
@@ -696,20 +696,6 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     if model and model not in list_models() and not Path(model).is_file():
         raise ToolchainError(f"export.model: {model} is neither a known model ({', '.join(list_models())}) "
                              "nor a checkpoint file")
-
-
-def _check_init(backbone) -> None:
-    """The checkpoint the backbone starts from loads (weights only) and holds that model."""
-    from toolchain.models.io import load_state
-
-    if not Path(backbone.init).is_file():
-        raise ToolchainError(f"train.backbone.init: {backbone.init} does not exist")
-    payload = load_state(backbone.init)
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ToolchainError(f"train.backbone.init: {backbone.init} is not a toolchain backbone checkpoint")
-    if payload.get("model", backbone.model) != backbone.model:
-        raise ToolchainError(f"train.backbone.init: {backbone.init} holds model {payload['model']!r}, "
-                             f"train.backbone.model is {backbone.model!r}")
 
 
 def default_stages(recipe: Recipe) -> list[Stage]:

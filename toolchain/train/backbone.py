@@ -121,9 +121,7 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
                                      "use another output folder or start over (--no-resume, resume=False)")
         seed_everything(cfg.seed + 1000 * generation)
 
-        if get_spec(cfg.model).output != "embedding":
-            raise ToolchainError(f"model {cfg.model!r} is not a backbone (its output is a "
-                                 f"{get_spec(cfg.model).output}, not an embedding)")
+        check_backbone_model(cfg.model)
         model_kwargs = {"embedding_size": cfg.embedding_size, **cfg.model_kwargs}
         backbone = build_model(cfg.model, **model_kwargs)
         if init_from is not None and state is None:  # cfg.init, or recursive distillation: student g-1 -> g
@@ -207,13 +205,27 @@ def _train_generation(cfg: BackboneConfig, dataset, out_dir: Path, resume: bool,
         return final
 
 
-def _load_init(backbone: nn.Module, path: Path, cfg: BackboneConfig) -> None:
-    """Start from a checkpoint's weights; a checkpoint of another model or size is a clear error."""
+def check_backbone_model(name: str) -> None:
+    """`name` is a registered model whose output is an embedding, what ArcFace trains."""
+    spec = get_spec(name)
+    if spec.output != "embedding":
+        raise ToolchainError(f"model {name!r} is not a backbone (its output is a {spec.output}, not an embedding)")
+
+
+def read_init(path: str | Path, model: str) -> dict:
+    """The checkpoint a backbone of `model` starts from, loaded (weights only); one of another
+    model is a clear error. Its fit to the embedding size is checked when it is loaded."""
     payload = load_state(path)
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ToolchainError(f"{path}: not a toolchain backbone checkpoint (needs 'state_dict')")
-    if payload.get("model", cfg.model) != cfg.model:
-        raise ToolchainError(f"{path}: holds model {payload['model']!r}, the config trains {cfg.model!r}")
+    if payload.get("model", model) != model:
+        raise ToolchainError(f"{path}: holds model {payload['model']!r}, the config trains {model!r}")
+    return payload
+
+
+def _load_init(backbone: nn.Module, path: Path, cfg: BackboneConfig) -> None:
+    """Start from a checkpoint's weights; a checkpoint of another model or size is a clear error."""
+    payload = read_init(path, cfg.model)
     try:
         backbone.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
