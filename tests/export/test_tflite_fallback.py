@@ -256,6 +256,35 @@ def test_choices_are_judged_on_the_finished_file_and_ranked_on_the_plain_one(mon
     assert all(done for ops, done, n in seen if n == 64)
 
 
+def test_out_of_room_the_tflite_steps_are_ranked_again_by_gain_per_byte_of_the_file(monkeypatch):
+    # Scores and sizes stand in for LiteRT and the converter: `big` gains most and costs 50 KB;
+    # the small units reach the target together in 15 KB, where `big` and one of them miss it.
+    import toolchain.export.tflite_fallback as tf
+
+    gain = {"big": 0.0005, "s1": 0.00035, "s2": 0.00035, "s3": 0.00035}
+    cost = {"big": 50_000, "s1": 5_000, "s2": 5_000, "s3": 5_000}
+
+    def file_keeping(calibrated, ops):  # the file's length is its size
+        names = json.dumps(sorted(ops)).encode()
+        return names + b" " * (100_000 + sum(cost[o] for o in ops) - len(names))
+
+    def cosines(buf, views, reference, agreement=None):
+        mean = 0.9985 + sum(gain[o] for o in json.loads(buf))
+        return {"cosine_mean": mean, "cosine_mean_low": mean, "cosine_min": 0.995, "set_aside": []}
+
+    monkeypatch.setattr(tf, "quantize_keeping_float", file_keeping)
+    monkeypatch.setattr(tf, "_cosines", cosines)
+    units, views, ref = {u: [u] for u in gain}, (np.zeros((64, 1)), np.zeros((64, 1))), np.zeros(64)
+    got = tf.choose_float_units(b"", units, views, ref, min_cosine_mean=0.9994, min_cosine_min=None, max_units=4,
+                                max_bytes=157_000)
+    assert got["tried"] == ["big", "s1"] and got["met"] and got["per_byte"] == {"tried": ["s1", "s2", "s3"], "met": True}
+    assert got["float_units"] == ["s1", "s2", "s3"] and "from" not in got
+    assert max(t["bytes"] for t in got["trail"]) <= 157_000
+    # Without a size budget nothing is refused: the largest-gain steps meet it, with no second pass.
+    free = tf.choose_float_units(b"", units, views, ref, min_cosine_mean=0.9994, min_cosine_min=None, max_units=4)
+    assert free["met"] and "per_byte" not in free and free["tried"][0] == "big"
+
+
 def test_the_tflite_plan_takes_the_pte_units_to_try_only_when_they_are_the_same_kind():
     from toolchain.export.api import _Int8Graph, _tflite_float_plan
     from toolchain.quantize.int8_options import Int8Options

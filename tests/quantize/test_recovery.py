@@ -373,6 +373,13 @@ def test_a_pte_size_budget_steers_the_block_fallback():
     assert free["tried"][0] not in tight["tried"]
     assert all(1000 + FLOAT_WEIGHT_BYTES * float_weight_count(model, tight["tried"][:k]) <= 1000 + cost - 1
                for k in range(1, len(tight["tried"]) + 1))
+    # Refused a block and missed (this target cannot be met): a second pass by gain per byte ran,
+    # on the predicted sizes, within the budget too. With room for everything there is none.
+    assert tight["per_byte"]["met"] is False and "per_byte" not in free
+    second = [t for t in tight["trail"] if t.get("pass") == "per byte"]
+    assert [t["added"] for t in second] == tight["per_byte"]["tried"]
+    assert all(1000 + FLOAT_WEIGHT_BYTES * float_weight_count(model, tight["per_byte"]["tried"][:k]) <= 1000 + cost - 1
+               for k in range(1, len(second) + 1))
 
 
 def test_the_block_fallback_keeps_blocks_until_the_agreement_target_holds_too():

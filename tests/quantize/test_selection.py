@@ -199,3 +199,68 @@ def test_the_backward_pass_puts_back_in_int8_what_later_units_made_unneeded():
     # d (it lowered the mean) goes first, then a; b and c are each still needed.
     assert [(t["removed"], t["met"]) for t in backward] == [("d", True), ("a", True), ("b", False), ("c", False)]
     assert drop_unneeded(["b", "c"], judge, met, [trail[0]]) == ["b", "c"]
+
+
+def _sized_selection(budget: int, sized: bool = True, max_steps: int = 4):
+    """A large unit with the largest gain, and small ones that reach the target together: as
+    SeesawFaceNet's `.tflite` at export seed 2, which took `features.9` (52 KB) and ran out of room."""
+    gain = {"big": 0.0005, "s1": 0.00035, "s2": 0.00035, "s3": 0.00035}
+    cost = {"big": 50_000, "s1": 5_000, "s2": 5_000, "s3": 5_000}
+    base = 0.9985
+
+    def summary(names):
+        m = base + sum(gain[n] for n in names)
+        return {"cosine_mean": m, "cosine_mean_low": m, "cosine_min": 0.995, "bytes": 1_000_000 + sum(cost[n] for n in names)}
+
+    def rank(names, key):
+        c = summary(names)
+        return None if c["bytes"] - 1_000_000 > budget else c
+
+    met = lambda c: targets_met(c, base + 0.0009, None)  # noqa: E731
+    return forward_selection(list(gain), rank, summary, met, max_steps, [{"layers": 0, **summary([])}], "test",
+                             sized=sized)
+
+
+def test_out_of_room_a_second_pass_ranks_by_gain_per_byte():
+    got = _sized_selection(57_000)
+    # Largest gain first: big, then s1; s2 would pass the budget, and the two miss the target.
+    assert got["tried"] == ["big", "s1"]
+    # Per byte the small units come first, and three of them meet it in 15 KB.
+    assert got["met"] and got["float_units"] == ["s1", "s2", "s3"]
+    assert got["per_byte"] == {"tried": ["s1", "s2", "s3"], "met": True}
+    second = [t for t in got["trail"] if t.get("pass") == "per byte"]
+    assert [t.get("added") for t in second[:3]] == ["s1", "s2", "s3"]
+    # The backward pass of the second choice is in the trail too: each small unit is needed.
+    assert [(t["removed"], t["met"]) for t in second[3:]] == [("s1", False), ("s2", False)]
+
+
+def test_without_sizes_or_a_refusal_there_is_no_second_pass():
+    # Not sized: the first pass's miss stands (all int8), as before.
+    got = _sized_selection(57_000, sized=False)
+    assert not got["met"] and got["float_units"] == [] and "per_byte" not in got
+    # Room for everything, but two steps allowed: missed for the steps, not the bytes.
+    got = _sized_selection(10**6, max_steps=2)
+    assert not got["met"] and got["tried"] == ["big", "s1"] and "per_byte" not in got
+    # Room for two small units only: the second pass misses too, and the first pass's result
+    # stands, with the second's rows in the trail.
+    got = _sized_selection(12_000)
+    assert not got["met"] and got["float_units"] == [] and got["per_byte"]["met"] is False
+    assert any(t.get("pass") == "per byte" for t in got["trail"])
+
+
+def test_gain_per_byte_skips_units_that_gain_nothing():
+    from toolchain.quantize.selection import gain_per_byte
+
+    table = {(): (0.9985, 100), ("a",): (0.9990, 600), ("b",): (0.9987, 100), ("c",): (0.9984, 101),
+             ("d",): (0.9995, 10_100)}
+
+    def rank(names, key):
+        if tuple(names) == ("e",):
+            return None
+        m, size = table[tuple(names)]
+        return {"cosine_mean": m, "cosine_min": 0.99, "bytes": size}
+
+    # b gains 0.0002 for no bytes (counted as 1), a 0.0005 for 500, d 0.001 for 10,000; c loses.
+    assert gain_per_byte(rank, [], ["a", "b", "c", "d"], cosine_key) == ("b", False)
+    assert gain_per_byte(rank, [], ["a", "c", "d", "e"], cosine_key) == ("a", True)
+    assert gain_per_byte(rank, [], ["c"], cosine_key) == (None, False)

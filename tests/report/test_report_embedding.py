@@ -232,3 +232,25 @@ def test_report_sensitivity_table_shows_the_score_noise_when_there_is_an_agreeme
     assert "is 0.0064 all int8 (while that target is the only one missed, the fallback ranks by the noise" in md
     assert "| score noise | noise removed |" in md
     assert "| `features.1` | block | 1.00e-03 | 0.99951 | 0.996 | +0.00010 | 0.00587 | +0.00053 |" in md
+
+
+def test_report_marks_the_second_pass_by_gain_per_byte(tmp_path):
+    row = {"cosine_mean_low": 0.999, "cosine_min": 0.996, "set_aside": []}
+    trail = [{"layers": 0, "cosine_mean": 0.9985, **row, "bytes": 1_000_000},
+             {"layers": 1, "added": "features.9", "cosine_mean": 0.9990, **row, "bytes": 1_052_000},
+             {"layers": 1, "added": "features.2", "pass": "per byte", "cosine_mean": 0.9988, **row, "bytes": 1_005_000},
+             {"layers": 2, "added": "features.3", "pass": "per byte", "cosine_mean": 0.9992, **row, "bytes": 1_010_000},
+             {"layers": 1, "removed": "features.2", "met": False, "pass": "per byte", "cosine_mean": 0.9988, **row,
+              "bytes": 1_005_000}]
+    fb = {"float_units": ["features.2", "features.3"], "met": True, "tried": ["features.9"], "unit": "block",
+          "targets": {"min_cosine_mean": 0.999}, "max_bytes": 1_060_000, "images": 128, "trail": trail,
+          "per_byte": {"tried": ["features.2", "features.3"], "met": True}}
+    write_report(_recovery_only({"tflite_fallback": fb}), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert ("The largest-gain steps (`features.9`) missed the target within the size budget, so a second pass "
+            "started again from all int8") in md and "it met the target, and its choice is kept." in md
+    assert "| 2 | `features.3` (per byte) | 0.9992 |" in md
+    assert "| 1 | without `features.2` (per byte): still needed |" in md
+    write_report(_recovery_only({"tflite_fallback": {**fb, "float_units": [], "met": False,
+                                                     "per_byte": {"tried": ["features.2"], "met": False}}}), tmp_path)
+    assert "(the rows marked per byte): it missed it too." in (tmp_path / "report.md").read_text()

@@ -21,7 +21,8 @@ thread): each step keeps in float the unit that does most for the bound the choi
 the cosine to the float model's embeddings (image plus mirror, as parity embeds pair images) or
 the score noise at the agreement target's threshold, until the targets hold
 (toolchain.quantize.selection), then a backward pass puts back in int8 each unit the others meet
-them without. A unit whose file would pass `max_bytes` is not tried. One step
+them without. A unit whose file would pass `max_bytes` is not tried; when the steps then miss
+the targets, a second pass ranks by gain per byte of the file (`forward_selection`'s `sized`). One step
 costs a conversion (0.1 s for MobileFaceNet) and a pass over the ranking images per remaining
 unit (over all the measuring images when the step ranks by the noise), and one over all the
 measuring images. When no selection meets the targets, nothing is kept (float ops cost latency,
@@ -274,7 +275,9 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
     fallback keeps the fewest units it found. Greedy steps take the largest gain whatever it
     costs in bytes, so one large unit can spend the size budget before the targets hold:
     SeesawFaceNet at export seed 2 took `features.9` (52 KB) and ran out of room; given the
-    `.pte`'s five blocks, it passed. And a step ranked on 32 images can add a unit that helps
+    `.pte`'s five blocks, it passed. Such a run now also gets a second pass by gain per byte
+    (toolchain.quantize.selection.forward_selection), before the `.pte`'s units are tried. And a
+    step ranked on 32 images can add a unit that helps
     little on all of them: on the Intel Xeon, SeesawFaceNet's seed 0 took six blocks where the
     `.pte` kept four. Its trail row has `units` and `source` in place of `added`; the result's
     "from" is ".pte" and "why" says which case it was. `agreement`: as in
@@ -310,12 +313,13 @@ def choose_float_units(calibrated: bytes, units: dict[str, list[str]], views: tu
         if max_bytes is not None and len(candidate) > max_bytes:
             return None
         if ranks_on_all(key):
-            return _cosines(candidate, views, reference, agreement)
-        return _cosines(candidate, ranking_views, ranking_reference)
+            return {**_cosines(candidate, views, reference, agreement), "bytes": len(candidate)}
+        return {**_cosines(candidate, ranking_views, ranking_reference), "bytes": len(candidate)}
 
     choice = forward_selection(list(units), rank, judge, met, max_units, trail,
                                "int8 fallback (.tflite): units kept in float", progress,
-                               lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min))
+                               lambda judged: ranking_key(judged, min_cosine_mean, min_cosine_min),
+                               sized=max_bytes is not None)
     other = list(also_try)
     fewer = choice["met"] and len(other) < len(choice["float_units"])
     worth_judging = (fewer or not choice["met"]) and set(other) <= set(units)

@@ -68,18 +68,22 @@ def float_weight_count(model: nn.Module, units: list[str]) -> int:
                if isinstance(m, (nn.Conv2d, nn.Linear)) and any(name == u or name.startswith(u + ".") for u in units))
 
 
-def _size_rule(int8_model: nn.Module, int8, pte_size) -> tuple[dict, object]:
-    """(report, allowed(units) -> bool): a choice is allowed while the .pte's predicted size, its
-    all-int8 file plus FLOAT_WEIGHT_BYTES a float weight, stays within the budget."""
+def _size_rule(int8_model: nn.Module, int8, pte_size) -> tuple[dict, object, object]:
+    """(report, allowed(units) -> bool, predicted(units) -> bytes): the .pte's predicted size is
+    its all-int8 file plus FLOAT_WEIGHT_BYTES a float weight; a choice is allowed while it stays
+    within the budget."""
     max_bytes, all_int8_bytes = pte_size
     report = {"all_int8_bytes": None, "max_bytes": int(max_bytes), "bytes_per_float_weight": FLOAT_WEIGHT_BYTES}
 
-    def allowed(units: list[str]) -> bool:
+    def predicted(units: list[str]) -> int:
         if report["all_int8_bytes"] is None:  # one lowering, only once a float unit is tried
             report["all_int8_bytes"] = int(all_int8_bytes(int8_model, int8))
-        return report["all_int8_bytes"] + FLOAT_WEIGHT_BYTES * float_weight_count(int8_model, units) <= max_bytes
+        return report["all_int8_bytes"] + FLOAT_WEIGHT_BYTES * float_weight_count(int8_model, units)
 
-    return report, allowed
+    def allowed(units: list[str]) -> bool:
+        return predicted(units) <= max_bytes
+
+    return report, allowed, predicted
 
 
 def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.ndarray,
@@ -114,12 +118,12 @@ def recover_int8(float_model: nn.Module, int8_model: nn.Module, calibration: np.
             raise ToolchainError("export.int8.fallback needs a target: parity.min_embedding_cosine_mean or "
                                  "parity.min_embedding_cosine_min")
         measure = measuring_images(images, seed)
-        size, allowed = _size_rule(int8_model, int8, pte_size) if pte_size is not None else (None, None)
+        size, allowed, predicted = _size_rule(int8_model, int8, pte_size) if pte_size is not None else (None,) * 3
         sens = layer_sensitivity(int8_model, calibration, measure[ranking_indices(len(measure))], mean, std, int8,
                                  reference=float_model, agreement=agreement_of(targets), progress=progress)
         choice = choose_float_layers(float_model, sens, measure, mean, std, max_layers=int8.max_float_layers,
                                      min_cosine_mean=targets.get("min_cosine_mean"),
-                                     min_cosine_min=targets.get("min_cosine_min"), allowed=allowed,
+                                     min_cosine_min=targets.get("min_cosine_min"), allowed=allowed, size=predicted,
                                      agreement=agreement_of(targets), progress=progress)
         if size is not None and size["all_int8_bytes"] is not None:
             size["predicted_bytes"] = size["all_int8_bytes"] + FLOAT_WEIGHT_BYTES * float_weight_count(

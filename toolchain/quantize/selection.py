@@ -12,6 +12,10 @@ Once the targets hold, a backward pass (`drop_unneeded`) puts back in int8 each 
 meet the targets without: a step ranked on few images can take a unit that later ones make
 unneeded, and each float unit costs latency and bytes.
 
+Steps take the largest gain whatever it costs in bytes. Under a size budget that can spend the
+room on one large unit; when such steps miss the targets with a candidate refused for size, a
+second pass ranks by gain per byte (`forward_selection`'s `sized`).
+
 Two sets of images: the candidates of a step are ranked on RANKING_IMAGES of the measuring
 images (one pass per candidate), or on all of them when the step ranks by the score noise
 (`ranks_on_all`), and the stopping rule judges the step's choice on all of them (one pass per
@@ -119,7 +123,7 @@ def ranks_on_all(key: Callable[[dict], tuple]) -> bool:
 def forward_selection(units: list[str], rank: Callable[[list[str], Callable], dict | None],
                       judge: Callable[[list[str]], dict], met: Callable[[dict], bool], max_steps: int,
                       trail: list[dict], label: str, progress: bool = False,
-                      key_for: Callable[[dict], Callable[[dict], tuple]] | None = None) -> dict:
+                      key_for: Callable[[dict], Callable[[dict], tuple]] | None = None, sized: bool = False) -> dict:
     """rank(float units, key) -> {"cosine_mean", "cosine_min", ...} on the ranking images (all
     the measuring images where `ranks_on_all(key)`), with what `key` reads, or None when that
     choice is not allowed; judge(float units) -> the same on all measuring images (extra keys
@@ -127,29 +131,94 @@ def forward_selection(units: list[str], rank: Callable[[list[str], Callable], di
     row a step. key_for(the last judged row) -> the key each step ranks by (`ranking_key`; None:
     always `cosine_key`). Returns {"float_units", "met", "tried", "trail"}: `tried`, the forward
     steps' units; `float_units`, those `drop_unneeded` keeps once the targets hold. When they
-    were not met, `quietest_short` decides (the result has "closest" when it keeps any)."""
+    were not met, `quietest_short` decides (the result has "closest" when it keeps any).
+
+    sized: rank's results carry "bytes", the choice's file size. Each step takes the largest
+    gain whatever it costs in bytes, the fewest units being what saves latency; when such steps
+    miss the targets and rank refused a candidate on the way (a size budget), one large unit may
+    have spent the room that smaller ones needed (SeesawFaceNet's `.tflite` at export seed 2 took
+    `features.9`, 52 KB, and ran out of room). A second pass then starts again from all int8 and
+    takes, each step, the largest gain per byte (`gain_per_byte`); its rows are in the trail
+    with "pass": "per byte", and its choice is kept when it meets the targets. The result then
+    has "per_byte": {"tried", "met"}; `tried` stays the first pass's units."""
+    def largest_gain(chosen: list[str], candidates: list[str], key) -> tuple[str | None, bool]:
+        best, refused = None, False
+        for name in candidates:
+            c = rank(chosen + [name], key)
+            if c is None:
+                refused = True
+            elif best is None or key(c) > key(best[1]):
+                best = (name, c)
+        return (best[0] if best else None), refused
+
+    chosen, ok, refused = _steps(units, largest_gain, judge, met, max_steps, trail, label, progress, key_for)
+    if ok:
+        return {"float_units": drop_unneeded(chosen, judge, met, trail), "met": True, "tried": chosen, "trail": trail}
+    short = quietest_short(chosen, trail, key_for)
+    if not (sized and refused):
+        return short
+
+    def per_byte(chosen: list[str], candidates: list[str], key) -> tuple[str | None, bool]:
+        return gain_per_byte(rank, chosen, candidates, key)
+
+    second = [trail[0]]
+    chosen2, ok2, _ = _steps(units, per_byte, judge, met, max_steps, second, label + " (per byte)", progress, key_for)
+    kept = drop_unneeded(chosen2, judge, met, second) if ok2 else []
+    trail.extend({**row, "pass": "per byte"} for row in second[1:])
+    ran = {"per_byte": {"tried": chosen2, "met": ok2}}
+    if not ok2:
+        return {**short, **ran}
+    return {"float_units": kept, "met": True, "tried": chosen, "trail": trail, **ran}
+
+
+def gain_per_byte(rank: Callable[[list[str], Callable], dict | None], chosen: list[str], candidates: list[str],
+                  key: Callable[[dict], tuple]) -> tuple[str | None, bool]:
+    """The candidate whose unit adds most to `key`'s first value per byte it adds to the file
+    (rank's "bytes"), both against `chosen` ranked the same way; candidates that gain nothing are
+    not taken. -> (name or None, whether rank refused any)."""
+    base = rank(chosen, key)
+    if base is None:
+        return None, True
+    best, refused = None, False
+    for name in candidates:
+        c = rank(chosen + [name], key)
+        if c is None:
+            refused = True
+            continue
+        gain = key(c)[0] - key(base)[0]
+        if not gain > 0:
+            continue
+        value = gain / max(c["bytes"] - base["bytes"], 1)  # a unit can cost no bytes (scales dropped)
+        if best is None or value > best[1]:
+            best = (name, value)
+    return (best[0] if best else None), refused
+
+
+def _steps(units: list[str], pick, judge: Callable[[list[str]], dict], met: Callable[[dict], bool], max_steps: int,
+           trail: list[dict], label: str, progress: bool,
+           key_for: Callable[[dict], Callable[[dict], tuple]] | None) -> tuple[list[str], bool, bool]:
+    """Forward steps: pick(chosen, candidates, key) -> (unit or None, refused any) adds one unit a
+    step, judged and appended to `trail`, until the targets hold, no candidate is left or
+    `max_steps`. -> (chosen, met, whether a candidate was refused on the way)."""
     from toolchain.console import progress_bar
 
     chosen: list[str] = []
+    refused = False
     steps = min(max_steps, len(units))
     with progress_bar(label, steps, enabled=progress) as advance:
         for _ in range(steps):
             key = key_for(trail[-1]) if key_for is not None else cosine_key
-            best = None
-            for name in (u for u in units if u not in chosen):
-                c = rank(chosen + [name], key)
-                if c is not None and (best is None or key(c) > key(best[1])):
-                    best = (name, c)
-            if best is None:
+            name, step_refused = pick(chosen, [u for u in units if u not in chosen], key)
+            refused = refused or step_refused
+            if name is None:
                 break
-            chosen.append(best[0])
+            chosen.append(name)
             judged = judge(list(chosen))
-            trail.append({"layers": len(chosen), "added": best[0], **judged})
+            trail.append({"layers": len(chosen), "added": name, **judged})
             advance(1, cosine=judged["cosine_mean"])
             if met(judged):
-                return {"float_units": drop_unneeded(chosen, judge, met, trail), "met": True,
-                        "tried": list(chosen), "trail": trail}
-    return quietest_short(chosen, trail, key_for)
+                return chosen, True, refused
+    return chosen, False, refused
 
 
 def quietest_short(chosen: list[str], trail: list[dict],

@@ -369,7 +369,7 @@ def layer_sensitivity(model: nn.Module, calibration: np.ndarray, images: np.ndar
 
 def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray, mean, std, *,
                         min_cosine_mean: float | None, min_cosine_min: float | None, max_layers: int,
-                        batch: int = 16, allowed=None, agreement: dict | None = None,
+                        batch: int = 16, allowed=None, size=None, agreement: dict | None = None,
                         progress: bool = False) -> dict:
     """The fewest top-ranked layers to keep in float so the embedding cosine to float reaches the
     targets (None: not a target), at most `max_layers`. `images`: the measuring images the
@@ -377,7 +377,9 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
     ranking subset, `images[ranking_indices(len(images))]`. Returns {"float_layers": [...],
     "met": bool, "tried": [...], "trail": [{layers, cosine_mean, cosine_mean_low, cosine_min,
     set_aside}, ...]}. `allowed(units) -> bool` (None: any): a choice it refuses is not tried
-    (the .pte's size budget, toolchain.quantize.recovery). When no choice meets the targets,
+    (the .pte's size budget, toolchain.quantize.recovery); `size(units) -> bytes`, the file's
+    predicted size with them float, lets blocks be ranked by gain per byte when the largest-gain
+    steps run out of room (toolchain.quantize.selection.forward_selection's `sized`). When no choice meets the targets,
     `float_layers` is empty (float layers cost latency, and a file that misses its bounds anyway
     is better all int8; the trail shows what each step measured), unless only the agreement
     target was missed: then the quietest choice the steps judged is kept
@@ -413,7 +415,7 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
 
     if unit == "block":
         return _choose_blocks(sensitivity, images, ref, batch, mean, std, judge, met, max_layers, trail, progress,
-                              allowed, key_for)
+                              allowed, key_for, size)
     key = key_for(trail[0])
     measured = [r for r in sensitivity["layers"] if r["gain_mean"] is not None]
     if key is cosine_key:
@@ -438,7 +440,7 @@ def choose_float_layers(model: nn.Module, sensitivity: dict, images: np.ndarray,
 
 
 def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met, max_layers: int, trail: list,
-                   progress: bool, allowed=None, key_for=None) -> dict:
+                   progress: bool, allowed=None, key_for=None, size=None) -> dict:
     """Forward selection over blocks: each step keeps in float the block that does most for the
     bound missed (toolchain.quantize.selection.ranking_key) given the blocks already float,
     ranked on the ranking images, or by the noise on all of `images`.
@@ -453,9 +455,7 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met,
     pick = ranking_indices(len(images))
     ranking, ranking_ref = images[pick], ref[pick]
 
-    def rank(names: list[str], key) -> dict | None:
-        if allowed is not None and not allowed(names):
-            return None
+    def measure(names: list[str], key) -> dict:
         if ranks_on_all(key):
             return judge(names)
         if len(names) == 1 and names[0] in alone:
@@ -463,6 +463,12 @@ def _choose_blocks(sensitivity: dict, images, ref, batch, mean, std, judge, met,
         with _float_units(sensitivity["graph"], names, "block") as g:
             return embedding_summary(mirrored_embeddings(g, ranking, batch, mean, std), ranking_ref)
 
+    def rank(names: list[str], key) -> dict | None:
+        if allowed is not None and not allowed(names):
+            return None
+        c = measure(names, key)
+        return c if size is None else {**c, "bytes": size(names)}
+
     choice = forward_selection(units, rank, judge, met, max_layers, trail, "int8 fallback: blocks kept in float",
-                               progress, key_for)
+                               progress, key_for, sized=size is not None)
     return {"float_layers": choice.pop("float_units"), **choice}

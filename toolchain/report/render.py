@@ -229,9 +229,10 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
     def step(t: Mapping) -> str:
         if t.get("units"):  # a whole set judged at once (the .pte's choice, tflite_fallback)
             return f"{t.get('source', 'given')}: " + ", ".join(f"`{u}`" for u in t["units"])
+        tag = " (per byte)" if t.get("pass") == "per byte" else ""
         if t.get("removed"):  # the backward pass (toolchain.quantize.selection.drop_unneeded)
-            return f"without `{t['removed']}`: " + ("back in int8" if t.get("met") else "still needed")
-        return f"`{t['added']}`" if t.get("added") else ""
+            return f"without `{t['removed']}`{tag}: " + ("back in int8" if t.get("met") else "still needed")
+        return f"`{t['added']}`{tag}" if t.get("added") else ""
 
     noisy = "score_noise" in trail[0]
     rows = [[t["layers"], step(t), _num(t["cosine_mean"], 5),
@@ -240,6 +241,12 @@ def _fallback_trail(unit: str, fb: Mapping) -> list[str]:
             + ([_num(t.get("score_noise"), 5)] if noisy else []) + ([f"{t['bytes']:,}"] if sized else []) for t in trail]
     head = [f"{unit}s in float", "step", "cosine mean", "mean, 95% lower bound", "cosine min", "set aside"]
     head += (["score noise at the threshold"] if noisy else []) + (["file bytes"] if sized else [])
+    second = fb.get("per_byte")
+    if second:  # toolchain.quantize.selection.forward_selection, `sized`
+        note += [f"The largest-gain steps ({', '.join(f'`{u}`' for u in fb.get('tried') or [])}) missed the target "
+                 f"within the size budget, so a second pass started again from all int8, each step taking the {unit} "
+                 "with the largest gain per byte of the file (the rows marked per byte): it "
+                 + ("met the target, and its choice is kept." if second.get("met") else "missed it too."), ""]
     return note + [_table(head, rows), ""]
 
 
