@@ -16,6 +16,17 @@ def test_unknown_command_exits_two(capsys):
     assert "no-such-command" in capsys.readouterr().err
 
 
+def test_usage_errors_are_one_line_naming_the_help_to_read(capsys):
+    # click's own form is four lines (usage, a hint, a blank line, the error).
+    for argv, words in ((["no-such-command"], "No such command 'no-such-command'. (see toolchain --help)"),
+                        (["run"], "Missing argument 'RECIPE'. (see toolchain run --help)"),
+                        (["export", "x.pt", "--threshold", "nan"], "'nan' is not a finite number. "
+                                                                  "(see toolchain export --help)")):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+
+
 def test_console_script_runs_as_module():
     proc = subprocess.run([sys.executable, "-m", "toolchain", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0

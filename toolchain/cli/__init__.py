@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:  # usage errors: exit 2
-        exc.show()
+    except click.ClickException as exc:  # usage errors: one line, exit 2, as every bad input
+        where = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx is not None else None
+        click.echo(f"error: {exc.format_message()}" + (f" (see {where} --help)" if where else ""), err=True)
         return exc.exit_code
     except ToolchainError as exc:
         if debug:
