@@ -43,14 +43,37 @@ def test_verbose_leaves_everything_live(tmp_path):
     assert not log.exists()
 
 
-def test_failed_command_names_its_log(tmp_path, capsys):
+def test_a_command_refused_on_bad_input_leaves_no_log_behind(tmp_path, capsys, monkeypatch):
+    import toolchain.console
     from toolchain.cli import main
 
-    # A missing checkpoint fails inside the command, after its log was opened.
-    rc = main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(toolchain.console, "_last_log", None)  # as in a fresh process
+
+    # A missing checkpoint fails inside the command, after its log was opened; nothing wrote to it.
+    rc = main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "sub" / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
-    assert str(tmp_path / "out.export.log") in err
+    assert ".log" not in err and not (tmp_path / "sub").exists()
+
+
+def test_a_log_a_library_wrote_to_is_kept_and_named(tmp_path):
+    import os
+
+    from toolchain.cli import _log_hint
+    from toolchain.console import last_log, third_party_log
+
+    before = last_log()
+    with third_party_log(tmp_path / "logs" / "quiet.log"):
+        pass
+    assert not (tmp_path / "logs").exists() and last_log() == before
+    with third_party_log(tmp_path / "logs" / "noisy.log") as log:
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+    assert "XNNPACK delegate" in log.read_text() and last_log() == log
+    assert _log_hint("failed") == f" (library output: {log})"
+    # An existing log is appended to and kept, written to or not.
+    with third_party_log(log):
+        pass
+    assert log.read_text().count("===") == 2
 
 
 @pytest.mark.slow

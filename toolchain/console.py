@@ -82,20 +82,27 @@ def _terminal_stream(stream, saved: dict[int, int]):
 @contextlib.contextmanager
 def third_party_log(log_path: str | Path | None, verbose: bool = False):
     """Send third-party output to `log_path` (appended) while active; `verbose` (or no path, or
-    TOOLCHAIN_VERBOSE=1) leaves everything live. Yields the log path, or None."""
+    TOOLCHAIN_VERBOSE=1) leaves everything live. Yields the log path, or None.
+
+    A log this capture created and nothing wrote to is removed afterwards, with the folders made
+    for it, and is not named by errors: a command refused on bad input leaves nothing behind."""
     global _last_log, _own_err
     if verbose or log_path is None or os.environ.get("TOOLCHAIN_VERBOSE") == "1":
         yield None
         return
     path = Path(log_path)
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     _flush_c_stdio()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.write(log_fd, f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv[:3])}\n".encode())
+    header = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv[:3])}\n".encode()
+    os.write(log_fd, header)
+    old_last = _last_log
     old = sys.stdout, sys.stderr, _own_err
     term_out, term_err = _terminal_stream(sys.stdout, saved), _terminal_stream(sys.stderr, saved)
     log_stream = _text_stream(log_fd)
@@ -124,6 +131,12 @@ def third_party_log(log_path: str | Path | None, verbose: bool = False):
         os.dup2(saved[2], 2)
         for fd in (*saved.values(), log_fd):
             os.close(fd)
+        if not existed and path.stat().st_size == len(header):
+            path.unlink()
+            for folder in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            _last_log = old_last
 
 
 @contextlib.contextmanager
