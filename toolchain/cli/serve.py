@@ -47,7 +47,7 @@ def serve(ctx, hypernet, store_dir, host, port, workers, token_file, insecure_no
     _check_listenable(host, port)  # before minutes of template building, not after
     from toolchain.models.hypernet import load_hypernet
 
-    load_hypernet(hypernet)  # a file that is not a hypernet fails before the store is made
+    bundle = load_hypernet(hypernet)  # a file that is not a hypernet fails before the store is made
     store = Store(store_dir)
     Signer(store.root / "keys")  # the key pair exists before any worker starts
     calib = calibration or str(_default_calibration(store.root))
@@ -59,7 +59,7 @@ def serve(ctx, hypernet, store_dir, host, port, workers, token_file, insecure_no
     log = store.root / "serve.log"
     with run_logged(ctx, log):  # the libraries' output, the workers' included, goes to the store's log
         # Templates are built (or found) once here, so the workers only read them.
-        engine = load_engine(settings.hypernet, settings.calibration, settings.calibration_size, 0,
+        engine = load_engine(bundle, settings.calibration, settings.calibration_size, 0,
                              settings.formats, settings.precisions, store.templates, say=click.echo)
         click.echo(f"templates ready ({len(engine.templates)}); serving on http://{host}:{port} "
                    f"(docs: /docs; log: {log})")

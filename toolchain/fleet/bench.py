@@ -53,13 +53,13 @@ def bench_fleet(hypernet: str | Path, n_users: int, out: str | Path, *, formats=
                              "from scratch; choose another --out")
     from toolchain.models.hypernet import load_hypernet
 
-    load_hypernet(hypernet)  # a file that is not a hypernet fails before the users are rendered
+    bundle = load_hypernet(hypernet)  # a file that is not a hypernet fails before the users are rendered
     t0 = time.perf_counter()
     users = write_synthetic_users(out / "data", n_users, calibration=calibration_size)
     render_seconds = time.perf_counter() - t0
     say(f"rendered {n_users} synthetic users in {render_seconds:.1f} s")
     fleet_dir = out / "fleet"
-    result = run_fleet(hypernet, users, fleet_dir, calibration=out / "data" / "calibration.npy",
+    result = run_fleet(bundle, users, fleet_dir, calibration=out / "data" / "calibration.npy",
                        calibration_size=calibration_size, formats=formats, precisions=precisions,
                        progress=say, progress_bar=progress_bar)
     t = result.timings
@@ -87,7 +87,7 @@ def bench_fleet(hypernet: str | Path, n_users: int, out: str | Path, *, formats=
     same = 0
     with tempfile.TemporaryDirectory(prefix="toolchain-bench-fleet-") as tmp:
         for k, name in enumerate(sample, 1):
-            udir = enroll_images(hypernet, read_image(users / name / "0.jpg")[None], Path(tmp) / "u" / name, user=name)
+            udir = enroll_images(bundle, read_image(users / name / "0.jpg")[None], Path(tmp) / "u" / name, user=name)
             recs = export_model(udir, Path(tmp) / "x" / name, formats, precisions, out / "data" / "calibration.npy",
                                 calibration_size=calibration_size, progress=False)
             if all(hashlib.sha256(Path(r.path).read_bytes()).digest()

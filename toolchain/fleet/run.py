@@ -151,15 +151,17 @@ class Engine:
 
 def load_engine(hypernet, calibration, calibration_size: int, seed: int, formats, precisions, cache: Path,
                 say=None) -> Engine:
+    """`hypernet`: its checkpoint's path, or the HypernetBundle a caller already loaded (to check
+    it before other work) so the file is not read twice."""
     from toolchain.export.api import FORMATS, PRECISIONS, _parse_list, _prepare_calibration, trunk_features
     from toolchain.fleet.templates import build_templates
     from toolchain.models import build_model
-    from toolchain.models.hypernet import load_hypernet
+    from toolchain.models.hypernet import HypernetBundle, load_hypernet
     from toolchain.quantize.exact_input import fold_input_normalisation
 
     formats = _parse_list(formats, FORMATS, "format")
     precisions = _parse_list(precisions, PRECISIONS, "precision")
-    bundle = load_hypernet(hypernet)
+    bundle = hypernet if isinstance(hypernet, HypernetBundle) else load_hypernet(hypernet)
     verifier = build_model("verifier", **bundle.hypernet.verifier_kwargs)
     verifier.features.load_state_dict(bundle.hypernet.trunk.state_dict())
     trunk_view = fold_input_normalisation(verifier) or verifier  # the form every file is exported from
@@ -171,11 +173,12 @@ def load_engine(hypernet, calibration, calibration_size: int, seed: int, formats
     return Engine(bundle, spec, calib, features, templates, {"template_seconds": time.perf_counter() - t0, **build})
 
 
-def run_fleet(hypernet: str | Path, users_src: str | Path, out: str | Path, *, calibration,
+def run_fleet(hypernet, users_src: str | Path, out: str | Path, *, calibration,
               calibration_size: int = 512, seed: int = 0, formats=("executorch", "tflite"),
               precisions=("int8", "fp32"), shard: tuple[int, int] | None = None, parity_users: int = 0,
               progress: Callable[[str], None] | None = None, progress_bar=None,
               manifest_name: str = MANIFEST) -> FleetResult:
+    """Every user's files from templates; `hypernet`: a checkpoint path or a loaded bundle (load_engine)."""
     from toolchain.export.api import FORMATS, PRECISIONS, _parse_list
     from toolchain.export.metadata import tool_versions
     from toolchain.train.enroll import read_image, user_theta
