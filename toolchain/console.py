@@ -131,12 +131,12 @@ def third_party_log(log_path: str | Path | None, verbose: bool = False):
         os.dup2(saved[2], 2)
         for fd in (*saved.values(), log_fd):
             os.close(fd)
-        if not existed and path.stat().st_size == len(header):
-            path.unlink()
-            for folder in made:  # innermost first
-                with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # tidying must not hide the command's own error
+            if not existed and path.stat().st_size == len(header):
+                path.unlink()
+                _last_log = old_last
+                for folder in made:  # innermost first
                     folder.rmdir()
-            _last_log = old_last
 
 
 @contextlib.contextmanager
