@@ -25,12 +25,11 @@ def run(recipe: Path, overrides: tuple[str, ...], out_dir: Path | None) -> None:
     """
     from toolchain.console import third_party_log
     from toolchain.pipeline import run_recipe
-    from toolchain.pipeline.stages import check_int8_module_names, check_recipe_inputs
+    from toolchain.pipeline.stages import check_recipe_inputs
     from toolchain.recipe import load_recipe
 
     rec = load_recipe(recipe, overrides)
     check_recipe_inputs(rec)  # a bad model, checkpoint or module name exits 2 before the run folder is made
-    check_int8_module_names(rec)
     out = out_dir if out_dir is not None else Path("artifacts") / rec.name
     # The libraries' own output (TensorFlow, onnx2tf, ExecuTorch, LiteRT) goes to DIR/run.log.
     verbose = bool((click.get_current_context().find_root().obj or {}).get("verbose"))

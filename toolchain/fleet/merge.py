@@ -50,7 +50,7 @@ def merge_manifests(shards, out: str | Path) -> dict:
                            for e in m.get("users", [])):
             raise ToolchainError(f"{path}: malformed fleet manifest (an object whose `users` lists "
                                  "{user, files, ...} entries)")
-        _check_entries(path, m["users"] if "users" in m else [])
+        _check_entries(path, m.get("users", []))
         if m.get("schema") != MANIFEST_SCHEMA:
             raise ToolchainError(f"{path}: unknown schema {m.get('schema')!r}")
         heads.append((d, m))

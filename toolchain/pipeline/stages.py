@@ -671,8 +671,8 @@ def check_int8_module_names(recipe: Recipe) -> None:
 
 
 def check_recipe_inputs(recipe: Recipe) -> None:
-    """The models and checkpoint a recipe names exist: checked before any stage, as the module
-    names are, so a typo exits 2 before the data stage writes its files rather than after it."""
+    """The models, checkpoint, data root and int8 module names a recipe names exist: checked
+    before any stage, so a typo exits 2 before the data stage writes its files rather than after it."""
     from toolchain.models import list_models
     from toolchain.train.backbone import check_backbone_model, read_init
 
@@ -696,12 +696,12 @@ def check_recipe_inputs(recipe: Recipe) -> None:
     if model and model not in list_models() and not Path(model).is_file():
         raise ToolchainError(f"export.model: {model} is neither a known model ({', '.join(list_models())}) "
                              "nor a checkpoint file")
+    check_int8_module_names(recipe)
 
 
 def default_stages(recipe: Recipe) -> list[Stage]:
     """The stages of a recipe's route, in order."""
     check_recipe_inputs(recipe)
-    check_int8_module_names(recipe)
     data = Stage("data", _stage_data, title="data", workdir="data", external=_folder_inputs, version=2,
                  config=lambda ctx: ctx.recipe.data.model_dump(mode="json"))
     stages = [data]

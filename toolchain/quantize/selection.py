@@ -34,6 +34,7 @@ parity bounds, which judge the file on a thousand other images:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -141,34 +142,37 @@ def forward_selection(units: list[str], rank: Callable[[list[str], Callable], di
     takes, each step, the largest gain per byte (`gain_per_byte`); its rows are in the trail
     with "pass": "per byte", and its choice is kept when it meets the targets. The result then
     has "per_byte": {"tried", "met"}; `tried` stays the first pass's units."""
-    def largest_gain(chosen: list[str], candidates: list[str], key) -> tuple[str | None, bool]:
-        best, refused = None, False
-        for name in candidates:
-            c = rank(chosen + [name], key)
-            if c is None:
-                refused = True
-            elif best is None or key(c) > key(best[1]):
-                best = (name, c)
-        return (best[0] if best else None), refused
-
-    chosen, ok, refused = _steps(units, largest_gain, judge, met, max_steps, trail, label, progress, key_for)
+    chosen, ok, refused = _steps(units, functools.partial(largest_gain, rank), judge, met, max_steps, trail, label,
+                                 progress, key_for)
     if ok:
         return {"float_units": drop_unneeded(chosen, judge, met, trail), "met": True, "tried": chosen, "trail": trail}
     short = quietest_short(chosen, trail, key_for)
     if not (sized and refused):
         return short
 
-    def per_byte(chosen: list[str], candidates: list[str], key) -> tuple[str | None, bool]:
-        return gain_per_byte(rank, chosen, candidates, key)
-
     second = [trail[0]]
-    chosen2, ok2, _ = _steps(units, per_byte, judge, met, max_steps, second, label + " (per byte)", progress, key_for)
+    chosen2, ok2, _ = _steps(units, functools.partial(gain_per_byte, rank), judge, met, max_steps, second,
+                             label + " (per byte)", progress, key_for)
     kept = drop_unneeded(chosen2, judge, met, second) if ok2 else []
     trail.extend({**row, "pass": "per byte"} for row in second[1:])
     ran = {"per_byte": {"tried": chosen2, "met": ok2}}
     if not ok2:
         return {**short, **ran}
     return {"float_units": kept, "met": True, "tried": chosen, "trail": trail, **ran}
+
+
+def largest_gain(rank: Callable[[list[str], Callable], dict | None], chosen: list[str], candidates: list[str],
+                 key: Callable[[dict], tuple]) -> tuple[str | None, bool]:
+    """The candidate whose choice ranks highest by `key`, whatever its bytes. -> (name or None,
+    whether rank refused any)."""
+    best, refused = None, False
+    for name in candidates:
+        c = rank(chosen + [name], key)
+        if c is None:
+            refused = True
+        elif best is None or key(c) > key(best[1]):
+            best = (name, c)
+    return (best[0] if best else None), refused
 
 
 def gain_per_byte(rank: Callable[[list[str], Callable], dict | None], chosen: list[str], candidates: list[str],
